@@ -13,6 +13,14 @@ The discounted estimator of the gradient of the sequence reverse KL J = E_y[sum_
 gamma = 0 is sampled-token OPD (biased: it drops the future-reward coupling), gamma = 1 is the
 unbiased REINFORCE estimator of grad J. Everything here works on per-token log-probs alone, so the
 same code serves the GPT, the tabular toy and the Gaussian-policy toy.
+
+Sampled-token OPD, the common default in practice, written as an advantage on the sampled token:
+
+    A_t = sg(-r_t) = sg(log q(y_t|c_t) - log pi(y_t|c_t)),      loss = -sum_t A_t log pi(y_t|c_t),
+
+optionally with r_t clamped to [-c, c], and optionally with the vOPD control variate
+A_t = sg(-r_t + KL(pi(.|c_t) || q(.|c_t))): the baseline depends on c_t only, so the expected
+gradient is unchanged and the variance is lower.
 """
 
 import torch
@@ -53,3 +61,66 @@ def g_gamma_surrogate(logp: torch.Tensor, logq: torch.Tensor, mask: torch.Tensor
         r = r.clamp(-clamp, clamp)
     R = returns_to_go(r, mask, gamma)  # (B, T)
     return (R * logp.float() * mask.float()).sum(dim=1)  # (B,)
+
+
+# ----------------------------------------------------------------------------------------------
+# The same estimators on logits: what the GPT training loop calls (through objectives.py).
+
+
+def gather_logprobs(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits) read at the columns `index`, without a full (B, T, V) log-softmax.
+
+    logits: (B, T, V) float; index: (B, T, K) int64. Returns (B, T, K):
+    log p(v) = logit(v) - logsumexp_v' logit(v'). Gradients flow into every logit through the
+    normaliser, exactly as for the full log-softmax.
+    """
+    log_z = torch.logsumexp(logits, dim=-1, keepdim=True)  # (B, T, 1)
+    return logits.gather(-1, index) - log_z  # (B, T, K)
+
+
+def sampled_logprobs(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                     tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log pi(y_t|c_t), log q(y_t|c_t)) of the sampled tokens, each (B, T); teacher detached."""
+    index = tokens.unsqueeze(-1)  # (B, T, 1)
+    logp = gather_logprobs(student_logits, index).squeeze(-1)  # (B, T)
+    logq = gather_logprobs(teacher_logits.detach(), index).squeeze(-1)  # (B, T)
+    return logp, logq
+
+
+def sampled_token_surrogate(logp: torch.Tensor, logq: torch.Tensor, mask: torch.Tensor,
+                            clamp: float | None = None,
+                            baseline: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sequence surrogate of sampled-token OPD, (B,).
+
+        A_t = sg(-r_t + b_t),        L(y) = -sum_t A_t log pi(y_t | c_t)
+
+    r_t is first clipped to [-clamp, clamp] when `clamp` is given. `baseline` b_t (B, T) must be
+    a function of the prefix c_t only: then E_{y_t ~ pi}[b_t s_t] = b_t grad sum_v pi(v|c_t) = 0
+    and the estimator stays unbiased for the token-level objective. vOPD takes
+    b_t = KL(pi(.|c_t) || q(.|c_t)) = E_{v ~ pi}[r(v)], the mean cost at c_t, so that A_t is the
+    centred cost: same expected gradient, smaller variance whenever r_t is far from 0 on average.
+
+    Without a baseline this is g_0; with one it is g_0 of the centred cost r_t - b_t, so it is
+    handed to g_gamma_surrogate as a teacher log-prob shifted by that amount.
+    """
+    if clamp is not None and not clamp > 0:
+        raise ValueError(f"clamp must be a positive number (or None for no clamp), got {clamp}")
+    r = logp.detach() - logq.detach()  # (B, T) per-token cost
+    if clamp is not None:
+        r = r.clamp(-clamp, clamp)
+    if baseline is not None:
+        r = r - baseline.detach()  # (B, T)
+    return g_gamma_surrogate(logp, logp.detach() - r, mask, gamma=0.0)  # (B,)
+
+
+def discounted_opd(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                   tokens: torch.Tensor, mask: torch.Tensor, gamma: float,
+                   clamp: float | None = None) -> torch.Tensor:
+    """The g_gamma family on logits: per-sequence surrogate (B,) whose gradient is g_gamma.
+
+    student_logits, teacher_logits: (B, T, V) at the positions that predict tokens (B, T);
+    mask: (B, T). gamma = 0 is sampled-token OPD, gamma = 1 the REINFORCE estimator of the
+    gradient of the sequence reverse KL (see sequence_kl.py).
+    """
+    logp, logq = sampled_logprobs(student_logits, teacher_logits, tokens)  # (B, T) each
+    return g_gamma_surrogate(logp, logq, mask, gamma, clamp)  # (B,)

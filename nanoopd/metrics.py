@@ -1,0 +1,114 @@
+"""
+Diagnostics to log during on-policy distillation (DESIGN.md section 5), as pure tensor functions.
+
+Notation: student pi, teacher q, prefix c_t, response mask over the positions that predict the
+response tokens y_t, per-token cost r_t = log pi(y_t|c_t) - log q(y_t|c_t). All averages are over
+masked (response) positions; k = 16 by default, clipped to the vocabulary size.
+
+  overlap ratio   |TopK(pi) ∩ TopK(q)| / k         (rises from ~72 % to >91 % in good runs)
+  overlap mass    sum_{v in TopK(pi) ∩ TopK(q)} pi(v), and the same for q (kept near 97-99 %)
+  entropy gap     |H(q(.|c_t)) - H(pi(.|c_t))|
+  reverse KL      KL(pi(.|c_t) || q(.|c_t))
+  r_t > 0 share   the share of sampled tokens the student likes more than the teacher does
+  |r_t| max       the largest log-ratio, which special-token mismatches blow up
+plus the mean response length, the total gradient norm and the task accuracy.
+
+Everything runs under torch.no_grad(): the diagnostics never hold on to the autograd graph.
+"""
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+from nanoopd.sequence_kl import token_kl
+from nanoopd.topk import in_topk
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean of x (B, T) over mask (B, T); 0.0 when nothing is masked in."""
+    mask = mask.bool()
+    return x[mask].float().mean().item() if mask.any() else 0.0
+
+
+def token_entropy(logp: torch.Tensor) -> torch.Tensor:
+    """H(p(.|c_t)) = -sum_v p(v) log p(v) from log-probs (B, T, V). Returns (B, T)."""
+    return -(logp.exp() * logp).sum(-1)  # (B, T)
+
+
+def sampled_logratio(student_logp: torch.Tensor, teacher_logp: torch.Tensor,
+                     tokens: torch.Tensor) -> torch.Tensor:
+    """r_t = log pi(y_t|c_t) - log q(y_t|c_t) from full log-probs (B, T, V). Returns (B, T)."""
+    index = tokens.unsqueeze(-1)  # (B, T, 1)
+    return (student_logp.gather(-1, index) - teacher_logp.gather(-1, index)).squeeze(-1)  # (B, T)
+
+
+def topk_overlap(student_logp: torch.Tensor, teacher_logp: torch.Tensor,
+                 k: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Overlap ratio, student mass and teacher mass on TopK(pi) ∩ TopK(q), each (B, T)."""
+    k = min(k, student_logp.shape[-1])
+    student_top = student_logp.topk(k, dim=-1).indices  # (B, T, k)
+    teacher_top = teacher_logp.topk(k, dim=-1).indices  # (B, T, k)
+    shared = in_topk(teacher_top, student_top)  # (B, T, k)  teacher's top-k also in the student's
+    ratio = shared.sum(-1) / k  # (B, T)
+    mass_pi = (shared * student_logp.gather(-1, teacher_top).exp()).sum(-1)  # (B, T)
+    mass_q = (shared * teacher_logp.gather(-1, teacher_top).exp()).sum(-1)  # (B, T)
+    return ratio, mass_pi, mass_q
+
+
+@torch.no_grad()
+def logratio_stats(student_logp: torch.Tensor, teacher_logp: torch.Tensor,
+                   tokens: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """The per-step numbers every objective logs: mean reverse KL, max |r_t|, share of r_t > 0."""
+    mask = mask.bool()
+    tokens = tokens.masked_fill(~mask, 0)  # (B, T)  padding ids at masked positions are never read
+    r = sampled_logratio(student_logp, teacher_logp, tokens)  # (B, T)
+    return {
+        "kl": masked_mean(token_kl(student_logp, teacher_logp), mask),
+        "logratio_max_abs": r[mask].abs().max().item() if mask.any() else 0.0,
+        "logratio_pos_share": masked_mean((r > 0).float(), mask),
+    }
+
+
+def mean_response_length(mask: torch.Tensor) -> float:
+    """Mean number of response tokens per sequence, from the response mask (B, T)."""
+    return mask.float().sum(1).mean().item()
+
+
+def grad_norm(params: Iterable[torch.Tensor]) -> float:
+    """Total L2 norm of the .grad of `params` (parameters without a gradient are skipped)."""
+    total = sum(p.grad.detach().float().pow(2).sum().item() for p in params if p.grad is not None)
+    return math.sqrt(total)
+
+
+def accuracy(rewards: Iterable[float]) -> float:
+    """Mean of a list of 0/1 verifier rewards."""
+    rewards = [float(x) for x in rewards]
+    if not rewards:
+        raise ValueError("accuracy() got no rewards: evaluate at least one problem")
+    return sum(rewards) / len(rewards)
+
+
+@torch.no_grad()
+def opd_diagnostics(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                    tokens: torch.Tensor, mask: torch.Tensor, k: int = 16) -> dict[str, float]:
+    """All per-token diagnostics of a rollout batch, as python floats.
+
+    student_logits, teacher_logits: (B, T, V) at the positions that predict tokens (B, T);
+    mask: (B, T) response mask (bool or 0/1).
+    """
+    student_logp = torch.log_softmax(student_logits.float(), dim=-1)  # (B, T, V)
+    teacher_logp = torch.log_softmax(teacher_logits.float(), dim=-1)  # (B, T, V)
+    ratio, mass_pi, mass_q = topk_overlap(student_logp, teacher_logp, k)  # (B, T) each
+    h_pi = token_entropy(student_logp)  # (B, T)
+    h_q = token_entropy(teacher_logp)  # (B, T)
+    return {
+        **logratio_stats(student_logp, teacher_logp, tokens, mask),
+        "overlap_ratio": masked_mean(ratio, mask),
+        "overlap_mass_student": masked_mean(mass_pi, mask),
+        "overlap_mass_teacher": masked_mean(mass_q, mask),
+        "entropy_student": masked_mean(h_pi, mask),
+        "entropy_teacher": masked_mean(h_q, mask),
+        "entropy_gap": masked_mean((h_q - h_pi).abs(), mask),
+        "response_length": mean_response_length(mask),
+    }

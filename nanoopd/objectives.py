@@ -1,0 +1,224 @@
+"""
+One calling convention for every distillation objective, and the registry that names them.
+
+    loss, stats = OBJECTIVES[name](student_logits, teacher_logits, tokens, mask, **options)
+
+student_logits, teacher_logits: (B, T, V) at the positions that predict tokens (B, T), the
+response y sampled from the student pi; mask: (B, T), bool or 0/1, True on response tokens.
+Every objective returns a surrogate loss whose gradient is its estimator, averaged per response
+token (sum over masked tokens / number of masked tokens; an all-masked batch gives a loss of 0
+whose gradients are 0), and stats, a dict of python floats: loss, kl (mean per-token reverse KL
+of the full distributions), logratio_max_abs and logratio_pos_share (of r_t on the sampled
+tokens), n_tokens, plus a few per objective. The teacher is always a constant (detached), and
+log-softmaxes and losses are computed in float32 at least (float64 inputs stay float64).
+
+  name               estimator (DESIGN.md section 3)                options
+  sampled_token      A_t = sg(-r_t [+ KL(pi||q)(c_t)]) on y_t       clamp=None, baseline=False
+  sequence_kl        g_gamma, REINFORCE on sum_t r_t at gamma = 1   gamma=1.0
+  full_reverse_kl    sum_v pi (log pi - log q), exact gradient      -
+  jsd                generalised JSD(beta), P = teacher, Q = student beta=0.5
+  topk_unnormalized  sum_S pi (log pi - log q)       (biased)       k=16, support='teacher',
+  topk_stopgrad      sum_S pi (sg(log pi) - log q)                  add_sampled=False
+  topk_renorm        KL(pi_hat || q_hat) on S
+
+(top-K: k defaults to 16, or V if the vocabulary is smaller; support is 'teacher', 'student' or
+'intersection'; add_sampled also puts the sampled token y_t in S_t.)
+
+Every objective also takes mask_tokens, an iterable of token ids: positions whose sampled token
+is one of them are removed from the mask (special-token masking, DESIGN.md section 3), so that a
+token the teacher never saw cannot carry a log-ratio of tens of nats into the batch.
+"""
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+
+from nanoopd.metrics import logratio_stats, masked_mean
+from nanoopd.sampled_token import sampled_logprobs, sampled_token_surrogate
+from nanoopd.sequence_kl import full_reverse_kl, generalized_jsd, sequence_reverse_kl
+from nanoopd.topk import (support_mass, topk_renormalized, topk_stopgrad, topk_support,
+                          topk_unnormalized)
+
+OBJECTIVES: dict[str, Callable] = {}
+
+
+def register(name: str):
+    """Decorator: add an objective to OBJECTIVES under `name`."""
+    def add(fn):
+        OBJECTIVES[name] = fn
+        return fn
+    return add
+
+
+def get_objective(name: str) -> Callable:
+    """OBJECTIVES[name], with an error that lists the valid names."""
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; choose one of {sorted(OBJECTIVES)}")
+    return OBJECTIVES[name]
+
+
+# ----------------------------------------------------------------------------------------------
+# shared plumbing: options, input checks, masking, normalisation, stats
+
+
+def _options(name: str, given: dict, **defaults) -> dict:
+    """The objective's options: defaults overridden by `given`; unknown names are an error."""
+    defaults["mask_tokens"] = None
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ValueError(f"objective {name!r} got unknown option(s) {unknown}; "
+                         f"its options are {sorted(defaults)}")
+    return {**defaults, **given}
+
+
+def _check_bool(option: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"option {option} must be True or False, got {value!r}")
+
+
+class Batch(NamedTuple):
+    student: torch.Tensor  # (B, T, V) float32/float64, with grad
+    teacher: torch.Tensor  # (B, T, V) float32/float64, detached
+    tokens: torch.Tensor  # (B, T) int64, 0 at masked positions
+    mask: torch.Tensor  # (B, T) bool
+
+
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _prepare(student_logits, teacher_logits, tokens, mask, mask_tokens) -> Batch:
+    """Check that the inputs line up, apply mask_tokens, cast, detach the teacher."""
+    if student_logits.dim() != 3 or teacher_logits.dim() != 3:
+        raise ValueError(f"student_logits and teacher_logits must be (B, T, V), got shapes "
+                         f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
+    if student_logits.shape[-1] != teacher_logits.shape[-1]:
+        raise ValueError(f"teacher and student vocabulary sizes differ (student V="
+                         f"{student_logits.shape[-1]}, teacher V={teacher_logits.shape[-1]}): "
+                         f"both must score the same tokenizer's ids; if one model pads its "
+                         f"vocabulary, slice both logits to the real vocabulary size first")
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student and teacher logits must cover the same (B, T) positions, got "
+                         f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
+    if tokens.shape != student_logits.shape[:2] or mask.shape != student_logits.shape[:2]:
+        raise ValueError(f"tokens and mask must be (B, T) = {tuple(student_logits.shape[:2])} like "
+                         f"the logits (logits at t predict tokens[:, t]), got tokens "
+                         f"{tuple(tokens.shape)} and mask {tuple(mask.shape)}")
+    if tokens.is_floating_point() or tokens.dtype == torch.bool:
+        raise ValueError(f"tokens must hold integer token ids, got dtype {tokens.dtype}")
+    if mask.dtype != torch.bool and not ((mask == 0) | (mask == 1)).all():
+        raise ValueError("mask must be bool or hold only 0/1 values (1 = response token)")
+    mask = mask.bool()  # (B, T)
+    if mask_tokens is not None:
+        ids = torch.as_tensor(list(mask_tokens), dtype=tokens.dtype, device=tokens.device)
+        mask = mask & ~torch.isin(tokens, ids)  # (B, T)
+    vocab = student_logits.shape[-1]
+    kept = tokens[mask]
+    if kept.numel() and (kept.min() < 0 or kept.max() >= vocab):
+        raise ValueError(f"tokens at masked-in positions must lie in [0, {vocab}), got "
+                         f"[{kept.min().item()}, {kept.max().item()}]")
+    tokens = tokens.long().masked_fill(~mask, 0)  # (B, T)  ids at masked positions are never read
+    return Batch(_at_least_float32(student_logits), _at_least_float32(teacher_logits.detach()),
+                 tokens, mask)
+
+
+def _finish(total: torch.Tensor, batch: Batch, **extra: float) -> tuple[torch.Tensor, dict]:
+    """Per-token loss = total / number of masked tokens, and the stats every objective logs."""
+    n_tokens = batch.mask.sum()
+    loss = total / n_tokens.clamp(min=1)  # () ; 0 with zero gradients when all is masked out
+    with torch.no_grad():
+        stats = logratio_stats(torch.log_softmax(batch.student.detach(), dim=-1),
+                               torch.log_softmax(batch.teacher, dim=-1), batch.tokens, batch.mask)
+    return loss, {"loss": loss.item(), **stats, "n_tokens": float(n_tokens), **extra}
+
+
+def _token_sum(per_token: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Sum of a per-position loss (B, T) over the masked positions."""
+    return (per_token * batch.mask).sum()
+
+
+# ----------------------------------------------------------------------------------------------
+# the objectives
+
+
+@register("sampled_token")
+def sampled_token_loss(student_logits, teacher_logits, tokens, mask, **options):
+    """Sampled-token OPD. clamp: clip r_t to [-clamp, clamp]; baseline: vOPD, subtract
+    KL(pi(.|c_t) || q(.|c_t)) from r_t (unbiased, lower variance)."""
+    opt = _options("sampled_token", options, clamp=None, baseline=False)
+    _check_bool("baseline", opt["baseline"])
+    batch = _prepare(student_logits, teacher_logits, tokens, mask, opt["mask_tokens"])
+    logp, logq = sampled_logprobs(batch.student, batch.teacher, batch.tokens)  # (B, T) each
+    baseline = None
+    if opt["baseline"]:
+        with torch.no_grad():
+            baseline = full_reverse_kl(batch.student, batch.teacher)  # (B, T)
+    per_seq = sampled_token_surrogate(logp, logq, batch.mask, opt["clamp"], baseline)  # (B,)
+    return _finish(per_seq.sum(), batch)
+
+
+@register("sequence_kl")
+def sequence_kl_loss(student_logits, teacher_logits, tokens, mask, **options):
+    """The g_gamma family: gamma = 1 (default) is REINFORCE on the sequence reverse KL."""
+    opt = _options("sequence_kl", options, gamma=1.0)
+    if not 0.0 <= opt["gamma"] <= 1.0:
+        raise ValueError(f"gamma must lie in [0, 1] (0: sampled-token OPD, 1: sequence KL), "
+                         f"got {opt['gamma']}")
+    batch = _prepare(student_logits, teacher_logits, tokens, mask, opt["mask_tokens"])
+    per_seq = sequence_reverse_kl(batch.student, batch.teacher, batch.tokens, batch.mask,
+                                  opt["gamma"])  # (B,)
+    return _finish(per_seq.sum(), batch)
+
+
+@register("full_reverse_kl")
+def full_reverse_kl_loss(student_logits, teacher_logits, tokens, mask, **options):
+    """Full-vocabulary token-level reverse KL, differentiated directly."""
+    opt = _options("full_reverse_kl", options)
+    batch = _prepare(student_logits, teacher_logits, tokens, mask, opt["mask_tokens"])
+    return _finish(_token_sum(full_reverse_kl(batch.student, batch.teacher), batch), batch)
+
+
+@register("jsd")
+def jsd_loss(student_logits, teacher_logits, tokens, mask, **options):
+    """Generalised JSD(beta) with P = teacher, Q = student: beta -> 0 forward KL, -> 1 reverse."""
+    opt = _options("jsd", options, beta=0.5)
+    batch = _prepare(student_logits, teacher_logits, tokens, mask, opt["mask_tokens"])
+    per_token = generalized_jsd(batch.student, batch.teacher, opt["beta"])  # (B, T)
+    return _finish(_token_sum(per_token, batch), batch)
+
+
+def _topk(name: str, form: Callable, student_logits, teacher_logits, tokens, mask, options):
+    """The three top-K forms share everything but the per-position formula `form`."""
+    opt = _options(name, options, k=None, support="teacher", add_sampled=False)
+    _check_bool("add_sampled", opt["add_sampled"])
+    batch = _prepare(student_logits, teacher_logits, tokens, mask, opt["mask_tokens"])
+    k = min(16, batch.student.shape[-1]) if opt["k"] is None else opt["k"]
+    index, member = topk_support(batch.student, batch.teacher, batch.tokens, k,
+                                 opt["support"], opt["add_sampled"])  # (B, T, K') each
+    per_token = form(batch.student, batch.teacher, index, member)  # (B, T)
+    mass_pi, mass_q = support_mass(batch.student, batch.teacher, index, member)  # (B, T) each
+    return _finish(_token_sum(per_token, batch), batch,
+                   support_mass_student=masked_mean(mass_pi, batch.mask),
+                   support_mass_teacher=masked_mean(mass_q, batch.mask))
+
+
+@register("topk_unnormalized")
+def topk_unnormalized_loss(student_logits, teacher_logits, tokens, mask, **options):
+    """Unnormalised top-K reverse KL: biased, drains mass out of S (kept to show the failure)."""
+    return _topk("topk_unnormalized", topk_unnormalized, student_logits, teacher_logits, tokens,
+                 mask, options)
+
+
+@register("topk_stopgrad")
+def topk_stopgrad_loss(student_logits, teacher_logits, tokens, mask, **options):
+    """Stop-gradient top-K reverse KL: the full-vocabulary gradient truncated to S."""
+    return _topk("topk_stopgrad", topk_stopgrad, student_logits, teacher_logits, tokens, mask,
+                 options)
+
+
+@register("topk_renorm")
+def topk_renorm_loss(student_logits, teacher_logits, tokens, mask, **options):
+    """Renormalised top-K reverse KL(pi_hat || q_hat) on S (local support matching)."""
+    return _topk("topk_renorm", topk_renormalized, student_logits, teacher_logits, tokens, mask,
+                 options)
