@@ -28,7 +28,7 @@ from nanoopd.topk import in_topk
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
     """Mean of x (B, T) over mask (B, T); 0.0 when nothing is masked in."""
     mask = mask.bool()
-    return x[mask].float().mean().item() if mask.any() else 0.0
+    return x[mask].double().mean().item() if mask.any() else 0.0
 
 
 def token_entropy(logp: torch.Tensor) -> torch.Tensor:
