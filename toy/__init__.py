@@ -1,0 +1,5 @@
+"""The future-reward-coupling toys behind train_toy.py.
+
+exact.py       tabular student and teacher, every sequence enumerated: exact bias and variance of g_gamma
+continuous.py  the 1-D two-task reaching replica: REINFORCE teachers, one student distilled with g_gamma
+"""
