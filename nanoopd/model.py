@@ -1,0 +1,199 @@
+"""
+A small GPT written from scratch: teacher and student are this same class with different configs.
+
+    x_0 = wte[tokens] + wpe[positions]
+    x_l = x_{l-1} + Attn(LN(x_{l-1}));  x_l = x_l + MLP(LN(x_l))        (pre-LayerNorm blocks)
+    logits = LN(x_L) @ wte^T                                             (tied embeddings)
+
+Attention is causal and uses `F.scaled_dot_product_attention`. Ragged batches are left-padded:
+`valid` (B, T) marks real tokens; padded keys are never attended to and position ids count only
+real tokens, so a left-padded row computes exactly what the same row would compute alone.
+
+A `KVCache` stores every layer's keys and values so that decoding one new token costs one token's
+forward pass instead of a pass over the whole prefix (rollout.py uses it).
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 261   # token ids the model can read and emit (the tokenizer's n_vocab)
+    block_size: int = 256   # longest sequence (prompt + response) the model accepts
+    n_layer: int = 4        # transformer blocks
+    n_head: int = 4         # attention heads per block; n_embd must be divisible by it
+    n_embd: int = 128       # width of the residual stream
+    dropout: float = 0.0    # dropout on attention and residual branches (0 = off, right for tiny data)
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {v!r}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(
+                f"GPTConfig: n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
+                f"pick a width that is a multiple of the number of heads")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig.dropout must lie in [0, 1), got {self.dropout}")
+
+
+class KVCache:
+    """Keys and values of every layer for a batch of B sequences, pre-allocated to max_len.
+
+    k, v: (n_layer, B, n_head, max_len, head_dim); valid: (B, max_len) real-token flags;
+    next_pos: (B,) the position id the next real token of each row will get; length: tokens so far.
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device):
+        if max_len > config.block_size:
+            raise ValueError(f"KVCache: max_len={max_len} exceeds block_size={config.block_size}")
+        self.config, self.batch_size, self.max_len, self.device = config, batch_size, max_len, device
+        self.k = self.v = None  # allocated on first write, in the dtype the forward pass produces
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # (B, L)
+        self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,)
+        self.length = 0
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v (B, H, T, hd) at [length, length+T) and return all keys/values so far."""
+        if self.k is None:
+            c = self.config
+            shape = (c.n_layer, self.batch_size, c.n_head, self.max_len, c.n_embd // c.n_head)
+            self.k = torch.zeros(shape, dtype=k.dtype, device=k.device)
+            self.v = torch.zeros(shape, dtype=v.dtype, device=v.device)
+        T = k.shape[2]
+        self.k[layer, :, :, self.length:self.length + T] = k
+        self.v[layer, :, :, self.length:self.length + T] = v
+        return self.k[layer, :, :, :self.length + T], self.v[layer, :, :, :self.length + T]  # (B, H, Tk, hd)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.resid_drop = nn.Dropout(config.dropout)
+
+    def forward(self, x, mask=None, cache=None, layer=0):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, hd)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, hd)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, hd)
+        if cache is not None:
+            k, v = cache.write(layer, k, v)  # (B, H, Tk, hd)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None,
+            dropout_p=self.dropout if self.training else 0.0)  # (B, H, T, hd)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_drop(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.drop(self.c_proj(F.gelu(self.c_fc(x))))  # (B, T, C)
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x, mask=None, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), mask, cache, layer)  # (B, T, C)
+        return x + self.mlp(self.ln_2(x))  # (B, T, C)
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # scaled init of the residual projections (GPT-2)
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / (2 * config.n_layer) ** 0.5)
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx: torch.Tensor, valid: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """Logits (B, T, V) for every position of idx (B, T).
+
+        valid: (B, T) bool, False on left padding (None = all real). With a cache, idx holds only
+        the new tokens; they are appended after the cached ones and attend to all of them.
+        """
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(
+                f"sequence of {start + T} tokens exceeds block_size={self.config.block_size}; "
+                f"shorten the prompt / max_new_tokens or train a model with a larger block_size")
+        if cache is not None and start + T > cache.max_len:
+            raise ValueError(f"KVCache holds {cache.max_len} tokens, asked to hold {start + T}")
+        if valid is None and cache is None:
+            pos = torch.arange(T, device=idx.device).unsqueeze(0)  # (1, T)
+            mask = None  # plain causal attention: the fast path used in training
+        else:
+            if valid is None:
+                valid = torch.ones(B, T, dtype=torch.bool, device=idx.device)
+            valid = valid.bool()
+            prev = cache.next_pos if cache is not None else torch.zeros(B, dtype=torch.long, device=idx.device)
+            pos = (prev.unsqueeze(1) + valid.long().cumsum(1) - 1).clamp(min=0)  # (B, T)
+            if cache is not None:
+                cache.valid[:, start:start + T] = valid
+                cache.next_pos = prev + valid.long().sum(1)
+                keys_valid = cache.valid[:, :start + T]  # (B, Tk)
+            else:
+                keys_valid = valid  # (B, Tk=T)
+            q_idx = torch.arange(start, start + T, device=idx.device)  # (T,)
+            k_idx = torch.arange(start + T, device=idx.device)  # (Tk,)
+            causal = k_idx.unsqueeze(0) <= q_idx.unsqueeze(1)  # (T, Tk)
+            mask = causal.unsqueeze(0) & keys_valid.unsqueeze(1)  # (B, T, Tk)
+            # a padded query attends to itself only, so no row of the softmax is empty
+            mask = mask | (k_idx.unsqueeze(0) == q_idx.unsqueeze(1)).unsqueeze(0)  # (B, T, Tk)
+            mask = mask.unsqueeze(1)  # (B, 1, T, Tk)
+        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, mask, cache, layer)  # (B, T, C)
+        if cache is not None:
+            cache.length = start + T
+        x = self.ln_f(x)  # (B, T, C)
+        return F.linear(x, self.wte.weight)  # (B, T, V), tied embeddings
+
+    def token_logprobs(self, idx: torch.Tensor, valid: torch.Tensor | None = None,
+                       return_logits: bool = False):
+        """log p(idx[:, t+1] | idx[:, :t+1]) for t = 0..T-2, in float32.
+
+        Returns logp (B, T-1) and, when asked, the float32 logits (B, T-1, V) that produced them.
+        """
+        logits = self(idx[:, :-1], None if valid is None else valid[:, :-1]).float()  # (B, T-1, V)
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, idx[:, 1:].unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+        return (logp, logits) if return_logits else logp

@@ -1,0 +1,140 @@
+"""
+Batched, KV-cached sampling from a GPT: the student's on-policy rollouts.
+
+For a batch of prompts x (of different lengths, left-padded to a common length P) we draw
+y_t ~ pi(. | c_t), c_t = (x, y_<t), one token per step for every row at once:
+
+    step 0:  one forward pass over the prompts fills the KV cache     -> logits at c_1
+    step t:  one forward pass over the single new token of each row   -> logits at c_{t+1}
+
+The logits are turned into the sampling distribution by temperature (0 = greedy argmax), top-k
+(keep the k most likely) and top-p (keep the smallest set of most likely tokens whose mass >= p).
+A row stops at its first <|eos|> (included in the response) or after max_new_tokens; later slots
+are padding. Returned per token: pi(y_t | c_t) under the model itself (temperature 1, no
+truncation: the quantity every OPD objective needs) and the log-prob under the distribution actually
+sampled from. A seeded `torch.Generator` makes a rollout repeatable.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from nanoopd.device import autocast
+from nanoopd.model import GPT, KVCache
+
+
+@dataclass
+class Rollout:
+    tokens: torch.Tensor            # (B, P+N) left-padded prompts followed by the responses
+    valid: torch.Tensor             # (B, P+N) bool: real tokens (prompt, and response up to EOS)
+    prompt_len: int                 # P, the padded prompt length
+    response: torch.Tensor          # (B, N) generated ids, pad after the first EOS
+    response_mask: torch.Tensor     # (B, N) bool: generated tokens up to and including EOS
+    logprobs: torch.Tensor          # (B, N) log pi(y_t | c_t) of the model, 0 where masked
+    sampler_logprobs: torch.Tensor  # (B, N) log-prob under the sampling distribution, 0 where masked
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.response_mask.sum(1)  # (B,)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ragged prompts -> tokens (B, P) and valid (B, P), padding on the left."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (start it with <|bos|>)")
+    P = max(len(p) for p in prompts)
+    tokens = torch.full((len(prompts), P), pad_id, dtype=torch.long)
+    valid = torch.zeros(len(prompts), P, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        tokens[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
+        valid[i, P - len(p):] = True
+    return tokens.to(device), valid.to(device)
+
+
+def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
+                  top_p: float = 1.0) -> torch.Tensor:
+    """Logits (B, V) of the sampling distribution: scaled by 1/temperature, then tokens outside
+    the top-k and outside the top-p nucleus set to -inf. temperature must be > 0 here."""
+    logits = logits.float() / temperature  # (B, V)
+    V = logits.shape[-1]
+    if top_k and top_k < V:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+        probs = torch.softmax(sorted_logits, dim=-1)  # (B, V)
+        mass_before = probs.cumsum(-1) - probs  # (B, V) mass of strictly more likely tokens
+        drop_sorted = mass_before >= top_p  # keep the smallest prefix whose mass reaches p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # (B, V)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def check_sampling_args(temperature: float, top_k: int, top_p: float, max_new_tokens: int):
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must lie in (0, 1] (1 = off), got {top_p}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+
+
+@torch.no_grad()
+def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pad_id: int,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             generator: torch.Generator | None = None, use_cache: bool = True) -> Rollout:
+    """Sample a response for every prompt (token id lists). use_cache=False recomputes the whole
+    prefix at every step (same result, far slower; kept for tests and the benchmark)."""
+    check_sampling_args(temperature, top_k, top_p, max_new_tokens)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    tokens, valid = left_pad(prompts, pad_id, device)  # (B, P), (B, P)
+    B, P = tokens.shape
+    if P + max_new_tokens > model.config.block_size:
+        raise ValueError(
+            f"prompt ({P} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+            f"block_size={model.config.block_size}; lower max_new_tokens")
+    cache = KVCache(model.config, B, P + max_new_tokens, device) if use_cache else None
+    alive = torch.ones(B, dtype=torch.bool, device=device)  # (B,) rows still generating
+    out_tok, out_mask, out_lp, out_slp = [], [], [], []
+    with autocast(device):
+        logits = model(tokens, valid, cache)[:, -1]  # (B, V)
+    for _ in range(max_new_tokens):
+        logp = torch.log_softmax(logits.float(), dim=-1)  # (B, V)
+        if temperature == 0:
+            nxt = logp.argmax(-1)  # (B,)
+            slp = torch.zeros(B, device=device)  # a point mass
+        else:
+            slogp = torch.log_softmax(filter_logits(logits, temperature, top_k, top_p), dim=-1)  # (B, V)
+            nxt = torch.multinomial(slogp.exp(), 1, generator=generator).squeeze(1)  # (B,)
+            slp = slogp.gather(1, nxt[:, None]).squeeze(1)  # (B,)
+        nxt = torch.where(alive, nxt, torch.full_like(nxt, pad_id))  # (B,)
+        out_tok.append(nxt)
+        out_mask.append(alive.clone())
+        out_lp.append(torch.where(alive, logp.gather(1, nxt[:, None]).squeeze(1), 0.0))
+        out_slp.append(torch.where(alive, slp, 0.0))
+        tokens = torch.cat([tokens, nxt[:, None]], 1)  # (B, P+t+1)
+        valid = torch.cat([valid, alive[:, None]], 1)  # (B, P+t+1)
+        alive = alive & (nxt != eos_id)
+        if not bool(alive.any()) or len(out_tok) == max_new_tokens:
+            break
+        with autocast(device):
+            if use_cache:
+                logits = model(nxt[:, None], out_mask[-1][:, None], cache)[:, -1]  # (B, V)
+            else:
+                logits = model(tokens, valid)[:, -1]  # (B, V)
+    model.train(was_training)
+    return Rollout(tokens=tokens, valid=valid, prompt_len=P,
+                   response=torch.stack(out_tok, 1), response_mask=torch.stack(out_mask, 1),
+                   logprobs=torch.stack(out_lp, 1), sampler_logprobs=torch.stack(out_slp, 1))
+
+
+def response_logits(model: GPT, rollout: Rollout) -> torch.Tensor:
+    """Logits (B, N, V) of `model` at the positions that predict each response token, in one
+    full forward pass over prompt + response (used to score rollouts: teacher and student)."""
+    P = rollout.prompt_len
+    logits = model(rollout.tokens[:, :-1], rollout.valid[:, :-1])  # (B, P+N-1, V)
+    return logits[:, P - 1:]  # (B, N, V)

@@ -1,0 +1,88 @@
+"""
+Supervised fine-tuning (SFT) on step-by-step traces: next-token cross-entropy on response tokens.
+
+    L(theta) = - (1 / #response tokens) * sum_{t in response} log pi(y_t | c_t)
+
+Prompt tokens and padding are context only (target -1, ignored). Sequences are right-padded, so
+the plain causal fast path of the model applies: padding sits after every real token and is never
+seen by them.
+"""
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from nanoopd.device import autocast, synchronize
+from nanoopd.tasks import Problem, prompt_text, trace_text
+from nanoopd.tokenizer import Tokenizer
+
+
+def encode_example(tok: Tokenizer, problem: Problem, prefix: str = "", response: str | None = None,
+                   prefix_special: bool = False) -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids): <|bos|> prefix+prompt | response <|eos|>. response defaults to
+    the gold trace. prefix_special lets the prefix contain special tokens (e.g. <|pi|>)."""
+    prompt = [tok.bos_id] + tok.encode(prompt_text(problem, prefix), allow_special=prefix_special)
+    resp = tok.encode(trace_text(problem) if response is None else response) + [tok.eos_id]
+    return prompt, resp
+
+
+def make_batch(examples: list[tuple[list[int], list[int]]], pad_id: int, device):
+    """Right-padded inputs x (B, L) and targets y (B, L) with -1 on prompt and padding."""
+    L = max(len(p) + len(r) for p, r in examples) - 1
+    x = torch.full((len(examples), L), pad_id, dtype=torch.long)
+    y = torch.full((len(examples), L), -1, dtype=torch.long)
+    for i, (p, r) in enumerate(examples):
+        seq = torch.tensor(p + r, dtype=torch.long)
+        x[i, :len(seq) - 1] = seq[:-1]
+        y[i, len(p) - 1:len(seq) - 1] = seq[len(p):]
+    return x.to(device), y.to(device)
+
+
+def sft_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over target positions (y != -1), computed in float32."""
+    with autocast(x.device):
+        logits = model(x)  # (B, L, V)
+    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1)
+
+
+def lr_at(step: int, total: int, lr: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 10 % of lr."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    frac = (step - warmup) / max(1, total - warmup)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+
+def train_sft(model, next_examples, steps: int, lr: float, pad_id: int, weight_decay: float = 0.0,
+              warmup: int = 50, log_every: int = 50, desc: str = "sft", log=print, grad_clip: float = 1.0):
+    """Run `steps` AdamW steps on batches from next_examples(step) -> list of (prompt, response).
+
+    Returns the list of per-step losses. Stops with an error on a non-finite loss.
+    """
+    device = next(model.parameters()).device
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=weight_decay)
+    model.train()
+    losses, t0, ntok = [], time.time(), 0
+    bar = tqdm(range(steps), desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr, warmup)
+        x, y = make_batch(next_examples(step), pad_id, device)
+        loss = sft_loss(model, x, y)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{desc}: non-finite loss at step {step}; lower the learning rate")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        opt.step()
+        losses.append(loss.item())
+        ntok += int((y != -1).sum()) + int((x != pad_id).sum())
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        if log_every and (step % log_every == 0 or step == steps - 1):
+            synchronize(device)
+            log(f"{desc} step {step:5d} | loss {losses[-1]:.4f} | lr {opt.param_groups[0]['lr']:.2e} | "
+                f"tok/s {ntok / (time.time() - t0):,.0f}")
+    return losses

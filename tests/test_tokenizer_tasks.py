@@ -1,0 +1,69 @@
+"""Tokenizer round-trip and special-token refusal; task splits and the verifier."""
+
+import pytest
+
+from nanoopd.tasks import Problem, extract_answer, sample_problems, split_of, trace_text, verify
+from nanoopd.tokenizer import SPECIAL_TOKENS, get_tokenizer
+
+
+def test_round_trip_on_text_and_bytes():
+    tok = get_tokenizer()
+    for text in ["347+285=\n7+5+0=12\nA:632", "héllo wörld ✓ 12 345", "", " \n\t"]:
+        assert tok.decode(tok.encode(text)) == text
+
+
+def test_digits_are_single_tokens():
+    tok = get_tokenizer()
+    ids = tok.encode("1234567890")
+    assert len(ids) == 10
+
+
+def test_special_tokens_are_refused_in_plain_text_unless_allowed():
+    tok = get_tokenizer()
+    for s in SPECIAL_TOKENS:
+        with pytest.raises(ValueError):
+            tok.encode(f"12+3 {s}")
+        assert tok.encode(s, allow_special=True) == [tok.special_ids[s]]
+    assert tok.n_vocab == 256 + len(SPECIAL_TOKENS)
+    assert len({tok.bos_id, tok.eos_id, tok.pad_id, tok.pi_id, tok.fmt_id}) == 5
+
+
+def test_traces_are_correct_and_verified():
+    for p in sample_problems(300, "train", 0, digits=4, ops="+-*"):
+        text = trace_text(p)
+        assert verify(text, p) == 1
+        assert text.endswith(f"A:{p.answer}")
+    assert trace_text(Problem(347, "+", 285)) == "7+5+0=12\n4+8+1=13\n3+2+1=6\nA:632"
+    assert trace_text(Problem(503, "-", 28)) == "13-8-0=5\n10-2-1=7\n5-0-1=4\nA:475"
+    assert trace_text(Problem(47, "*", 6)) == "7*6+0=42\n4*6+4=28\nA:282"
+
+
+def test_verifier_on_right_wrong_truncated_and_garbage():
+    p = Problem(12, "+", 30)
+    assert verify("2+0+0=2\n1+3+0=4\nA:42", p) == 1
+    assert verify("A:41", p) == 0
+    assert verify("2+0+0=2\n1+3+0=4\nA:", p) == 0  # truncated before the answer
+    assert verify("2+0+0=2\n1+3", p) == 0
+    assert verify("A:7 A:42", p) == 1  # the last answer counts
+    for garbage in ["", "\x00\xff", "A:" + "9" * 5000, None, 12345, b"A:42", "A:-"]:
+        assert verify(garbage, p) in (0, 1)
+    assert extract_answer("A:-5") == -5
+
+
+def test_splits_are_deterministic_disjoint_and_respected():
+    train = sample_problems(3000, "train", 1, digits=2, ops="+-*")
+    test = sample_problems(500, "test", 1, digits=2, ops="+-*")
+    assert train == sample_problems(3000, "train", 1, digits=2, ops="+-*")
+    assert all(split_of(p) == "train" for p in train) and all(split_of(p) == "test" for p in test)
+    assert not set(train) & set(test)
+    # other seeds draw other problems but can never cross the split
+    assert not set(sample_problems(3000, "train", 2, digits=2, ops="+-*")) & set(test)
+
+
+def test_prompt_prefix_and_bad_arguments():
+    from nanoopd.tasks import prompt_text
+    assert prompt_text(Problem(1, "+", 2), "RULE ") == "RULE 1+2=\n"
+    with pytest.raises(ValueError):
+        sample_problems(1, "valid", 0)
+    with pytest.raises(ValueError):
+        sample_problems(1, "train", 0, ops="/")
