@@ -38,8 +38,9 @@ from dataclasses import dataclass, fields, replace
 import torch
 from tqdm import tqdm
 
+from nanoopd.device import pick_device
 from toy.continuous import TARGETS, distill_student, final_positions, train_teacher
-from toy.exact import MAX_SEQUENCES, all_sequences, exact_estimator_stats, make_problem, sequence_kl, train_student
+from toy.exact import MAX_SEQUENCES, exact_estimator_stats, make_problem, train_student
 
 # -----------------------------------------------------------------------------
 # config
@@ -191,26 +192,6 @@ def check_config(cfg: ToyConfig):
     if cfg.micro_batches < 2 or cfg.control_batch % cfg.micro_batches:
         raise ValueError(f"--control-batch {cfg.control_batch} must split into --micro-batches {cfg.micro_batches} "
                          f"(at least 2) equal parts, e.g. 64 and 8")
-
-
-# -----------------------------------------------------------------------------
-# device
-
-
-def pick_device(name: str) -> torch.device:
-    """auto: cuda if available, else mps, else cpu. An explicit device must be available."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("error: --device cuda was asked for but torch.cuda.is_available() is False; use --device cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        sys.exit("error: --device mps was asked for but MPS is not available; use --device cpu")
-    return device
 
 
 # -----------------------------------------------------------------------------
@@ -465,7 +446,10 @@ def plot_figures(cfg: ToyConfig, table, curves, log, finals) -> list[str]:
 
 def main(argv=None) -> dict:
     cfg = parse_args(argv)
-    device = pick_device(cfg.device)
+    try:
+        device = pick_device(cfg.device)  # auto: cuda -> mps -> cpu
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
     if device.type == "cpu":
         torch.set_num_threads(cfg.threads)
