@@ -54,8 +54,8 @@ def per_sequence_g(student, teacher, gamma):
     """g_gamma(y) for every response y (autograd of its surrogate), and pi(y). (N, ...), (N,)."""
     logp, logq = sampled_logprobs(logits_of(student), logits_of(teacher), SEQUENCES)  # (N, T)
     surrogate = g_gamma_surrogate(logp, logq, MASK, gamma)  # (N,)
-    grads = torch.stack([torch.autograd.grad(surrogate[i], student, retain_graph=True)[0]
-                         for i in range(len(SEQUENCES))])  # (N, *table shape)
+    one_hot = torch.eye(len(SEQUENCES), dtype=surrogate.dtype)  # (N, N): row i picks surrogate[i]
+    (grads,) = torch.autograd.grad(surrogate, student, one_hot, is_grads_batched=True)
     return grads, logp.sum(1).exp().detach()
 
 
