@@ -98,7 +98,8 @@ def sampled_token_surrogate(logp: torch.Tensor, logq: torch.Tensor, mask: torch.
     a function of the prefix c_t only: then E_{y_t ~ pi}[b_t s_t] = b_t grad sum_v pi(v|c_t) = 0
     and the estimator stays unbiased for the token-level objective. vOPD takes
     b_t = KL(pi(.|c_t) || q(.|c_t)) = E_{v ~ pi}[r(v)], the mean cost at c_t, so that A_t is the
-    centred cost: same expected gradient, smaller variance whenever r_t is far from 0 on average.
+    centred cost: same expected gradient, and typically a smaller variance, by a lot when the
+    costs r(v) are far from 0 on average (a student far from its teacher).
 
     Without a baseline this is g_0; with one it is g_0 of the centred cost r_t - b_t, so it is
     handed to g_gamma_surrogate as a teacher log-prob shifted by that amount.
