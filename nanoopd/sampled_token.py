@@ -29,13 +29,14 @@ import torch
 def returns_to_go(r: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
     """R_t = sum_{t' >= t} gamma^(t'-t) r_t' * mask_t', zero where mask_t == 0.
 
-    r, mask: (B, T). Returns (B, T). Computed by a backward scan in float32 (T is small).
+    r, mask: (B, T). Returns (B, T). Computed by a backward scan in float32 (float64 if given float64; T is small).
     Masked positions neither contribute a cost nor break the discount chain of later tokens
     (the chain runs over time steps, masked ones simply add nothing).
     """
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must lie in [0, 1], got {gamma}")
-    r = r.float() * mask.float()  # (B, T)
+    dtype = torch.promote_types(r.dtype, torch.float32)  # float32, or float64 when given float64
+    r = r.to(dtype) * mask.to(dtype)  # (B, T)
     if gamma == 0.0:
         return r
     out = torch.empty_like(r)  # (B, T)
@@ -43,7 +44,7 @@ def returns_to_go(r: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Te
     for t in range(r.shape[1] - 1, -1, -1):
         acc = r[:, t] + gamma * acc
         out[:, t] = acc
-    return out * mask.float()
+    return out * mask.to(dtype)
 
 
 def g_gamma_surrogate(logp: torch.Tensor, logq: torch.Tensor, mask: torch.Tensor,
@@ -56,11 +57,12 @@ def g_gamma_surrogate(logp: torch.Tensor, logq: torch.Tensor, mask: torch.Tensor
     log-probs (treated as constants); mask: (B, T). `clamp` clips every r_t to [-clamp, clamp]
     before the return is formed. Returns (B,).
     """
-    r = (logp.detach().float() - logq.detach().float())  # (B, T) per-token cost
+    dtype = torch.promote_types(logp.dtype, torch.float32)  # at least float32; float64 stays float64
+    r = logp.detach().to(dtype) - logq.detach().to(dtype)  # (B, T) per-token cost
     if clamp is not None:
         r = r.clamp(-clamp, clamp)
     R = returns_to_go(r, mask, gamma)  # (B, T)
-    return (R * logp.float() * mask.float()).sum(dim=1)  # (B,)
+    return (R * logp.to(dtype) * mask.to(dtype)).sum(dim=1)  # (B,)
 
 
 # ----------------------------------------------------------------------------------------------
