@@ -427,15 +427,17 @@ def plot_figures(cfg: ToyConfig, table, curves, log, finals) -> list[str]:
         ax.legend()
         save(fig, "control_variance.png")
     if finals:
-        fig, axes = plt.subplots(1, len(cfg.control_gammas), figsize=(4 * len(cfg.control_gammas), 3.5), sharey=True)
-        for ax, gamma in zip(axes if len(cfg.control_gammas) > 1 else [axes], cfg.control_gammas):
+        fig, axes = plt.subplots(1, len(cfg.control_gammas), figsize=(4 * len(cfg.control_gammas), 3.5),
+                                 sharey=True, squeeze=False)
+        lo, hi = min(r["final_pos"] for r in finals), max(r["final_pos"] for r in finals)
+        bins = [lo + (hi - lo) * i / 100 for i in range(101)]  # the same bins in every panel
+        for ax, gamma in zip(axes[0], cfg.control_gammas):
             for k in (0, 1):
-                ax.hist([r["final_pos"] for r in finals if r["gamma"] == gamma and r["task"] == k], bins=40,
+                ax.hist([r["final_pos"] for r in finals if r["gamma"] == gamma and r["task"] == k], bins=bins,
                         alpha=0.6, label=f"task {k}")
                 ax.axvline(TARGETS[k], color="k", ls="--", lw=1)
             ax.set(title=f"gamma={gamma:g}", xlabel="final position s_T")
-        axes_list = axes if len(cfg.control_gammas) > 1 else [axes]
-        axes_list[0].legend()
+        axes[0, 0].legend()
         save(fig, "final_positions.png")
     return written
 
