@@ -22,9 +22,9 @@ sum, computed exactly (float64):
     Var[g]   = sum_y pi(y) || g_gamma(y) - E[g] ||^2                     (trace of the covariance)
     bias_rel = || E[g] - grad J || / || grad J ||
 
-g_gamma(y) is the gradient of nanoopd.sampled_token.g_gamma_surrogate for that one sequence; its
-returns-to-go are formed in float32 there, so "exact" means exact up to float32 rounding (~1e-7
-relative), not sampling noise.
+g_gamma(y) is the gradient of nanoopd.sampled_token.g_gamma_surrogate for that one sequence, which
+keeps float64 inputs in float64: "exact" means exact up to double-precision rounding, with no
+sampling noise (on MPS, which has no float64, up to float32 rounding).
 
 A model's parameters are one flat vector theta (P,) = [base (T*V), tables (order*V*V)], so that
 gradients are plain vectors. Every function also accepts a per-sequence copy theta (N, P): row n
