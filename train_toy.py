@@ -15,7 +15,7 @@ The script runs two toys and prints what they show:
 
 Commands:
 
-    python train_toy.py                      # everything, about 30 s on 2 CPU cores
+    python train_toy.py                      # everything, about 20-30 s on 2 CPU cores
     python train_toy.py --device cuda        # the same on one GPU (the toy is tiny: CPU is fine)
     python train_toy.py --quick              # a smaller run in a few seconds (used by the tests)
     python train_toy.py --parts exact        # only the exact bias/variance tables
@@ -92,10 +92,18 @@ QUICK = dict(horizon=4, horizons=(2, 3, 4), seeds=(0, 1), steps=40, teacher_step
 # command line
 
 
+def float_list(text: str) -> tuple:
+    """ "0,0.5,1" -> (0.0, 0.5, 1.0) """
+    return tuple(float(x) for x in text.split(","))
+
+
+def int_list(text: str) -> tuple:
+    """ "0,1,2" -> (0, 1, 2) """
+    return tuple(int(x) for x in text.split(","))
+
+
 def parse_args(argv=None) -> ToyConfig:
     d = ToyConfig()
-    floats = lambda s: tuple(float(x) for x in s.split(","))  # "0,0.5,1" -> (0.0, 0.5, 1.0)
-    ints = lambda s: tuple(int(x) for x in s.split(","))
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Lists are comma-separated, e.g. --gammas 0,0.5,1.")
     p.add_argument("--parts", type=lambda s: tuple(s.split(",")), default=d.parts,
@@ -105,11 +113,11 @@ def parse_args(argv=None) -> ToyConfig:
     g.add_argument("--vocab", type=int, default=d.vocab, help="V, tokens in the vocabulary (default %(default)s)")
     g.add_argument("--horizon", type=int, default=d.horizon,
                    help=f"T, sequence length; V^T sequences are enumerated, at most {MAX_SEQUENCES} (default %(default)s)")
-    g.add_argument("--couplings", type=floats, default=d.couplings,
+    g.add_argument("--couplings", type=float_list, default=d.couplings,
                    help="coupling strengths c >= 0, rows of the table; 0 = no dependence on the prefix (default 0,0.5,1,2)")
-    g.add_argument("--gammas", type=floats, default=d.gammas,
+    g.add_argument("--gammas", type=float_list, default=d.gammas,
                    help="discounts in [0, 1] for the table and for training (default 0,0.25,0.5,0.75,1)")
-    g.add_argument("--horizons", type=ints, default=d.horizons,
+    g.add_argument("--horizons", type=int_list, default=d.horizons,
                    help="horizons of the variance-vs-T table, at the training coupling (default 2,4,6,8)")
     g.add_argument("--problem-seed", type=int, default=d.problem_seed,
                    help="seed of the teacher and of the student's starting point (default %(default)s)")
@@ -117,7 +125,7 @@ def parse_args(argv=None) -> ToyConfig:
     g = p.add_argument_group("training students on the discrete toy")
     g.add_argument("--train-coupling", type=float, default=d.train_coupling,
                    help="coupling c used for training (default: the largest of --couplings)")
-    g.add_argument("--seeds", type=ints, default=d.seeds, help="sampling seeds, one run per gamma and seed (default 0,1,2,3)")
+    g.add_argument("--seeds", type=int_list, default=d.seeds, help="sampling seeds, one run per gamma and seed (default 0,1,2,3)")
     g.add_argument("--steps", type=int, default=d.steps, help="optimisation steps per run (default %(default)s)")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences sampled per step (default %(default)s)")
     g.add_argument("--optimizer", choices=("sgd", "adam"), default=d.optimizer,
@@ -127,7 +135,7 @@ def parse_args(argv=None) -> ToyConfig:
                    help="compute the exact KL(student || teacher) every this many steps (default %(default)s)")
 
     g = p.add_argument_group("continuous-control replica")
-    g.add_argument("--control-gammas", type=floats, default=d.control_gammas,
+    g.add_argument("--control-gammas", type=float_list, default=d.control_gammas,
                    help="discounts in [0, 1] distilled in the continuous toy (default 0,0.5,1)")
     g.add_argument("--control-horizon", type=int, default=d.control_horizon, help="moves per episode (default %(default)s)")
     g.add_argument("--teacher-steps", type=int, default=d.teacher_steps, help="REINFORCE steps per teacher (default %(default)s)")
@@ -175,6 +183,8 @@ def check_config(cfg: ToyConfig):
             raise ValueError(f"--{name.replace('_', '-')}: every gamma must lie in [0, 1], got {bad}")
     if any(c < 0 or not math.isfinite(c) for c in cfg.couplings):
         raise ValueError(f"--couplings must be finite and >= 0, got {list(cfg.couplings)}")
+    if cfg.train_coupling is not None and not (cfg.train_coupling >= 0 and math.isfinite(cfg.train_coupling)):
+        raise ValueError(f"--train-coupling must be finite and >= 0, got {cfg.train_coupling}")
     if cfg.vocab < 2:
         raise ValueError(f"--vocab must be at least 2, got {cfg.vocab}")
     for T in (cfg.horizon, *cfg.horizons):
@@ -350,8 +360,10 @@ def reading(cfg: ToyConfig, table, by_horizon, train_summary, ctrl_summary) -> l
         best = min(train_summary, key=lambda r: r["mean_kl"])
         nf = min(train_summary, key=lambda r: r["noise_free_kl"])
         unstable = sum(r["n_unstable"] for r in train_summary)
-        parts.append(f"Trained from samples, the lowest final KL is with gamma={best['gamma']:g} ({best['mean_kl']:.3f}; "
-                     f"noise-free runs: gamma={nf['gamma']:g}, {nf['noise_free_kl']:.3f}), "
+        wide = max(train_summary, key=lambda r: r["max_kl"] - r["min_kl"])
+        parts.append(f"Trained from samples, the lowest mean final KL is with gamma={best['gamma']:g} "
+                     f"({best['mean_kl']:.3f}; noise-free: gamma={nf['gamma']:g}, {nf['noise_free_kl']:.3f}), the widest "
+                     f"spread over seeds with gamma={wide['gamma']:g} ({wide['min_kl']:.3f} to {wide['max_kl']:.3f}), "
                      f"{unstable} of {sum(r['n_runs'] for r in train_summary)} runs unstable")
     if ctrl_summary:
         lo, hi = ctrl_summary[0], ctrl_summary[-1]
