@@ -173,13 +173,18 @@ class GPT(nn.Module):
                 keys_valid = cache.valid[:, :start + T]  # (B, Tk)
             else:
                 keys_valid = valid  # (B, Tk=T)
-            q_idx = torch.arange(start, start + T, device=idx.device)  # (T,)
-            k_idx = torch.arange(start + T, device=idx.device)  # (Tk,)
-            causal = k_idx.unsqueeze(0) <= q_idx.unsqueeze(1)  # (T, Tk)
-            mask = causal.unsqueeze(0) & keys_valid.unsqueeze(1)  # (B, T, Tk)
-            # a padded query attends to itself only, so no row of the softmax is empty
-            mask = mask | (k_idx.unsqueeze(0) == q_idx.unsqueeze(1)).unsqueeze(0)  # (B, T, Tk)
-            mask = mask.unsqueeze(1)  # (B, 1, T, Tk)
+            if T == 1 and start > 0:
+                # one decoding step: every cached key is in the past, and each row already holds
+                # a real prompt token, so the key-validity row is the whole mask
+                mask = keys_valid[:, None, None, :]  # (B, 1, 1, Tk)
+            else:
+                q_idx = torch.arange(start, start + T, device=idx.device)  # (T,)
+                k_idx = torch.arange(start + T, device=idx.device)  # (Tk,)
+                causal = k_idx.unsqueeze(0) <= q_idx.unsqueeze(1)  # (T, Tk)
+                mask = causal.unsqueeze(0) & keys_valid.unsqueeze(1)  # (B, T, Tk)
+                # a padded query attends to itself only, so no row of the softmax is empty
+                mask = mask | (k_idx.unsqueeze(0) == q_idx.unsqueeze(1)).unsqueeze(0)  # (B, T, Tk)
+                mask = mask.unsqueeze(1)  # (B, 1, T, Tk)
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
         for layer, block in enumerate(self.blocks):
             x = block(x, mask, cache, layer)  # (B, T, C)

@@ -1,0 +1,95 @@
+"""
+bench.py: throughput of the pieces that dominate on-policy distillation, so changes can be compared.
+
+  rollout   new tokens/s at batch 64, 64 new tokens, with the KV cache and with full recomputation
+  training  SFT tokens/s (forward + backward + AdamW step) at batch 64
+
+for the default teacher and student architectures of train_math.py (random weights: speed does not
+depend on them; EOS is disabled so every row generates the full budget).
+
+  python bench.py                    # CPU or the GPU picked automatically
+  python bench.py --device cpu --threads 2
+Quote ratios from one run; absolute numbers only together with the machine they came from.
+"""
+
+import argparse
+import platform
+import time
+
+import torch
+
+from nanoopd.device import pick_device, synchronize
+from nanoopd.model import GPT, GPTConfig
+from nanoopd.rollout import generate
+from nanoopd.sft import sft_loss
+from nanoopd.tokenizer import get_tokenizer
+from train_math import TrainConfig
+
+# -----------------------------------------------------------------------------
+# command line
+
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default auto)")
+p.add_argument("--threads", type=int, default=0, help="torch CPU threads, 0 = torch default")
+p.add_argument("--batch", type=int, default=64, help="sequences per rollout / training batch (default 64)")
+p.add_argument("--new_tokens", type=int, default=64, help="tokens generated per row (default 64)")
+p.add_argument("--prompt_len", type=int, default=12, help="prompt tokens per row (default 12, a math prompt)")
+p.add_argument("--train_len", type=int, default=64, help="tokens per training sequence (default 64)")
+p.add_argument("--repeats", type=int, default=3, help="timed repeats; the best is reported (default 3)")
+args = p.parse_args()
+if args.threads:
+    torch.set_num_threads(args.threads)
+device = pick_device(args.device)
+tok = get_tokenizer()
+cfg = TrainConfig()
+ARCH = {
+    "teacher": GPTConfig(vocab_size=tok.n_vocab, n_layer=cfg.t_layer, n_embd=cfg.t_embd, n_head=cfg.t_head),
+    "student": GPTConfig(vocab_size=tok.n_vocab, n_layer=cfg.s_layer, n_embd=cfg.s_embd, n_head=cfg.s_head),
+}
+
+
+def best_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+# -----------------------------------------------------------------------------
+# measurements
+
+print(f"device {device} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
+      f"{platform.processor() or platform.machine()} | batch {args.batch}")
+g = torch.Generator(device=device).manual_seed(0)
+prompts = [[tok.bos_id] + torch.randint(0, 256, (args.prompt_len - 1,), generator=torch.Generator().manual_seed(i)).tolist()
+           for i in range(args.batch)]
+print(f"{'model':8s} {'params':>9s} | {'rollout cached tok/s':>20s} {'recompute tok/s':>16s} {'speed-up':>8s} | {'train tok/s':>11s}")
+for name, arch in ARCH.items():
+    torch.manual_seed(0)
+    model = GPT(arch).to(device)
+    new = args.batch * args.new_tokens
+
+    def rollout(use_cache):
+        generate(model, prompts, args.new_tokens, eos_id=-1, pad_id=tok.pad_id, temperature=1.0,
+                 generator=g, use_cache=use_cache)
+
+    cached = new / best_time(lambda: rollout(True), args.repeats)
+    recompute = new / best_time(lambda: rollout(False), max(1, args.repeats - 2))
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randint(0, 256, (args.batch, args.train_len), device=device)
+    y = torch.randint(0, 256, (args.batch, args.train_len), device=device)
+
+    def train_step():
+        loss = sft_loss(model, x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    train = args.batch * args.train_len / best_time(train_step, args.repeats)
+    print(f"{name:8s} {model.num_params():9,d} | {cached:20,.0f} {recompute:16,.0f} {cached / recompute:7.1f}x | {train:11,.0f}")
