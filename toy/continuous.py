@@ -1,7 +1,7 @@
 """
 The continuous-control replica: on-policy distillation of two 1-D reaching tasks into one student.
 
-An agent sits at a position s on a line and makes T moves, s_{t+1} = s_t + delta_t. There are two
+A point starts at a position s on a line and makes T moves, s_{t+1} = s_t + delta_t. There are two
 mirror tasks:
 
     task 0: start s_0 = +2, target -3          task 1: start s_0 = -2, target +3
