@@ -1,0 +1,152 @@
+"""
+RLVR: REINFORCE with group-normalised advantages (GRPO-style) and a verifiable reward.
+
+For every context c_i (a prompt x_i, or a prompt plus a cut student prefix) the policy pi_theta
+samples a group of G responses y_i1..y_iG; the task verifier gives rewards R_ij in {0, 1}.
+
+    A_ij = (R_ij - mean_j R_ij) / (std_j R_ij + eps)        (population std over the group)
+    L(theta) = - (1 / sum_ij |y_ij|) * sum_ij sum_t A_ij * log pi_theta(y_ij,t | c_i, y_ij,<t)
+
+so grad L is the REINFORCE estimator of -grad E[R] with the group mean as a baseline, averaged
+per response token. A group whose rewards are all equal carries no signal: its advantages are
+exactly 0 (numerator 0, denominator eps > 0), never NaN; a step in which every group is like
+that is skipped. Used here to adapt a teacher on the student's kind of prefixes (DESIGN.md
+section 5): with `cut` > 0 the contexts are the student's own sampled responses cut at that
+fraction of their length, and the reward judges the cut prefix plus the continuation.
+"""
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from nanoopd.metrics import student_prefixes
+from nanoopd.model import GPT
+from nanoopd.rollout import check_sampling_args, generate
+from nanoopd.sft import encode_example
+from nanoopd.tasks import Problem, sample_problems, verify
+from nanoopd.tokenizer import Tokenizer
+
+
+@dataclass
+class RLVRConfig:
+    steps: int = 30                  # optimizer steps
+    prompts: int = 16                # distinct problems (contexts) per step
+    group: int = 8                   # samples per context, G (advantages are normalised within it)
+    lr: float = 1e-4                 # AdamW learning rate (constant)
+    temperature: float = 1.0         # sampling temperature of the group (> 0)
+    max_new_tokens: int = 64         # response budget per sample
+    grad_clip: float = 1.0           # clip the total gradient norm to this
+    eps: float = 1e-6                # advantage denominator std + eps
+    cut: float = 0.0                 # 0: contexts are prompts; in (0, 1): student prefixes cut here
+    seed: int = 0                    # seeds the problems and the samplers
+    digits: int = 3                  # training problems: operands of 1..digits digits
+    ops: str = "+-"                  # training problems: operators
+
+    def __post_init__(self):
+        check_sampling_args(self.temperature, 0, 1.0, self.max_new_tokens)
+        if self.temperature == 0:
+            raise ValueError("RLVR samples a group per prompt: temperature must be > 0")
+        for name in ("steps", "prompts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"RLVR {name} must be >= 1, got {getattr(self, name)}")
+        if self.group < 2:
+            raise ValueError(f"RLVR group must be >= 2 (a group of 1 always has zero advantage), got {self.group}")
+        if not 0.0 <= self.cut < 1.0:
+            raise ValueError(f"RLVR cut must lie in [0, 1) (0 = from prompts), got {self.cut}")
+        if not (self.lr > 0 and self.grad_clip > 0 and self.eps > 0):
+            raise ValueError("RLVR lr, grad_clip and eps must be > 0")
+
+
+def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """A = (R - mean_group) / (std_group + eps) for rewards (n_groups, G); population std.
+    A group of identical rewards gives exactly zero advantage."""
+    rewards = rewards.double()  # (n, G)
+    centred = rewards - rewards.mean(1, keepdim=True)  # (n, G)
+    std = rewards.std(1, unbiased=False, keepdim=True)  # (n, 1)
+    return (centred / (std + eps)).float()  # (n, G)
+
+
+def policy_gradient_loss(logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """-(1/#tokens) sum_i sum_t A_i log pi(y_it | .) for logp (B, N), advantages (B,), mask (B, N)."""
+    mask = mask.to(logp.dtype)  # (B, N)
+    return -(advantages[:, None].to(logp.dtype) * logp * mask).sum() / mask.sum().clamp(min=1)
+
+
+def rlvr_step(model: GPT, optimizer: torch.optim.Optimizer, contexts: list[list[int]],
+              reward_fn: Callable[[int, list[int]], float], cfg: RLVRConfig, eos_id: int, pad_id: int,
+              generator: torch.Generator) -> dict:
+    """One RLVR step: G samples per context, rewards reward_fn(context index, response ids without
+    padding), group advantages, one AdamW step on the policy-gradient loss. Returns the stats."""
+    t0 = time.perf_counter()
+    G = cfg.group
+    ro = generate(model, [c for c in contexts for _ in range(G)], cfg.max_new_tokens, eos_id, pad_id,
+                  temperature=cfg.temperature, generator=generator)
+    rewards = torch.tensor([reward_fn(i // G, [t for t, k in zip(row, m) if k])
+                            for i, (row, m) in enumerate(zip(ro.response.tolist(), ro.response_mask.tolist()))],
+                           dtype=torch.float64).view(len(contexts), G)  # (n, G)
+    adv = group_advantages(rewards, cfg.eps).flatten().to(ro.tokens.device)  # (n*G,)
+    zero_var = (rewards.std(1, unbiased=False) == 0).double().mean().item()
+    model.train()
+    logp = model.token_logprobs(ro.tokens, ro.valid)[:, ro.prompt_len - 1:]  # (n*G, N)
+    loss = policy_gradient_loss(logp, adv, ro.response_mask)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"RLVR: non-finite loss {loss.item()}; lower the learning rate")
+    optimizer.zero_grad(set_to_none=True)
+    gnorm = 0.0
+    if zero_var < 1.0:  # at least one group carries signal
+        loss.backward()
+        gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+        if not torch.isfinite(torch.tensor(gnorm)):
+            optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(f"RLVR: non-finite gradient norm {gnorm}; weights left unchanged")
+        optimizer.step()
+    return {"loss": loss.item(), "reward": rewards.mean().item(), "zero_var_groups": zero_var,
+            "grad_norm": gnorm, "response_length": ro.lengths.float().mean().item(),
+            "seconds": time.perf_counter() - t0}
+
+
+def math_reward(tok: Tokenizer, problems: list[Problem], done: list[str]) -> Callable[[int, list[int]], float]:
+    """Verifier reward of context i: verify(done[i] + decoded continuation, problems[i]), where
+    done[i] is the part of the response already in the context ('' for a bare prompt)."""
+    def reward(i: int, response: list[int]) -> float:
+        return float(verify(done[i] + tok.decode([t for t in response if t != tok.eos_id]), problems[i]))
+    return reward
+
+
+def train_rlvr(model: GPT, tok: Tokenizer, cfg: RLVRConfig, student: GPT | None = None, log=print,
+               jsonl_path: str | None = None, name: str = "rlvr") -> list[dict]:
+    """cfg.steps RLVR steps on `model` (in place) with the math verifier as reward. With cfg.cut > 0
+    each step's contexts are `student`'s sampled responses cut at that fraction (the student's kind
+    of prefixes). Returns the per-step records (also written to jsonl_path when given)."""
+    if cfg.cut > 0 and student is None:
+        raise ValueError("RLVR from student prefixes (cut > 0) needs the student model")
+    device = next(model.parameters()).device
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.0)
+    problems = sample_problems(cfg.steps * cfg.prompts, "train", cfg.seed, cfg.digits, cfg.ops)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    records = []
+    out = open(jsonl_path, "w") if jsonl_path else None
+    try:
+        for step in range(cfg.steps):
+            batch = problems[step * cfg.prompts:(step + 1) * cfg.prompts]
+            if cfg.cut > 0:
+                contexts, done = student_prefixes(student, tok, batch, cfg.cut, cfg.max_new_tokens, gen)
+            else:
+                contexts, done = [encode_example(tok, p)[0] for p in batch], [""] * len(batch)
+            rec = {"step": step, **rlvr_step(model, optimizer, contexts, math_reward(tok, batch, done), cfg,
+                                             tok.eos_id, tok.pad_id, gen)}
+            records.append(rec)
+            if out:
+                out.write(json.dumps(rec) + "\n")
+                out.flush()
+            if step % 10 == 0 or step == cfg.steps - 1:
+                log(f"{name} step {step:4d} | reward {rec['reward']:6.1%} | zero-variance groups "
+                    f"{rec['zero_var_groups']:5.1%} | loss {rec['loss']:+.4f} | len {rec['response_length']:5.1f} | "
+                    f"{rec['seconds']:.2f}s")
+    finally:
+        if out:
+            out.close()
+    return records
