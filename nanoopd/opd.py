@@ -1,0 +1,304 @@
+"""
+On-policy distillation (OPD): one training step, and the loop that repeats it.
+
+Notation (DESIGN.md section 2): student pi_theta, frozen teacher q, prompt x, response
+y = (y_1..y_T) sampled from the student, prefix c_t = (x, y_<t), per-token cost
+r_t = log pi(y_t|c_t) - log q(y_t|c_t). One step:
+
+    1. x_1..x_B ~ training prompts;   y_i ~ pi_theta(.|x_i)    rollout: temperature, top-p, top-k,
+                                                               at most N new tokens, seeded
+    2. q(.|c_t) at every response position, no gradient      (the teacher scores the same tokens)
+    3. pi_theta(.|c_t) at the same positions, with gradient
+    4. loss, stats = OBJECTIVES[name](pi logits, q logits, y, mask, **options)
+                     (DESIGN.md section 3; mask = the response mask, EOS included)
+    5. theta <- AdamW(theta, g / max(1, ||g|| / clip)),   g = grad loss
+
+A non-finite loss or gradient norm stops the run with a FloatingPointError that names the step,
+before the optimizer touches the weights; the checkpoint on disk is the last one written at an
+evaluation, i.e. the last good one.
+
+Every step appends one JSON object to <run>.jsonl. Its keys:
+
+  step                 0-based step index
+  loss                 the objective's surrogate loss (per response token)
+  kl                   mean token-level reverse KL(pi(.|c_t) || q(.|c_t)) over response tokens
+  acc                  verifier accuracy of this step's sampled rollouts (train prompts)
+  tok_s                response tokens of this step / wall time of the whole step
+  overlap_ratio        |TopK(pi) ∩ TopK(q)| / k, k = 16 (metrics.opd_diagnostics)
+  overlap_mass_student, overlap_mass_teacher   pi and q mass on that intersection
+  entropy_student, entropy_teacher, entropy_gap   H(pi), H(q), |H(q) - H(pi)|
+  logratio_max_abs     max |r_t| over response tokens;  logratio_pos_share  share of r_t > 0
+  response_length      mean response length (tokens, EOS included)
+  budget_share         share of responses that hit the budget N without an EOS
+  grad_norm            total gradient norm before clipping
+  n_loss_tokens        response tokens the loss saw (after mask_tokens)
+  track_logratio_mean, track_share, track_rows   r_t on the `track_tokens` (e.g. a format
+                       token): mean r_t there, their share of sum_t |r_t|, share of responses
+                       containing one (0 when none is tracked or none was sampled)
+  t_rollout, t_teacher, t_student   seconds in sampling, teacher scoring, student fwd+bwd+step
+  eval_acc             held-out greedy accuracy (only on steps where it was evaluated)
+plus the objective's own extra stats (e.g. support_mass_student for the top-K forms).
+"""
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from nanoopd.checkpoint import save_checkpoint
+from nanoopd.device import autocast, synchronize
+from nanoopd.evaluate import evaluate
+from nanoopd.metrics import masked_mean, opd_diagnostics, sampled_logratio
+from nanoopd.model import GPT
+from nanoopd.objectives import get_objective
+from nanoopd.rollout import Rollout, check_sampling_args, generate, response_logits
+from nanoopd.sft import encode_example
+from nanoopd.tasks import Problem, sample_problems, verify
+from nanoopd.tokenizer import Tokenizer
+
+# the per-objective stats that opd_diagnostics already reports (over the full response mask)
+_COMMON_STATS = ("loss", "kl", "logratio_max_abs", "logratio_pos_share", "n_tokens")
+
+
+@dataclass
+class OPDConfig:
+    loss: str = "sampled_token"      # objective name in objectives.OBJECTIVES
+    options: dict = field(default_factory=dict)  # its options (k, support, gamma, clamp, mask_tokens, ...)
+    steps: int = 100                 # optimizer steps
+    lr: float = 1e-3                 # AdamW learning rate (constant)
+    batch_size: int = 64             # prompts (rollouts) per step
+    temperature: float = 1.0         # rollout temperature (> 0: OPD needs samples)
+    top_p: float = 1.0               # rollout nucleus mass (1 = off)
+    top_k: int = 0                   # rollout top-k (0 = off)
+    max_new_tokens: int = 64         # response budget N
+    grad_clip: float = 1.0           # clip the total gradient norm to this
+    eval_every: int = 25             # held-out greedy accuracy every this many steps (0 = start/end only)
+    seed: int = 0                    # seeds the prompts and the rollout sampler
+    digits: int = 3                  # training prompts: operands of 1..digits digits
+    ops: str = "+-"                  # training prompts: operators
+    track_tokens: tuple = ()         # token ids whose log-ratios are reported on their own
+    diag_k: int = 16                 # k of the overlap diagnostics
+
+    def __post_init__(self):
+        get_objective(self.loss)  # unknown names fail here, with the list of valid ones
+        check_sampling_args(self.temperature, self.top_k, self.top_p, self.max_new_tokens)
+        if self.temperature == 0:
+            raise ValueError("OPD samples from the student: temperature must be > 0")
+        for name in ("steps", "batch_size", "diag_k"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"OPD {name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_every < 0:
+            raise ValueError(f"OPD eval_every must be >= 0, got {self.eval_every}")
+        if not self.lr > 0 or not self.grad_clip > 0:
+            raise ValueError(f"OPD lr and grad_clip must be > 0, got {self.lr} and {self.grad_clip}")
+
+
+def check_objective(name: str, options: dict, vocab_size: int) -> None:
+    """Run objective `name` once on a dummy batch so that a bad option fails now, with the
+    objective's own message, rather than after the first rollout. Raises ValueError."""
+    logits = torch.zeros(1, 2, vocab_size)  # (B=1, T=2, V)
+    get_objective(name)(logits, logits, torch.zeros(1, 2, dtype=torch.long),
+                        torch.ones(1, 2, dtype=torch.bool), **options)
+
+
+def freeze(model: GPT) -> GPT:
+    """The teacher: eval mode, no parameter ever requires a gradient."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def rollout_rewards(tok: Tokenizer, rollout: Rollout, problems: list[Problem]) -> list[int]:
+    """Verifier reward (0/1) of every sampled response."""
+    out = []
+    for p, resp, m in zip(problems, rollout.response.tolist(), rollout.response_mask.tolist()):
+        out.append(verify(tok.decode([t for t, k in zip(resp, m) if k and t != tok.eos_id]), p))
+    return out
+
+
+@torch.no_grad()
+def tracked_stats(student_logits: torch.Tensor, teacher_logits: torch.Tensor, rollout: Rollout,
+                  track_tokens) -> dict[str, float]:
+    """r_t on the tracked token ids: mean r_t there, their share of sum_t |r_t| over the response,
+    and the share of responses that contain one."""
+    mask = rollout.response_mask  # (B, N)
+    tokens = rollout.response.masked_fill(~mask, 0)  # (B, N)
+    ids = torch.as_tensor(list(track_tokens), dtype=tokens.dtype, device=tokens.device)
+    on = torch.isin(tokens, ids) & mask  # (B, N)
+    if not on.any():
+        return {"track_logratio_mean": 0.0, "track_share": 0.0, "track_rows": 0.0}
+    r = sampled_logratio(torch.log_softmax(student_logits.float(), -1),
+                         torch.log_softmax(teacher_logits.float(), -1), tokens)  # (B, N)
+    return {
+        "track_logratio_mean": masked_mean(r, on),
+        "track_share": (r.abs() * on).sum().item() / max((r.abs() * mask).sum().item(), 1e-12),
+        "track_rows": on.any(1).float().mean().item(),
+    }
+
+
+def opd_step(student: GPT, teacher: GPT, optimizer: torch.optim.Optimizer, tok: Tokenizer,
+             problems: list[Problem], cfg: OPDConfig, generator: torch.Generator,
+             step: int) -> dict:
+    """One on-policy distillation step on `problems` (one rollout each). Returns the step record
+    (the JSONL keys of the module docstring, without eval_acc). The teacher must be frozen."""
+    device = next(student.parameters()).device
+    objective = get_objective(cfg.loss)
+    t0 = time.perf_counter()
+    prompts = [encode_example(tok, p)[0] for p in problems]
+    ro = generate(student, prompts, cfg.max_new_tokens, tok.eos_id, tok.pad_id,
+                  temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                  generator=generator)
+    synchronize(device)
+    t1 = time.perf_counter()
+    with torch.no_grad(), autocast(device):
+        teacher_logits = response_logits(teacher, ro).float()  # (B, N, V)
+    synchronize(device)
+    t2 = time.perf_counter()
+    student.train()
+    with autocast(device):
+        student_logits = response_logits(student, ro).float()  # (B, N, V)
+    loss, stats = objective(student_logits, teacher_logits, ro.response, ro.response_mask,
+                            **cfg.options)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"OPD step {step}: non-finite loss ({loss.item()}) with objective "
+                                 f"{cfg.loss!r}; weights left as they were before this step")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    gnorm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip))
+    if not torch.isfinite(torch.tensor(gnorm)):
+        optimizer.zero_grad(set_to_none=True)
+        raise FloatingPointError(f"OPD step {step}: non-finite gradient norm ({gnorm}) with objective "
+                                 f"{cfg.loss!r}; weights left as they were before this step")
+    optimizer.step()
+    synchronize(device)
+    t3 = time.perf_counter()
+
+    diag = opd_diagnostics(student_logits.detach(), teacher_logits, ro.response, ro.response_mask,
+                           k=cfg.diag_k)
+    lengths = ro.lengths  # (B,)
+    last = ro.response.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)  # (B,)
+    hit_budget = (lengths == cfg.max_new_tokens) & (last != tok.eos_id)  # (B,)
+    rewards = rollout_rewards(tok, ro, problems)
+    n_new = int(lengths.sum())
+    record = {
+        "step": step, "loss": loss.item(), "kl": diag["kl"], "acc": sum(rewards) / len(rewards),
+        "tok_s": n_new / (t3 - t0), **{k: v for k, v in diag.items() if k != "kl"},
+        "budget_share": hit_budget.float().mean().item(), "grad_norm": gnorm,
+        "n_loss_tokens": stats["n_tokens"],
+        **(tracked_stats(student_logits, teacher_logits, ro, cfg.track_tokens) if cfg.track_tokens
+           else {"track_logratio_mean": 0.0, "track_share": 0.0, "track_rows": 0.0}),
+        "t_rollout": t1 - t0, "t_teacher": t2 - t1, "t_student": t3 - t2,
+        **{k: v for k, v in stats.items() if k not in _COMMON_STATS},
+    }
+    return record
+
+
+def format_record(name: str, rec: dict) -> str:
+    """`step | loss | kl | acc | tok/s | overlap | length` (+ held-out accuracy when evaluated)."""
+    line = (f"opd {name} step {rec['step']:4d} | loss {rec['loss']:+.4f} | kl {rec['kl']:.4f} | "
+            f"acc {rec['acc']:6.1%} | tok/s {rec['tok_s']:7,.0f} | overlap {rec['overlap_ratio']:6.1%} | "
+            f"len {rec['response_length']:5.1f}")
+    return line + (f" | held-out {rec['eval_acc']:.1%}" if "eval_acc" in rec else "")
+
+
+def tail_mean(records: list[dict], key: str, frac: float = 0.1) -> float:
+    """Mean of `key` over the last 10 % of the records (at least one): an end-of-run value that
+    one noisy batch cannot decide."""
+    tail = records[-max(1, int(len(records) * frac)):]
+    return sum(r[key] for r in tail) / len(tail)
+
+
+def degradation(summary: dict, budget_share_limit: float = 0.5, collapse_drop: float = 0.10) -> str:
+    """Why a run counts as degraded, '' if it does not:
+      'non-finite'   the loss or gradient became NaN/inf;
+      'length'       responses blew up to the budget: over the last 10 % of steps at least half
+                     of the rollouts (and 25 points more than at step 0) hit max_new_tokens
+                     without an EOS;
+      'collapse'     final held-out greedy accuracy more than 10 points below the start."""
+    reasons = []
+    if summary.get("error"):
+        reasons.append("non-finite")
+    final_hits = summary.get("final_budget_share", 0.0)
+    if final_hits >= max(budget_share_limit, summary.get("first_budget_share", 0.0) + 0.25):
+        reasons.append("length")
+    if summary.get("final_acc") is not None and summary["final_acc"] < summary["start_acc"] - collapse_drop:
+        reasons.append("collapse")
+    return "+".join(reasons)
+
+
+def train_opd(student: GPT, teacher: GPT, tok: Tokenizer, cfg: OPDConfig, run_prefix: str,
+              eval_problems: list[Problem], log=print, name: str | None = None,
+              start_acc: float | None = None, print_every: int = 1) -> dict:
+    """Distil `teacher` into `student` (in place) for cfg.steps steps.
+
+    Writes <run_prefix>.jsonl (one record per step), <run_prefix>.pt (student checkpoint, at every
+    evaluation and at the end) and <run_prefix>.json (the summary, also returned). Held-out greedy
+    accuracy is measured on `eval_problems` at the start (unless `start_acc` is given: the same
+    student was already evaluated), every cfg.eval_every steps, and at the end. A non-finite loss
+    or gradient writes the summary with its `error` and re-raises the FloatingPointError.
+    """
+    if student.config.vocab_size != teacher.config.vocab_size:
+        raise ValueError(f"teacher and student vocabularies differ (teacher {teacher.config.vocab_size}, "
+                         f"student {student.config.vocab_size} tokens): OPD compares their "
+                         f"distributions token by token, so both must use the same tokenizer")
+    if student.config.vocab_size != tok.n_vocab:
+        raise ValueError(f"the models have {student.config.vocab_size} tokens, the tokenizer "
+                         f"{tok.n_vocab}: retrain them with this tokenizer")
+    name = name or cfg.loss
+    device = next(student.parameters()).device
+    freeze(teacher)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.0)
+    problems = sample_problems(cfg.steps * cfg.batch_size, "train", cfg.seed, cfg.digits, cfg.ops)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    os.makedirs(os.path.dirname(os.path.abspath(run_prefix)), exist_ok=True)
+    jsonl_path, ckpt_path = run_prefix + ".jsonl", run_prefix + ".pt"
+    held_out = lambda: evaluate(student, tok, eval_problems, 0.0, cfg.max_new_tokens)
+
+    if start_acc is None:
+        start_acc = held_out()
+    log(f"opd {name}: {cfg.steps} steps of {cfg.loss} {cfg.options or ''} | lr {cfg.lr} | "
+        f"batch {cfg.batch_size} | T={cfg.temperature} top_p={cfg.top_p} top_k={cfg.top_k} | "
+        f"held-out greedy accuracy at start {start_acc:.1%} (n={len(eval_problems)})")
+    summary = {"name": name, "config": asdict(cfg), "start_acc": start_acc, "evals": [[0, start_acc]],
+               "error": None, "last_good_checkpoint": None}
+    records, t_start = [], time.time()
+    with open(jsonl_path, "w") as f:
+        for step in range(cfg.steps):
+            batch = problems[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+            try:
+                rec = opd_step(student, teacher, optimizer, tok, batch, cfg, generator, step)
+            except FloatingPointError as e:
+                summary["error"] = str(e)
+                log(f"opd {name}: stopped: {e}; last good checkpoint: {summary['last_good_checkpoint']}")
+                break
+            last = step == cfg.steps - 1
+            if last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0):
+                rec["eval_acc"] = held_out()
+                summary["evals"].append([step + 1, rec["eval_acc"]])
+                save_checkpoint(ckpt_path, student, step + 1, extra={"role": "opd", "name": name,
+                                                                     "opd": asdict(cfg)})
+                summary["last_good_checkpoint"] = ckpt_path
+            records.append(rec)
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+            if print_every and (step % print_every == 0 or last or "eval_acc" in rec):
+                log(format_record(name, rec))
+
+    summary.update(steps_done=len(records), seconds=round(time.time() - t_start, 1),
+                   final_acc=summary["evals"][-1][1] if len(summary["evals"]) > 1 else None)
+    if records:
+        for key in ("kl", "response_length", "overlap_ratio", "overlap_mass_student", "budget_share",
+                    "grad_norm", "logratio_max_abs", "track_logratio_mean", "track_rows"):
+            summary[f"final_{key}"] = tail_mean(records, key)
+        summary["final_rollout_acc"] = tail_mean(records, "acc")  # final_acc is the held-out one
+        summary["first_kl"], summary["first_budget_share"] = records[0]["kl"], records[0]["budget_share"]
+        summary["first_step"] = records[0]
+        summary["max_logratio_abs"] = max(r["logratio_max_abs"] for r in records)
+    summary["degraded"] = degradation(summary)
+    with open(run_prefix + ".json", "w") as f:
+        json.dump(summary, f, indent=2)
+    if summary["error"]:
+        raise FloatingPointError(summary["error"])
+    return summary
