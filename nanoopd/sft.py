@@ -66,7 +66,7 @@ def train_sft(model, next_examples, steps: int, lr: float, pad_id: int, weight_d
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=weight_decay)
     model.train()
     losses, t0, ntok = [], time.time(), 0
-    bar = tqdm(range(steps), desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0)
+    bar = tqdm(range(steps), desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0, disable=None)  # off when not a terminal
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup)
