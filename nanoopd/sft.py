@@ -5,7 +5,9 @@ Supervised fine-tuning (SFT) on step-by-step traces: next-token cross-entropy on
 
 Prompt tokens and padding are context only (target -1, ignored). Sequences are right-padded, so
 the plain causal fast path of the model applies: padding sits after every real token and is never
-seen by them.
+seen by them. Under torchrun each rank trains on its share of every global batch and the loss is
+normalised by the global token count (nanoopd/distributed.py), so N ranks take the same steps as
+one process would on the whole batch.
 """
 
 import math
@@ -15,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from nanoopd import distributed
 from nanoopd.device import autocast, synchronize
 from nanoopd.tasks import Problem, prompt_text, trace_text
 from nanoopd.tokenizer import Tokenizer
@@ -41,11 +44,12 @@ def make_batch(examples: list[tuple[list[int], list[int]]], pad_id: int, device)
     return x.to(device), y.to(device)
 
 
-def sft_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over target positions (y != -1), computed in float32."""
+def sft_loss(model, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy over target positions (y != -1), in float32: their mean, or with
+    reduction='sum' their sum."""
     with autocast(x.device):
         logits = model(x)  # (B, L, V)
-    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1)
+    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, reduction=reduction)
 
 
 def lr_at(step: int, total: int, lr: float, warmup: int) -> float:
@@ -60,28 +64,37 @@ def train_sft(model, next_examples, steps: int, lr: float, pad_id: int, weight_d
               warmup: int = 50, log_every: int = 50, desc: str = "sft", log=print, grad_clip: float = 1.0):
     """Run `steps` AdamW steps on batches from next_examples(step) -> list of (prompt, response).
 
-    Returns the list of per-step losses. Stops with an error on a non-finite loss.
+    Under torchrun every rank calls this with the same next_examples; each trains on its shard of
+    the global batch. Returns the list of per-step (global) losses. Stops with an error on a
+    non-finite loss.
     """
     device = next(model.parameters()).device
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=weight_decay)
+    ddp_model = distributed.wrap(model, device)  # the model itself unless distributed
+    world = torch.distributed.get_world_size() if distributed.active() else 1
+    is_main = not distributed.active() or torch.distributed.get_rank() == 0  # logs and progress
     model.train()
     losses, t0, ntok = [], time.time(), 0
-    bar = tqdm(range(steps), desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0, disable=None)  # off when not a terminal
+    bar = tqdm(range(steps), desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0,
+               disable=None if is_main else True)  # off when not a terminal, and off on ranks > 0
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup)
-        x, y = make_batch(next_examples(step), pad_id, device)
-        loss = sft_loss(model, x, y)
-        if not torch.isfinite(loss):
+        x, y = make_batch(distributed.shard(next_examples(step)), pad_id, device)
+        n_global = distributed.all_reduce_sum((y != -1).sum().float())  # loss tokens on all ranks
+        loss_sum = sft_loss(ddp_model, x, y, reduction="sum")
+        loss = loss_sum * world / n_global.clamp(min=1)  # DDP's gradient average undoes the * world
+        global_loss = distributed.all_reduce_sum(loss_sum.detach()) / n_global.clamp(min=1)
+        if not torch.isfinite(global_loss):
             raise FloatingPointError(f"{desc}: non-finite loss at step {step}; lower the learning rate")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         opt.step()
-        losses.append(loss.item())
+        losses.append(global_loss.item())
         ntok += int((y != -1).sum()) + int((x != pad_id).sum())
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        if log_every and (step % log_every == 0 or step == steps - 1):
+        if log_every and (step % log_every == 0 or step == steps - 1) and is_main:
             synchronize(device)
             log(f"{desc} step {step:5d} | loss {losses[-1]:.4f} | lr {opt.param_groups[0]['lr']:.2e} | "
                 f"tok/s {ntok / (time.time() - t0):,.0f}")
