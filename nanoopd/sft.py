@@ -11,13 +11,16 @@ one process would on the whole batch.
 """
 
 import math
+import os
 import time
+from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from nanoopd import distributed
+from nanoopd.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from nanoopd.device import autocast, synchronize
 from nanoopd.tasks import Problem, prompt_text, trace_text
 from nanoopd.tokenizer import Tokenizer
@@ -61,21 +64,30 @@ def lr_at(step: int, total: int, lr: float, warmup: int) -> float:
 
 
 def train_sft(model, next_examples, steps: int, lr: float, pad_id: int, weight_decay: float = 0.0,
-              warmup: int = 50, log_every: int = 50, desc: str = "sft", log=print, grad_clip: float = 1.0):
+              warmup: int = 50, log_every: int = 50, desc: str = "sft", log=print, grad_clip: float = 1.0,
+              ckpt_path: str | None = None, save_every: int = 0, resume: bool = False, extra: dict | None = None):
     """Run `steps` AdamW steps on batches from next_examples(step) -> list of (prompt, response).
 
-    Under torchrun every rank calls this with the same next_examples; each trains on its shard of
-    the global batch. Returns the list of per-step (global) losses. Stops with an error on a
-    non-finite loss.
+    next_examples must be a pure function of the step index, so that a resumed run sees exactly the
+    batches an uninterrupted one would. With ckpt_path, a checkpoint (weights, optimizer, step) is
+    written atomically every save_every steps and at the end; with resume=True and a checkpoint
+    there, training continues from its step. Under torchrun every rank calls this with the same
+    next_examples; each trains on its shard of the global batch. Returns the per-step (global)
+    losses of the steps run here. A non-finite loss stops with an error naming the step; the last
+    checkpoint written stays the good one.
     """
     device = next(model.parameters()).device
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=weight_decay)
+    start = 0
+    if resume and ckpt_path and os.path.exists(ckpt_path):
+        start = restore_training_state(ckpt_path, model, opt)
+        log(f"{desc}: resuming from '{ckpt_path}' at step {start}/{steps}")
     ddp_model = distributed.wrap(model, device)  # the model itself unless distributed
     world = torch.distributed.get_world_size() if distributed.active() else 1
     is_main = not distributed.active() or torch.distributed.get_rank() == 0  # logs and progress
     model.train()
     losses, t0, ntok = [], time.time(), 0
-    bar = tqdm(range(steps), desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0,
+    bar = tqdm(range(start, steps), desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0,
                disable=None if is_main else True)  # off when not a terminal, and off on ranks > 0
     for step in bar:
         for g in opt.param_groups:
@@ -98,4 +110,20 @@ def train_sft(model, next_examples, steps: int, lr: float, pad_id: int, weight_d
             synchronize(device)
             log(f"{desc} step {step:5d} | loss {losses[-1]:.4f} | lr {opt.param_groups[0]['lr']:.2e} | "
                 f"tok/s {ntok / (time.time() - t0):,.0f}")
+        if ckpt_path and is_main and (step + 1 == steps or (save_every and (step + 1) % save_every == 0)):
+            save_checkpoint(ckpt_path, model, step + 1, optimizer=opt, extra=extra)
     return losses
+
+
+def restore_training_state(path: str, model, optimizer) -> int:
+    """Load weights and optimizer state from a checkpoint into model/optimizer; return its step.
+    The checkpoint's model config must equal the model's (else a CheckpointError says so)."""
+    payload = read_checkpoint(path)
+    if payload["config"] != asdict(model.config):
+        raise CheckpointError(f"cannot resume from '{path}': it holds a model with config {payload['config']}, "
+                              f"this run builds {asdict(model.config)}; use the same flags or another --out_dir")
+    if "optimizer" not in payload:
+        raise CheckpointError(f"cannot resume from '{path}': it holds no optimizer state (a final export?)")
+    model.load_state_dict(payload["model"])
+    optimizer.load_state_dict(payload["optimizer"])
+    return int(payload["step"])

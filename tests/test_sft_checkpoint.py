@@ -83,3 +83,35 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     _, payload = load_checkpoint(path)
     assert payload["step"] == 1
     assert os.listdir(tmp_path) == ["m.pt"]
+
+
+def test_interrupted_then_resumed_sft_equals_uninterrupted(tmp_path):
+    tok = get_tokenizer()
+    problems = sample_problems(16 * 12, "train", 3, digits=2)
+    batches = lambda s: [encode_example(tok, p) for p in problems[s * 16:(s + 1) * 16]]
+    full = small_model()
+    train_sft(full, batches, 12, 3e-3, tok.pad_id, warmup=3, log_every=0)
+
+    path = str(tmp_path / "run.pt")
+    part = small_model()
+    with pytest.raises(KeyboardInterrupt):  # a run killed after step 5, checkpoints every 5 steps
+        def interrupted(s):
+            if s == 7:
+                raise KeyboardInterrupt
+            return batches(s)
+        train_sft(part, interrupted, 12, 3e-3, tok.pad_id, warmup=3, log_every=0, ckpt_path=path, save_every=5)
+    assert load_checkpoint(path)[1]["step"] == 5
+    resumed = small_model()  # a fresh process: new model, state comes from the checkpoint
+    train_sft(resumed, batches, 12, 3e-3, tok.pad_id, warmup=3, log_every=0, ckpt_path=path, save_every=5, resume=True)
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert load_checkpoint(path)[1]["step"] == 12
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
+    tok = get_tokenizer()
+    path = str(tmp_path / "run.pt")
+    save_checkpoint(path, small_model(), step=3)
+    other = GPT(GPTConfig(vocab_size=tok.n_vocab, n_layer=2, n_head=2, n_embd=32, block_size=96))
+    with pytest.raises(CheckpointError, match="config"):
+        train_sft(other, lambda s: [], 5, 1e-3, tok.pad_id, ckpt_path=path, resume=True)
