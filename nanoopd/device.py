@@ -53,3 +53,12 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+def maybe_compile(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
+    """torch.compile(model) when asked (worth it on GPUs for long runs; slow to start on CPU)."""
+    if not enabled:
+        return model
+    if not hasattr(torch, "compile"):
+        raise ValueError("--compile needs PyTorch 2.0 or newer")
+    return torch.compile(model)
