@@ -1,0 +1,49 @@
+"""Bad input to the scripts: a clear message on stderr and a non-zero exit code, nothing else."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(*args, timeout=120):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--t_embd", "30"], "not divisible"),
+    (["--stages", "teacher,nonsense"], "unknown stage"),
+    (["--ops", "/"], "--ops"),
+    (["--digits", "0"], "--digits"),
+    (["--s_steps", "-1"], "--s_steps"),
+    (["--t_lr", "0"], "--t_lr"),
+    (["--preset", "tpu"], "invalid choice"),
+    (["--t_steps", "ten"], "invalid int"),
+])
+def test_train_math_rejects_bad_flags(argv, message, capsys):
+    import train_math
+    with pytest.raises(SystemExit) as e:
+        train_math.parse_args(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_train_math_missing_checkpoint_exits_1_with_a_message(tmp_path):
+    r = run("train_math.py", "--stages", "eval", "--out_dir", str(tmp_path))
+    assert r.returncode == 1
+    assert "no checkpoint" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_train_math_corrupt_checkpoint_exits_1_with_a_message(tmp_path):
+    (tmp_path / "teacher.pt").write_bytes(b"not a checkpoint at all")
+    r = run("train_math.py", "--stages", "eval", "--out_dir", str(tmp_path))
+    assert r.returncode == 1
+    assert "corrupt" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_train_toy_rejects_bad_flags():
+    r = run("train_toy.py", "--gammas", "0,1.5", "--quick")
+    assert r.returncode == 2 and "gamma" in r.stderr
