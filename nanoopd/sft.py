@@ -98,10 +98,13 @@ def train_sft(model, next_examples, steps: int, lr: float, pad_id: int, weight_d
         loss = loss_sum * world / n_global.clamp(min=1)  # DDP's gradient average undoes the * world
         global_loss = distributed.all_reduce_sum(loss_sum.detach()) / n_global.clamp(min=1)
         if not torch.isfinite(global_loss):
-            raise FloatingPointError(f"{desc}: non-finite loss at step {step}; lower the learning rate")
+            raise FloatingPointError(f"{desc}: non-finite loss at step {step}; lower the learning rate "
+                                     f"(the last checkpoint written, if any, is intact)")
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        if not torch.isfinite(grad_norm):
+            raise FloatingPointError(f"{desc}: non-finite gradient at step {step}; lower the learning rate")
         opt.step()
         losses.append(global_loss.item())
         ntok += int((y != -1).sum()) + int((x != pad_id).sum())

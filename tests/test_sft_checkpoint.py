@@ -115,3 +115,24 @@ def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
     other = GPT(GPTConfig(vocab_size=tok.n_vocab, n_layer=2, n_head=2, n_embd=32, block_size=96))
     with pytest.raises(CheckpointError, match="config"):
         train_sft(other, lambda s: [], 5, 1e-3, tok.pad_id, ckpt_path=path, resume=True)
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    import nanoopd.sft as sft
+    tok = get_tokenizer()
+    problems = sample_problems(16 * 8, "train", 4, digits=2)
+    batches = lambda s: [encode_example(tok, p) for p in problems[s * 16:(s + 1) * 16]]
+    real_loss, calls = sft.sft_loss, []
+
+    def loss_that_breaks(*a, **k):
+        calls.append(1)
+        out = real_loss(*a, **k)
+        return out * float("nan") if len(calls) == 6 else out  # step 5 goes bad
+    monkeypatch.setattr(sft, "sft_loss", loss_that_breaks)
+    path = str(tmp_path / "run.pt")
+    model = small_model()
+    with pytest.raises(FloatingPointError, match="step 5"):
+        train_sft(model, batches, 8, 3e-3, tok.pad_id, warmup=2, log_every=0, ckpt_path=path, save_every=2)
+    good, payload = load_checkpoint(path)
+    assert payload["step"] == 4
+    assert all(torch.isfinite(p).all() for p in good.parameters())
