@@ -1,15 +1,27 @@
 """
-train_math.py: synthetic math, from scratch to a teacher and a cold-start student.
+train_math.py: synthetic math, from scratch to a teacher, a cold-start student, and on-policy
+distillation (OPD) of the one into the other.
 
   stage `teacher`: SFT of a GPT on gold step-by-step traces                   -> <out_dir>/teacher.pt
   stage `student`: cold start, a short SFT of a smaller GPT on traces sampled
                    from the teacher (its "thinking pattern")                   -> <out_dir>/student.pt
   stage `eval`:    greedy and sampled accuracy of both on held-out problems    -> <out_dir>/summary.json
+  stage `opd`:     the student samples, the teacher scores every token, the
+                   student descends the chosen objective (--loss)             -> <out_dir>/opd_<name>.pt
+                   (+ opd_<name>.jsonl: one line per step; opd_<name>.json: the run's summary)
+  --compare (M1):  the objectives side by side from the same pair, 2 seeds    -> <out_dir>/m1/
+  --m2 (M2):       a student that emits <|fmt|>, which the teacher never saw,
+                   distilled with and without masking that token (and hiding
+                   it from the teacher's contexts)                            -> <out_dir>/m2/
 
 Commands
   CPU laptop (default preset, a few minutes on 2 cores):   python train_math.py
   one GPU (wider models, more steps):                      python train_math.py --preset gpu
   only evaluate existing checkpoints:                      python train_math.py --stages eval
+  OPD from the existing pair, renormalised top-K:          python train_math.py --stages opd --loss topk_renorm --k 16
+  sampled-token OPD, vOPD baseline, r_t clamped to 5:      python train_math.py --stages opd --baseline --clamp 5 --run_name vopd
+  M1, objectives side by side (trains the pair if missing): python train_math.py --compare
+  M2, special-token mismatch, masked vs not:               python train_math.py --m2
   every flag, explained:                                   python train_math.py --help
 
 Every run writes its checkpoints (weights + config + step, written atomically) and a summary.json
@@ -17,6 +29,8 @@ with accuracies and wall times to --out_dir; a later stage loads the checkpoints
 """
 
 import argparse
+import copy
+import csv
 import json
 import os
 import sys
@@ -29,6 +43,8 @@ from nanoopd.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from nanoopd.device import pick_device, seed_everything
 from nanoopd.evaluate import evaluate
 from nanoopd.model import GPT, GPTConfig
+from nanoopd.objectives import get_objective
+from nanoopd.opd import OPDConfig, check_objective, train_opd
 from nanoopd.rollout import generate
 from nanoopd.sft import encode_example, train_sft
 from nanoopd.tasks import sample_problems
@@ -54,19 +70,43 @@ class TrainConfig:
     t_layer: int = 4                 # teacher depth
     t_embd: int = 128                # teacher width
     t_head: int = 4                  # teacher heads
-    t_steps: int = 1500              # teacher SFT steps
+    t_steps: int = 2000              # teacher SFT steps
     t_lr: float = 3e-3               # teacher peak learning rate (warm-up, then cosine to 10 %)
     # student
     s_layer: int = 2                 # student depth
     s_embd: int = 64                 # student width
     s_head: int = 2                  # student heads
-    s_steps: int = 300               # cold-start SFT steps (0 = no cold start: random init)
+    s_steps: int = 800               # cold-start SFT steps (0 = no cold start: random init)
     s_lr: float = 3e-3               # student peak learning rate
     s_pool: int = 4096               # teacher traces sampled once for the student's cold start
     # shared
     batch_size: int = 64             # sequences per optimizer step
     eval_n: int = 500                # held-out problems per accuracy
     log_every: int = 100             # print a log line every this many SFT steps
+    # on-policy distillation (stage opd; --compare and --m2 use the optimisation/rollout fields)
+    loss: str = "sampled_token"      # objective: a name in nanoopd.objectives.OBJECTIVES
+    k: int | None = None             # top-K support size (None: the objective's default, 16)
+    support: str | None = None       # top-K support: teacher | student | intersection (None: teacher)
+    add_sampled: bool | None = None  # top-K: also put the sampled token in the support
+    gamma: float | None = None       # sequence_kl: discount of the return-to-go (None: 1)
+    mask_tokens: str = ""            # comma-separated token names (<|fmt|>) or ids left out of the loss
+    hide_from_teacher: str = ""      # comma-separated token names or ids removed from the teacher's contexts
+    clamp: float | None = None       # sampled_token: clip r_t to [-clamp, clamp] (None: no clip)
+    baseline: bool | None = None     # sampled_token: vOPD control variate KL(pi || q)(c_t)
+    opd_steps: int = 200             # OPD optimizer steps
+    opd_lr: float = 3e-4             # OPD AdamW peak learning rate
+    opd_warmup: int = 10             # OPD linear warm-up steps, then cosine decay to 10 % of opd_lr
+    opd_batch: int = 64              # rollouts per OPD step
+    temperature: float = 1.0         # rollout temperature (> 0)
+    top_p: float = 1.0               # rollout nucleus mass (1 = off)
+    top_k: int = 0                   # rollout top-k (0 = off)
+    opd_eval_every: int = 50         # held-out greedy accuracy (and a checkpoint) every N OPD steps
+    run_name: str = ""               # OPD outputs are opd_<run_name>.*; empty: the loss name
+    # experiments
+    compare: bool = False            # M1: the objectives side by side (instead of --stages)
+    m2: bool = False                 # M2: special-token mismatch, masked vs unmasked
+    seeds: str = "1,2"               # OPD seeds of --compare and --m2 (prompt order and sampling)
+    fmt_steps: int = 100             # M2: SFT steps teaching a copy of the student to open with <|fmt|>
 
 
 PRESETS = {
@@ -74,7 +114,10 @@ PRESETS = {
     "gpu": dict(t_layer=6, t_embd=256, t_head=8, t_steps=4000, s_layer=4, s_embd=128, s_head=4,
                 s_steps=800, batch_size=128, digits=4, ops="+-*", max_new_tokens=96, eval_n=2000),
 }
-STAGES = ("teacher", "student", "eval")
+STAGES = ("teacher", "student", "eval", "opd")
+# the flags that configure the single run of stage opd; --compare and --m2 fix their own
+OPD_RUN_FLAGS = ("stages", "loss", "k", "support", "add_sampled", "gamma", "mask_tokens", "hide_from_teacher",
+                 "clamp", "baseline", "run_name")
 
 # -----------------------------------------------------------------------------
 # command line
@@ -97,20 +140,60 @@ def parse_args(argv=None) -> TrainConfig:
     g.add_argument("--t_layer", type=int, help="teacher layers (default 4)")
     g.add_argument("--t_embd", type=int, help="teacher width (default 128)")
     g.add_argument("--t_head", type=int, help="teacher attention heads (default 4)")
-    g.add_argument("--t_steps", type=int, help="teacher SFT steps (default 1500)")
+    g.add_argument("--t_steps", type=int, help="teacher SFT steps (default 2000)")
     g.add_argument("--t_lr", type=float, help="teacher peak learning rate (default 3e-3)")
     g = p.add_argument_group("student")
     g.add_argument("--s_layer", type=int, help="student layers (default 2)")
     g.add_argument("--s_embd", type=int, help="student width (default 64)")
     g.add_argument("--s_head", type=int, help="student attention heads (default 2)")
-    g.add_argument("--s_steps", type=int, help="cold-start SFT steps on teacher traces; 0 = none (default 300)")
+    g.add_argument("--s_steps", type=int, help="cold-start SFT steps on teacher traces; 0 = none (default 800)")
     g.add_argument("--s_lr", type=float, help="student peak learning rate (default 3e-3)")
     g.add_argument("--s_pool", type=int, help="number of teacher traces sampled for the cold start (default 4096)")
     g = p.add_argument_group("optimisation and evaluation")
     g.add_argument("--batch_size", type=int, help="sequences per step (default 64)")
     g.add_argument("--eval_n", type=int, help="held-out problems per accuracy (default 500)")
     g.add_argument("--log_every", type=int, help="SFT log line every N steps (default 100)")
+    g = p.add_argument_group("on-policy distillation (stage opd)")
+    g.add_argument("--loss", help="objective: sampled_token | sequence_kl | full_reverse_kl | jsd | "
+                   "topk_unnormalized | topk_stopgrad | topk_renorm (default sampled_token)")
+    g.add_argument("--k", type=int, help="top-K objectives: support size (default 16)")
+    g.add_argument("--support", help="top-K objectives: whose top-K is the support: teacher | student | "
+                   "intersection (default teacher)")
+    g.add_argument("--add_sampled", action="store_true", default=None,
+                   help="top-K objectives: also put the sampled token in the support")
+    g.add_argument("--gamma", type=float, help="sequence_kl: discount in [0, 1] of the return-to-go (default 1)")
+    g.add_argument("--mask_tokens", help="comma-separated tokens left out of the loss, names or ids, "
+                   "e.g. '<|fmt|>' or '<|fmt|>,7' (default none)")
+    g.add_argument("--hide_from_teacher", help="comma-separated tokens (names or ids) removed from the "
+                   "teacher's contexts when it scores a rollout, e.g. '<|fmt|>' (default none)")
+    g.add_argument("--clamp", type=float, help="sampled_token: clip r_t to [-clamp, clamp] (default off)")
+    g.add_argument("--baseline", action="store_true", default=None,
+                   help="sampled_token: subtract the vOPD baseline KL(pi || q)(c_t) from r_t")
+    g.add_argument("--opd_steps", type=int, help="OPD optimizer steps (default 200)")
+    g.add_argument("--opd_lr", type=float, help="OPD AdamW peak learning rate (default 3e-4)")
+    g.add_argument("--opd_warmup", type=int, help="OPD linear warm-up steps, then cosine decay to 10 %% (default 10)")
+    g.add_argument("--opd_batch", type=int, help="student rollouts per OPD step (default 64)")
+    g.add_argument("--temperature", type=float, help="rollout temperature, > 0 (default 1)")
+    g.add_argument("--top_p", type=float, help="rollout nucleus mass in (0, 1], 1 = off (default 1)")
+    g.add_argument("--top_k", type=int, help="rollout top-k, 0 = off (default 0)")
+    g.add_argument("--opd_eval_every", type=int, help="held-out greedy accuracy and a checkpoint every N "
+                   "OPD steps, 0 = only at the start and the end (default 50)")
+    g.add_argument("--run_name", help="OPD outputs are <out_dir>/opd_<run_name>.{pt,jsonl,json} "
+                   "(default: the loss name)")
+    g = p.add_argument_group("experiments (instead of --stages; train the pair first if it is missing)")
+    g.add_argument("--compare", action="store_true", default=None,
+                   help="M1: every objective from the same teacher and student, one run per seed")
+    g.add_argument("--m2", action="store_true", default=None,
+                   help="M2: a student that emits <|fmt|>, distilled with and without masking it")
+    g.add_argument("--seeds", help="comma-separated OPD seeds of --compare and --m2 (default 1,2)")
+    g.add_argument("--fmt_steps", type=int, help="M2: SFT steps that teach a copy of the student to open "
+                   "every answer with <|fmt|> (default 100)")
     args = p.parse_args(argv)
+    if args.compare or args.m2:
+        fixed = [f"--{n}" for n in OPD_RUN_FLAGS if getattr(args, n) is not None]
+        if fixed:
+            p.error(f"{', '.join(fixed)}: these flags configure the single run of --stages opd; --compare and --m2 "
+                    f"run their own fixed list of objectives: drop them")
 
     cfg = TrainConfig(**PRESETS[args.preset])
     for f in fields(TrainConfig):
@@ -142,6 +225,72 @@ def validate(cfg: TrainConfig) -> None:
     for who in ("t", "s"):
         GPTConfig(n_layer=getattr(cfg, f"{who}_layer"), n_embd=getattr(cfg, f"{who}_embd"),
                   n_head=getattr(cfg, f"{who}_head"))  # raises a clear error on a bad shape
+    validate_opd(cfg)
+
+
+def validate_opd(cfg: TrainConfig) -> None:
+    for name in ("opd_steps", "opd_batch", "fmt_steps"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.opd_eval_every < 0:
+        raise ValueError(f"--opd_eval_every must be >= 0 (0 = start and end only), got {cfg.opd_eval_every}")
+    if cfg.opd_warmup < 0:
+        raise ValueError(f"--opd_warmup must be >= 0, got {cfg.opd_warmup}")
+    if not cfg.opd_lr > 0:
+        raise ValueError(f"--opd_lr must be > 0, got {cfg.opd_lr}")
+    if not cfg.temperature > 0:
+        raise ValueError(f"--temperature must be > 0: OPD trains on the student's samples, got {cfg.temperature}")
+    if not 0 < cfg.top_p <= 1:
+        raise ValueError(f"--top_p must lie in (0, 1] (1 = off), got {cfg.top_p}")
+    if cfg.top_k < 0:
+        raise ValueError(f"--top_k must be >= 0 (0 = off), got {cfg.top_k}")
+    if any(c in cfg.run_name for c in "/\\ ") or cfg.run_name.startswith("."):
+        raise ValueError(f"--run_name becomes a file name: no '/', '\\', spaces or leading '.', got {cfg.run_name!r}")
+    seeds(cfg)
+    tok = get_tokenizer()
+    options = objective_options(cfg, tok)
+    parse_token_list(cfg.hide_from_teacher, tok, "--hide_from_teacher")
+    try:
+        get_objective(cfg.loss)
+    except ValueError as e:
+        raise ValueError(f"--loss: {e}") from None
+    try:
+        check_objective(cfg.loss, options, tok.n_vocab)
+    except ValueError as e:
+        raise ValueError(f"--loss {cfg.loss}: {e}") from None
+
+
+def seeds(cfg: TrainConfig) -> list[int]:
+    try:
+        out = [int(s) for s in cfg.seeds.split(",") if s.strip()]
+    except ValueError:
+        out = []
+    if not out:
+        raise ValueError(f"--seeds must be comma-separated integers, e.g. 1,2; got {cfg.seeds!r}")
+    return out
+
+
+def parse_token_list(text: str, tok, flag: str = "--mask_tokens") -> list[int]:
+    """'<|fmt|>,7' -> [260, 7]: comma-separated special-token names or integer token ids."""
+    ids = []
+    for item in (x.strip() for x in text.split(",")):
+        if item in tok.special_ids:
+            ids.append(tok.special_ids[item])
+        elif item.isdigit() and int(item) < tok.n_vocab:
+            ids.append(int(item))
+        elif item:
+            raise ValueError(f"{flag}: {item!r} is neither a special token "
+                             f"({', '.join(tok.special_ids)}) nor a token id in [0, {tok.n_vocab})")
+    return ids
+
+
+def objective_options(cfg: TrainConfig, tok) -> dict:
+    """The objective options set by flags; the ones left unset keep the objective's defaults."""
+    opts = {n: getattr(cfg, n) for n in ("k", "support", "add_sampled", "gamma", "clamp", "baseline")
+            if getattr(cfg, n) is not None}
+    if cfg.mask_tokens:
+        opts["mask_tokens"] = parse_token_list(cfg.mask_tokens, tok)
+    return opts
 
 
 # -----------------------------------------------------------------------------
@@ -197,6 +346,231 @@ def load_role(cfg: TrainConfig, role: str, tok, device) -> GPT:
     return model
 
 
+def test_problems(cfg: TrainConfig) -> list:
+    """The held-out problems every accuracy of a run is measured on."""
+    return sample_problems(cfg.eval_n, "test", cfg.seed, cfg.digits, cfg.ops)
+
+
+def opd_config(cfg: TrainConfig, loss: str, options: dict, seed: int, track_tokens=(), hide_tokens=()) -> OPDConfig:
+    return OPDConfig(loss=loss, options=options, steps=cfg.opd_steps, lr=cfg.opd_lr, warmup=cfg.opd_warmup,
+                     batch_size=cfg.opd_batch, temperature=cfg.temperature, top_p=cfg.top_p,
+                     top_k=cfg.top_k, max_new_tokens=cfg.max_new_tokens, eval_every=cfg.opd_eval_every,
+                     seed=seed, digits=cfg.digits, ops=cfg.ops, track_tokens=tuple(track_tokens),
+                     hide_tokens=tuple(hide_tokens))
+
+
+def run_opd(cfg: TrainConfig, tok, teacher: GPT, student: GPT, log) -> dict:
+    """Stage opd: one OPD run of the student (in place) with the objective the flags chose."""
+    name = cfg.run_name or cfg.loss
+    options = objective_options(cfg, tok)
+    hide = parse_token_list(cfg.hide_from_teacher, tok, "--hide_from_teacher")
+    ocfg = opd_config(cfg, cfg.loss, options, cfg.seed, track_tokens=options.get("mask_tokens", hide), hide_tokens=hide)
+    s = train_opd(student, teacher, tok, ocfg, os.path.join(cfg.out_dir, f"opd_{name}"), test_problems(cfg),
+                  log, name)
+    log(f"opd {name}: held-out greedy accuracy {s['start_acc']:.1%} -> {s['final_acc']:.1%} | reverse KL "
+        f"{s['first_kl']:.3f} -> {s['final_kl']:.3f} | degraded: {s['degraded'] or 'no'}")
+    return {k: s[k] for k in ("start_acc", "final_acc", "first_kl", "final_kl", "final_response_length",
+                              "final_overlap_ratio", "degraded", "seconds")}
+
+
+# -----------------------------------------------------------------------------
+# experiments: M1 (objectives side by side) and M2 (special-token mismatch)
+
+# (label, objective, options); mask_tokens and hide_from_teacher (not an objective option: the
+# teacher's contexts) hold token names, resolved with the tokenizer
+M1_RUNS = (
+    ("sampled_token", "sampled_token", {}),
+    # every special token that never belongs in an answer (EOS does, so it stays in the loss)
+    ("sampled_token+mask", "sampled_token", {"mask_tokens": "<|bos|>,<|pad|>,<|pi|>,<|fmt|>"}),
+    ("full_reverse_kl", "full_reverse_kl", {}),
+    ("topk_unnormalized", "topk_unnormalized", {"k": 16}),
+    ("topk_stopgrad", "topk_stopgrad", {"k": 16}),
+    ("topk_renorm", "topk_renorm", {"k": 16}),
+    ("sequence_kl(gamma=1)", "sequence_kl", {"gamma": 1.0}),
+)
+M2_RUNS = (
+    ("sampled_token", "sampled_token", {}),
+    ("sampled_token+mask", "sampled_token", {"mask_tokens": "<|fmt|>"}),
+    ("sampled_token+mask+hide", "sampled_token", {"mask_tokens": "<|fmt|>", "hide_from_teacher": "<|fmt|>"}),
+    ("full_reverse_kl", "full_reverse_kl", {}),
+    ("full_reverse_kl+mask+hide", "full_reverse_kl", {"mask_tokens": "<|fmt|>", "hide_from_teacher": "<|fmt|>"}),
+)
+
+
+def ensure_pair(cfg: TrainConfig, tok, device, log) -> tuple[GPT, GPT]:
+    """The teacher and cold-start student of out_dir; the missing ones are trained first."""
+    have = lambda role: os.path.exists(os.path.join(cfg.out_dir, f"{role}.pt"))
+    if have("teacher"):
+        teacher = load_role(cfg, "teacher", tok, device)
+    else:
+        log("no teacher.pt in out_dir: training the teacher first")
+        teacher = train_teacher(cfg, tok, device, log)
+    if have("student"):
+        student = load_role(cfg, "student", tok, device)
+    else:
+        log("no student.pt in out_dir: training the cold-start student first")
+        student = train_student(cfg, tok, device, teacher, log)
+    return teacher, student
+
+
+def run_grid(cfg: TrainConfig, tok, teacher: GPT, student: GPT, runs, folder: str, log,
+             track_tokens=(), after=None) -> list[dict]:
+    """One OPD run per (seed, run), each from a fresh copy of `student`. A run that hits a
+    non-finite loss is kept (as degraded), not fatal. after(label, model) adds per-run numbers."""
+    test = test_problems(cfg)
+    start = evaluate(student, tok, test, 0.0, cfg.max_new_tokens)
+    rows = []
+    for seed in seeds(cfg):
+        for label, loss, options in runs:
+            options = dict(options)
+            if "mask_tokens" in options:
+                options["mask_tokens"] = parse_token_list(options["mask_tokens"], tok)
+            hide = parse_token_list(options.pop("hide_from_teacher", ""), tok, "--hide_from_teacher")
+            prefix = os.path.join(folder, "".join(c if c.isalnum() else "_" for c in label) + f"_s{seed}")
+            model = copy.deepcopy(student)
+            try:
+                s = train_opd(model, teacher, tok, opd_config(cfg, loss, options, seed, track_tokens, hide), prefix,
+                              test, log, f"{label} s{seed}", start_acc=start, print_every=10)
+            except FloatingPointError:
+                with open(prefix + ".json") as f:
+                    s = json.load(f)
+            rows.append({"label": label, "seed": seed, **s, **(after(label, model) if after else {})})
+    return rows
+
+
+def by_label(rows: list[dict]) -> dict[str, list[dict]]:
+    out = {}
+    for r in rows:
+        out.setdefault(r["label"], []).append(r)
+    return out
+
+
+def pct(values, none="-") -> str:
+    """'61.2% (60.4 62.0)': the mean and each seed's value, in percent."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return none
+    each = " ".join(f"{100 * v:.1f}" for v in values)
+    return f"{100 * sum(values) / len(values):.1f}% ({each})"
+
+
+def mean(values) -> float:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def write_results(folder: str, name: str, rows: list[dict], table: str, meta: dict, csv_keys) -> None:
+    """<folder>/<name>.txt (the printed table), .csv (one row per run) and .json (everything)."""
+    with open(os.path.join(folder, f"{name}.txt"), "w") as f:
+        f.write(table + "\n")
+    with open(os.path.join(folder, f"{name}.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=csv_keys, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    with open(os.path.join(folder, f"{name}.json"), "w") as f:
+        json.dump({**meta, "runs": [{k: v for k, v in r.items() if k != "config"} for r in rows]}, f, indent=2)
+
+
+def header(cfg: TrainConfig, what: str, teacher_acc: float, student_acc: float, seconds: float) -> str:
+    return (f"{what} | seeds {cfg.seeds} | {cfg.opd_steps} OPD steps x {cfg.opd_batch} rollouts | lr {cfg.opd_lr} | "
+            f"T={cfg.temperature} top_p={cfg.top_p} top_k={cfg.top_k} | held-out n={cfg.eval_n} | "
+            f"teacher {teacher_acc:.1%}, student at start {student_acc:.1%} (greedy) | wall {seconds / 60:.1f} min")
+
+
+def run_compare(cfg: TrainConfig, tok, device, log) -> dict:
+    """M1: every objective from the same teacher and cold-start student, one run per seed."""
+    t0 = time.time()
+    teacher, student = ensure_pair(cfg, tok, device, log)
+    folder = os.path.join(cfg.out_dir, "m1")
+    rows = run_grid(cfg, tok, teacher, student, M1_RUNS, folder, log)
+    teacher_acc = evaluate(teacher, tok, test_problems(cfg), 0.0, cfg.max_new_tokens)
+    lines = [header(cfg, "M1: objectives side by side", teacher_acc, rows[0]["start_acc"], time.time() - t0),
+             f"{'objective':21s} | {'held-out acc, mean (per seed)':29s} | {'rev. KL start -> end':20s} | "
+             f"{'length':6s} | {'overlap':7s} | {'max|r_t|':8s} | degraded"]
+    for label, rs in by_label(rows).items():
+        bad = [r["degraded"] for r in rs if r["degraded"]]
+        lines.append(f"{label:21s} | {pct(r['final_acc'] for r in rs):29s} | "
+                     f"{mean(r['first_kl'] for r in rs):8.3f} -> {mean(r.get('final_kl') for r in rs):7.3f} | "
+                     f"{mean(r.get('final_response_length') for r in rs):6.1f} | "
+                     f"{100 * mean(r.get('final_overlap_ratio') for r in rs):6.1f}% | "
+                     f"{mean(r.get('max_logratio_abs') for r in rs):8.1f} | "
+                     f"{len(bad)}/{len(rs)} {' '.join(sorted(set(bad)))}".rstrip())
+    lines.append("length, overlap (top-16, teacher vs student) and KL: means over the last 10 % of steps of the "
+                 "rollouts; degraded: non-finite, length (>= 50 % of rollouts hit the budget) or collapse "
+                 "(held-out accuracy > 10 points below the start)")
+    table = "\n".join(lines)
+    log(table)
+    write_results(folder, "m1", rows, table, {"teacher_acc": teacher_acc, "seconds": round(time.time() - t0, 1)},
+                  ["label", "seed", "start_acc", "final_acc", "first_kl", "final_kl", "final_response_length",
+                   "final_budget_share", "final_overlap_ratio", "final_overlap_mass_student", "max_logratio_abs",
+                   "final_grad_norm", "degraded", "error", "steps_done", "seconds"])
+    return {"m1_seconds": round(time.time() - t0, 1), "m1_teacher_acc": teacher_acc}
+
+
+def make_fmt_student(cfg: TrainConfig, tok, device, teacher: GPT, student: GPT, log) -> GPT:
+    """A copy of the student fine-tuned to open every answer with <|fmt|>, a token the teacher was
+    never trained on (so log q(<|fmt|> | c_t) is tens of nats below log pi)."""
+    pairs = [(prompt, [tok.fmt_id] + resp) for prompt, resp in teacher_traces(teacher, tok, cfg)]
+    model = copy.deepcopy(student)
+    g = torch.Generator().manual_seed(cfg.seed + 3)
+    batch = lambda s: [pairs[i] for i in torch.randint(len(pairs), (cfg.batch_size,), generator=g).tolist()]
+    train_sft(model, batch, cfg.fmt_steps, cfg.s_lr, tok.pad_id, warmup=10, log_every=cfg.log_every,
+              desc="fmt-student", log=log)
+    save_checkpoint(os.path.join(cfg.out_dir, "student_fmt.pt"), model, cfg.fmt_steps,
+                    extra={"role": "student_fmt", "train": asdict(cfg)})
+    return model
+
+
+def run_m2(cfg: TrainConfig, tok, device, log) -> dict:
+    """M2: OPD of a student that emits <|fmt|> (unknown to the teacher), with and without masking it."""
+    t0 = time.time()
+    teacher, student = ensure_pair(cfg, tok, device, log)
+    fmt_student = make_fmt_student(cfg, tok, device, teacher, student, log)
+    test = test_problems(cfg)
+    fmt_text = tok.decode([tok.fmt_id])
+
+    def fmt_rate(model) -> float:
+        _, texts = evaluate(model, tok, test, 0.0, cfg.max_new_tokens, return_texts=True)
+        return sum(t.startswith(fmt_text) for t in texts) / len(texts)
+
+    start_rate = fmt_rate(fmt_student)
+    folder = os.path.join(cfg.out_dir, "m2")
+    rows = run_grid(cfg, tok, teacher, fmt_student, M2_RUNS, folder, log, track_tokens=(tok.fmt_id,),
+                    after=lambda label, model: {"final_fmt_rate": fmt_rate(model)})
+    for r in rows:
+        first = r.get("first_step") or {}
+        r.update(step0_fmt_logratio=first.get("track_logratio_mean"), step0_fmt_share=first.get("track_share"),
+                 step0_grad_norm=first.get("grad_norm"), step0_other_kl=first.get("track_other_kl"))
+    teacher_acc = evaluate(teacher, tok, test, 0.0, cfg.max_new_tokens)
+    lines = [header(cfg, "M2: special-token mismatch (<|fmt|>)", teacher_acc, rows[0]["start_acc"], time.time() - t0),
+             f"the <|fmt|> student opens {start_rate:.1%} of its greedy answers with <|fmt|> before OPD",
+             f"{'run':25s} | {'r_t on <|fmt|>':14s} | {'its share':9s} | {'grad norm':9s} | {'KL elsewhere':14s} | "
+             f"{'held-out acc, mean (per seed)':29s} | {'<|fmt|> kept':20s} | degraded",
+             f"{'':25s} | {'step 0':14s} | {'step 0':9s} | {'step 0':9s} | {'step 0 -> end':14s} | "
+             f"{'end':29s} | {'end':20s} |"]
+    for label, rs in by_label(rows).items():
+        bad = [r["degraded"] for r in rs if r["degraded"]]
+        lines.append(f"{label:25s} | {mean(r['step0_fmt_logratio'] for r in rs):+14.1f} | "
+                     f"{100 * mean(r['step0_fmt_share'] for r in rs):8.1f}% | "
+                     f"{mean(r['step0_grad_norm'] for r in rs):9.2f} | "
+                     f"{mean(r['step0_other_kl'] for r in rs):5.2f} -> {mean(r.get('final_track_other_kl') for r in rs):5.2f} | "
+                     f"{pct(r['final_acc'] for r in rs):29s} | {pct(r['final_fmt_rate'] for r in rs):20s} | "
+                     f"{len(bad)}/{len(rs)} {' '.join(sorted(set(bad)))}".rstrip())
+    lines.append("r_t = log pi - log q on the sampled <|fmt|> tokens (mean) and its share of the batch's sum_t |r_t|; "
+                 "KL elsewhere: reverse KL at every other response position (step 0, and the last 10 % of steps); "
+                 "<|fmt|> kept: share of greedy held-out answers that still open with it; mask: <|fmt|> left out of "
+                 "the loss; hide: <|fmt|> removed from the teacher's contexts")
+    table = "\n".join(lines)
+    log(table)
+    write_results(folder, "m2", rows, table, {"teacher_acc": teacher_acc, "start_fmt_rate": start_rate,
+                                              "seconds": round(time.time() - t0, 1)},
+                  ["label", "seed", "start_acc", "final_acc", "step0_fmt_logratio", "step0_fmt_share",
+                   "step0_grad_norm", "step0_other_kl", "final_track_other_kl", "final_kl", "final_fmt_rate",
+                   "final_track_logratio_mean", "final_response_length", "max_logratio_abs", "degraded", "error",
+                   "steps_done", "seconds"])
+    return {"m2_seconds": round(time.time() - t0, 1)}
+
+
 # -----------------------------------------------------------------------------
 # main
 
@@ -219,6 +593,15 @@ def main(argv=None) -> dict:
 
     log(f"device {device} | torch {torch.__version__} | threads {torch.get_num_threads()} | config {json.dumps(asdict(cfg))}")
     models = {}
+    if cfg.compare or cfg.m2:
+        if cfg.compare:
+            summary.update(run_compare(cfg, tok, device, log))
+        if cfg.m2:
+            summary.update(run_m2(cfg, tok, device, log))
+        summary["device"], summary["config"] = str(device), asdict(cfg)
+        with open(summary_path, "w") as f:
+            json.dump(summary, f, indent=2)
+        return summary
     for stage in cfg.stages.split(","):
         t0 = time.time()
         if stage == "teacher":
@@ -227,13 +610,17 @@ def main(argv=None) -> dict:
             teacher = models.get("teacher") or load_role(cfg, "teacher", tok, device)
             models["student"] = train_student(cfg, tok, device, teacher, log)
         elif stage == "eval":
-            test = sample_problems(cfg.eval_n, "test", cfg.seed, cfg.digits, cfg.ops)
+            test = test_problems(cfg)
             for role in ("teacher", "student"):
                 model = models.get(role) or load_role(cfg, role, tok, device)
                 greedy = evaluate(model, tok, test, 0.0, cfg.max_new_tokens)
                 sampled = evaluate(model, tok, test, 1.0, cfg.max_new_tokens, seed=cfg.seed)
                 summary[f"{role}_acc_greedy"], summary[f"{role}_acc_sampled"] = greedy, sampled
                 log(f"eval {role}: held-out accuracy greedy {greedy:.1%} | sampled (T=1) {sampled:.1%} | n={len(test)}")
+        elif stage == "opd":
+            teacher = models.get("teacher") or load_role(cfg, "teacher", tok, device)
+            student = copy.deepcopy(models["student"]) if "student" in models else load_role(cfg, "student", tok, device)
+            summary[f"opd_{cfg.run_name or cfg.loss}"] = run_opd(cfg, tok, teacher, student, log)
         summary[f"{stage}_seconds"] = round(time.time() - t0, 1)
         log(f"stage {stage} done in {summary[f'{stage}_seconds']:.1f}s")
     summary["device"], summary["config"] = str(device), asdict(cfg)

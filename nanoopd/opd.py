@@ -12,6 +12,8 @@ r_t = log pi(y_t|c_t) - log q(y_t|c_t). One step:
     4. loss, stats = OBJECTIVES[name](pi logits, q logits, y, mask, **options)
                      (DESIGN.md section 3; mask = the response mask, EOS included)
     5. theta <- AdamW(theta, g / max(1, ||g|| / clip)),   g = grad loss
+       (learning rate: linear warm-up, then cosine to 10 %; without the warm-up Adam's first,
+       sign-like steps move every weight by the full lr and can undo a cold-started student)
 
 A non-finite loss or gradient norm stops the run with a FloatingPointError that names the step,
 before the optimizer touches the weights; the checkpoint on disk is the last one written at an
@@ -35,6 +37,7 @@ Every step appends one JSON object to <run>.jsonl. Its keys:
   track_logratio_mean, track_share, track_rows   r_t on the `track_tokens` (e.g. a format
                        token): mean r_t there, their share of sum_t |r_t|, share of responses
                        containing one (0 when none is tracked or none was sampled)
+  track_other_kl       mean reverse KL at the response positions whose token is not tracked
   t_rollout, t_teacher, t_student   seconds in sampling, teacher scoring, student fwd+bwd+step
   eval_acc             held-out greedy accuracy (only on steps where it was evaluated)
 plus the objective's own extra stats (e.g. support_mass_student for the top-K forms).
@@ -52,9 +55,10 @@ from nanoopd.device import autocast, synchronize
 from nanoopd.evaluate import evaluate
 from nanoopd.metrics import masked_mean, opd_diagnostics, sampled_logratio
 from nanoopd.model import GPT
+from nanoopd.sequence_kl import token_kl
 from nanoopd.objectives import get_objective
 from nanoopd.rollout import Rollout, check_sampling_args, generate, response_logits
-from nanoopd.sft import encode_example
+from nanoopd.sft import encode_example, lr_at
 from nanoopd.tasks import Problem, sample_problems, verify
 from nanoopd.tokenizer import Tokenizer
 
@@ -67,7 +71,8 @@ class OPDConfig:
     loss: str = "sampled_token"      # objective name in objectives.OBJECTIVES
     options: dict = field(default_factory=dict)  # its options (k, support, gamma, clamp, mask_tokens, ...)
     steps: int = 100                 # optimizer steps
-    lr: float = 1e-3                 # AdamW learning rate (constant)
+    lr: float = 1e-4                 # AdamW peak learning rate
+    warmup: int = 10                 # linear warm-up steps, then cosine decay to 10 % of lr
     batch_size: int = 64             # prompts (rollouts) per step
     temperature: float = 1.0         # rollout temperature (> 0: OPD needs samples)
     top_p: float = 1.0               # rollout nucleus mass (1 = off)
@@ -79,6 +84,7 @@ class OPDConfig:
     digits: int = 3                  # training prompts: operands of 1..digits digits
     ops: str = "+-"                  # training prompts: operators
     track_tokens: tuple = ()         # token ids whose log-ratios are reported on their own
+    hide_tokens: tuple = ()          # token ids the teacher never sees in its contexts (teacher_scores)
     diag_k: int = 16                 # k of the overlap diagnostics
 
     def __post_init__(self):
@@ -89,8 +95,8 @@ class OPDConfig:
         for name in ("steps", "batch_size", "diag_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"OPD {name} must be >= 1, got {getattr(self, name)}")
-        if self.eval_every < 0:
-            raise ValueError(f"OPD eval_every must be >= 0, got {self.eval_every}")
+        if self.eval_every < 0 or self.warmup < 0:
+            raise ValueError(f"OPD eval_every and warmup must be >= 0, got {self.eval_every}, {self.warmup}")
         if not self.lr > 0 or not self.grad_clip > 0:
             raise ValueError(f"OPD lr and grad_clip must be > 0, got {self.lr} and {self.grad_clip}")
 
@@ -122,20 +128,43 @@ def rollout_rewards(tok: Tokenizer, rollout: Rollout, problems: list[Problem]) -
 def tracked_stats(student_logits: torch.Tensor, teacher_logits: torch.Tensor, rollout: Rollout,
                   track_tokens) -> dict[str, float]:
     """r_t on the tracked token ids: mean r_t there, their share of sum_t |r_t| over the response,
-    and the share of responses that contain one."""
+    the share of responses that contain one, and the reverse KL at the other response positions."""
     mask = rollout.response_mask  # (B, N)
     tokens = rollout.response.masked_fill(~mask, 0)  # (B, N)
     ids = torch.as_tensor(list(track_tokens), dtype=tokens.dtype, device=tokens.device)
     on = torch.isin(tokens, ids) & mask  # (B, N)
-    if not on.any():
-        return {"track_logratio_mean": 0.0, "track_share": 0.0, "track_rows": 0.0}
-    r = sampled_logratio(torch.log_softmax(student_logits.float(), -1),
-                         torch.log_softmax(teacher_logits.float(), -1), tokens)  # (B, N)
+    logp = torch.log_softmax(student_logits.float(), -1)  # (B, N, V)
+    logq = torch.log_softmax(teacher_logits.float(), -1)  # (B, N, V)
+    r = sampled_logratio(logp, logq, tokens)  # (B, N)
     return {
         "track_logratio_mean": masked_mean(r, on),
         "track_share": (r.abs() * on).sum().item() / max((r.abs() * mask).sum().item(), 1e-12),
         "track_rows": on.any(1).float().mean().item(),
+        "track_other_kl": masked_mean(token_kl(logp, logq), mask & ~on),
     }
+
+
+def teacher_scores(teacher: GPT, rollout: Rollout, hide_tokens=()) -> torch.Tensor:
+    """Teacher logits (B, N, V) at the positions that predict each response token.
+
+    With hide_tokens, every response token of those ids is removed from the teacher's contexts:
+    the teacher scores y_t under c_t minus the hidden tokens, q(y_t | x, y_<t without them). The
+    hidden tokens are marked not-valid, so no query attends to them and position ids skip them
+    (model.py), and the prediction of the token after a hidden one is read at the last visible
+    position before it. Without hidden tokens this is response_logits(teacher, rollout).
+    """
+    if not hide_tokens:
+        return response_logits(teacher, rollout)  # (B, N, V)
+    P = rollout.prompt_len
+    tokens, valid = rollout.tokens[:, :-1], rollout.valid[:, :-1]  # (B, L) each, L = P+N-1
+    B, L = tokens.shape
+    ids = torch.as_tensor(list(hide_tokens), dtype=tokens.dtype, device=tokens.device)
+    position = torch.arange(L, device=tokens.device).expand(B, L)  # (B, L)
+    visible = valid & ~(torch.isin(tokens, ids) & (position >= P))  # (B, L) prompts are never hidden
+    logits = teacher(tokens, visible)  # (B, L, V)
+    last_visible = position.masked_fill(~visible, -1).cummax(1).values.clamp(min=0)  # (B, L)
+    logits = logits.gather(1, last_visible.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))  # (B, L, V)
+    return logits[:, P - 1:]  # (B, N, V)
 
 
 def opd_step(student: GPT, teacher: GPT, optimizer: torch.optim.Optimizer, tok: Tokenizer,
@@ -153,7 +182,7 @@ def opd_step(student: GPT, teacher: GPT, optimizer: torch.optim.Optimizer, tok: 
     synchronize(device)
     t1 = time.perf_counter()
     with torch.no_grad(), autocast(device):
-        teacher_logits = response_logits(teacher, ro).float()  # (B, N, V)
+        teacher_logits = teacher_scores(teacher, ro, cfg.hide_tokens).float()  # (B, N, V)
     synchronize(device)
     t2 = time.perf_counter()
     student.train()
@@ -188,7 +217,7 @@ def opd_step(student: GPT, teacher: GPT, optimizer: torch.optim.Optimizer, tok: 
         "budget_share": hit_budget.float().mean().item(), "grad_norm": gnorm,
         "n_loss_tokens": stats["n_tokens"],
         **(tracked_stats(student_logits, teacher_logits, ro, cfg.track_tokens) if cfg.track_tokens
-           else {"track_logratio_mean": 0.0, "track_share": 0.0, "track_rows": 0.0}),
+           else {"track_logratio_mean": 0.0, "track_share": 0.0, "track_rows": 0.0, "track_other_kl": diag["kl"]}),
         "t_rollout": t1 - t0, "t_teacher": t2 - t1, "t_student": t3 - t2,
         **{k: v for k, v in stats.items() if k not in _COMMON_STATS},
     }
@@ -267,6 +296,8 @@ def train_opd(student: GPT, teacher: GPT, tok: Tokenizer, cfg: OPDConfig, run_pr
     with open(jsonl_path, "w") as f:
         for step in range(cfg.steps):
             batch = problems[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
             try:
                 rec = opd_step(student, teacher, optimizer, tok, batch, cfg, generator, step)
             except FloatingPointError as e:
@@ -290,7 +321,7 @@ def train_opd(student: GPT, teacher: GPT, tok: Tokenizer, cfg: OPDConfig, run_pr
                    final_acc=summary["evals"][-1][1] if len(summary["evals"]) > 1 else None)
     if records:
         for key in ("kl", "response_length", "overlap_ratio", "overlap_mass_student", "budget_share",
-                    "grad_norm", "logratio_max_abs", "track_logratio_mean", "track_rows"):
+                    "grad_norm", "logratio_max_abs", "track_logratio_mean", "track_rows", "track_other_kl"):
             summary[f"final_{key}"] = tail_mean(records, key)
         summary["final_rollout_acc"] = tail_mean(records, "acc")  # final_acc is the held-out one
         summary["first_kl"], summary["first_budget_share"] = records[0]["kl"], records[0]["budget_share"]
