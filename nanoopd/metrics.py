@@ -129,19 +129,20 @@ def _response_ids(row: list[int], keep: list[bool], eos_id: int) -> list[int]:
 
 
 @torch.no_grad()
-def student_prefixes(student, tok, problems: list[Problem], frac: float, max_new_tokens: int,
+def student_prefixes(student, tok, problems: list[Problem], frac: float | list[float], max_new_tokens: int,
                      generator: torch.Generator | None = None,
                      temperature: float = 1.0) -> tuple[list[list[int]], list[str]]:
     """Sample one response y per problem from the student and cut it after floor(frac * |y|)
-    tokens (|y| without <|eos|>). Returns the contexts [bos] x y_<cut (token ids) and the cut
-    prefixes as text."""
+    tokens (|y| without <|eos|>; frac: one for all, or one per problem). Returns the contexts
+    [bos] x y_<cut (token ids) and the cut prefixes as text."""
     prompts = [encode_example(tok, p)[0] for p in problems]
+    fracs = frac if isinstance(frac, (list, tuple)) else [frac] * len(problems)
     ro = generate(student, prompts, max_new_tokens, tok.eos_id, tok.pad_id, temperature=temperature,
                   generator=generator)
     contexts, done = [], []
-    for prompt, row, keep in zip(prompts, ro.response.tolist(), ro.response_mask.tolist()):
+    for prompt, f, row, keep in zip(prompts, fracs, ro.response.tolist(), ro.response_mask.tolist()):
         ids = _response_ids(row, keep, tok.eos_id)
-        cut = ids[:int(frac * len(ids))]
+        cut = ids[:int(f * len(ids))]
         contexts.append(prompt + cut)
         done.append(tok.decode(cut))
     return contexts, done

@@ -11,8 +11,9 @@ so grad L is the REINFORCE estimator of -grad E[R] with the group mean as a base
 per response token. A group whose rewards are all equal carries no signal: its advantages are
 exactly 0 (numerator 0, denominator eps > 0), never NaN; a step in which every group is like
 that is skipped. Used here to adapt a teacher on the student's kind of prefixes (DESIGN.md
-section 5): with `cut` > 0 the contexts are the student's own sampled responses cut at that
-fraction of their length, and the reward judges the cut prefix plus the continuation.
+section 5): with `cut` > 0 the contexts are the student's own sampled responses cut at a random
+fraction (uniform in [0, cut]) of their length, and the reward judges the cut prefix plus the
+continuation.
 """
 
 import json
@@ -40,7 +41,8 @@ class RLVRConfig:
     max_new_tokens: int = 64         # response budget per sample
     grad_clip: float = 1.0           # clip the total gradient norm to this
     eps: float = 1e-6                # advantage denominator std + eps
-    cut: float = 0.0                 # 0: contexts are prompts; in (0, 1): student prefixes cut here
+    cut: float = 0.0                 # 0: contexts are prompts; in (0, 1): student samples cut at a
+                                     # fraction drawn uniformly from [0, cut], one per context
     seed: int = 0                    # seeds the problems and the samplers
     digits: int = 3                  # training problems: operands of 1..digits digits
     ops: str = "+-"                  # training problems: operators
@@ -119,8 +121,8 @@ def math_reward(tok: Tokenizer, problems: list[Problem], done: list[str]) -> Cal
 def train_rlvr(model: GPT, tok: Tokenizer, cfg: RLVRConfig, student: GPT | None = None, log=print,
                jsonl_path: str | None = None, name: str = "rlvr") -> list[dict]:
     """cfg.steps RLVR steps on `model` (in place) with the math verifier as reward. With cfg.cut > 0
-    each step's contexts are `student`'s sampled responses cut at that fraction (the student's kind
-    of prefixes). Returns the per-step records (also written to jsonl_path when given)."""
+    each step's contexts are `student`'s sampled responses cut at fractions uniform in [0, cut]
+    (the student's kind of prefixes). Returns the per-step records (also written to jsonl_path when given)."""
     if cfg.cut > 0 and student is None:
         raise ValueError("RLVR from student prefixes (cut > 0) needs the student model")
     device = next(model.parameters()).device
@@ -133,7 +135,8 @@ def train_rlvr(model: GPT, tok: Tokenizer, cfg: RLVRConfig, student: GPT | None 
         for step in range(cfg.steps):
             batch = problems[step * cfg.prompts:(step + 1) * cfg.prompts]
             if cfg.cut > 0:
-                contexts, done = student_prefixes(student, tok, batch, cfg.cut, cfg.max_new_tokens, gen)
+                fracs = (torch.rand(len(batch), generator=gen, device=device) * cfg.cut).tolist()
+                contexts, done = student_prefixes(student, tok, batch, fracs, cfg.max_new_tokens, gen)
             else:
                 contexts, done = [encode_example(tok, p)[0] for p in batch], [""] * len(batch)
             rec = {"step": step, **rlvr_step(model, optimizer, contexts, math_reward(tok, batch, done), cfg,

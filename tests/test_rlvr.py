@@ -1,6 +1,7 @@
 """RLVR: group-normalised advantages, zero advantage for a zero-variance group, a finite loss, and
 a few steps that raise the reward on an easy task; teacher-continuation accuracy."""
 
+import json
 import math
 
 import pytest
@@ -8,7 +9,8 @@ import torch
 
 from nanoopd.metrics import student_prefixes, teacher_continuation
 from nanoopd.model import GPT, GPTConfig
-from nanoopd.rlvr import RLVRConfig, group_advantages, math_reward, policy_gradient_loss, rlvr_step
+from nanoopd.rlvr import (RLVRConfig, group_advantages, math_reward, policy_gradient_loss, rlvr_step,
+                          train_rlvr)
 from nanoopd.rollout import generate
 from nanoopd.sft import encode_example
 from nanoopd.tasks import sample_problems
@@ -131,3 +133,14 @@ def test_teacher_continuing_its_own_greedy_prefix_rewrites_the_same_answer(monke
         assert out["continuation_acc"] == out["teacher_acc"] == out["student_acc"] == 0.0
     with pytest.raises(ValueError, match="frac"):
         teacher_continuation(model, model, TOK, problems, frac=1.5)
+
+
+def test_train_rlvr_from_student_prefixes_logs_every_step(tmp_path):
+    cfg = RLVRConfig(steps=2, prompts=3, group=2, max_new_tokens=6, cut=0.5, digits=1)
+    path = tmp_path / "rlvr.jsonl"
+    records = train_rlvr(tiny_lm(0), TOK, cfg, student=tiny_lm(1), log=lambda _: None, jsonl_path=str(path))
+    assert [r["step"] for r in records] == [0, 1]
+    assert [json.loads(line) for line in path.read_text().splitlines()] == records
+    assert all(math.isfinite(r["loss"]) and 0 <= r["reward"] <= 1 for r in records)
+    with pytest.raises(ValueError, match="student"):
+        train_rlvr(tiny_lm(0), TOK, cfg)
