@@ -83,6 +83,8 @@ class TrainConfig:
     batch_size: int = 64             # sequences per optimizer step
     eval_n: int = 500                # held-out problems per accuracy
     log_every: int = 100             # print a log line every this many SFT steps
+    save_every: int = 250            # SFT: write the stage's checkpoint (with optimizer state) every N steps
+    resume: bool = False             # SFT: continue teacher/student from their checkpoints' step
     # on-policy distillation (stage opd; --compare and --m2 use the optimisation/rollout fields)
     loss: str = "sampled_token"      # objective: a name in nanoopd.objectives.OBJECTIVES
     k: int | None = None             # top-K support size (None: the objective's default, 16)
@@ -153,6 +155,10 @@ def parse_args(argv=None) -> TrainConfig:
     g.add_argument("--batch_size", type=int, help="sequences per step (default 64)")
     g.add_argument("--eval_n", type=int, help="held-out problems per accuracy (default 500)")
     g.add_argument("--log_every", type=int, help="SFT log line every N steps (default 100)")
+    g.add_argument("--save_every", type=int, help="SFT: checkpoint (weights + optimizer + step) every N steps (default 250)")
+    g.add_argument("--resume", action="store_true", default=None,
+                   help="SFT stages continue from <out_dir>/teacher.pt / student.pt at their saved step "
+                        "(a finished stage is not retrained)")
     g = p.add_argument_group("on-policy distillation (stage opd)")
     g.add_argument("--loss", help="objective: sampled_token | sequence_kl | full_reverse_kl | jsd | "
                    "topk_unnormalized | topk_stopgrad | topk_renorm (default sampled_token)")
@@ -215,8 +221,9 @@ def validate(cfg: TrainConfig) -> None:
     for name in ("digits", "max_new_tokens", "t_steps", "batch_size", "eval_n", "s_pool"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.s_steps < 0:
-        raise ValueError(f"--s_steps must be >= 0, got {cfg.s_steps}")
+    for name in ("s_steps", "save_every"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
     if not cfg.ops or any(o not in "+-*" for o in cfg.ops):
         raise ValueError(f"--ops must be a non-empty subset of '+-*', got {cfg.ops!r}")
     for name in ("t_lr", "s_lr"):
@@ -304,8 +311,9 @@ def train_teacher(cfg: TrainConfig, tok, device, log) -> GPT:
     log(f"teacher: {model.num_params():,} parameters, {cfg.t_steps} SFT steps on gold traces")
     problems = sample_problems(cfg.t_steps * cfg.batch_size, "train", cfg.seed, cfg.digits, cfg.ops)
     batch = lambda s: [encode_example(tok, p) for p in problems[s * cfg.batch_size:(s + 1) * cfg.batch_size]]
-    train_sft(model, batch, cfg.t_steps, cfg.t_lr, tok.pad_id, log_every=cfg.log_every, desc="teacher", log=log)
-    save_checkpoint(os.path.join(cfg.out_dir, "teacher.pt"), model, cfg.t_steps, extra={"role": "teacher", "train": asdict(cfg)})
+    path, extra = os.path.join(cfg.out_dir, "teacher.pt"), {"role": "teacher", "train": asdict(cfg)}
+    train_sft(model, batch, cfg.t_steps, cfg.t_lr, tok.pad_id, log_every=cfg.log_every, desc="teacher", log=log,
+              ckpt_path=path, save_every=cfg.save_every, resume=cfg.resume, extra=extra)
     return model
 
 
@@ -334,9 +342,14 @@ def train_student(cfg: TrainConfig, tok, device, teacher: GPT, log) -> GPT:
         pairs = teacher_traces(teacher, tok, cfg)
         log(f"student: {len(pairs)} teacher traces in the cold-start pool")
         g = torch.Generator().manual_seed(cfg.seed + 2)
-        batch = lambda s: [pairs[i] for i in torch.randint(len(pairs), (cfg.batch_size,), generator=g).tolist()]
-        train_sft(model, batch, cfg.s_steps, cfg.s_lr, tok.pad_id, log_every=cfg.log_every, desc="student", log=log)
-    save_checkpoint(os.path.join(cfg.out_dir, "student.pt"), model, cfg.s_steps, extra={"role": "student", "train": asdict(cfg)})
+        order = torch.randint(len(pairs), (cfg.s_steps, cfg.batch_size), generator=g)  # (steps, B): batches by step
+        batch = lambda s: [pairs[i] for i in order[s].tolist()]
+    path, extra = os.path.join(cfg.out_dir, "student.pt"), {"role": "student", "train": asdict(cfg)}
+    if cfg.s_steps > 0:
+        train_sft(model, batch, cfg.s_steps, cfg.s_lr, tok.pad_id, log_every=cfg.log_every, desc="student", log=log,
+                  ckpt_path=path, save_every=cfg.save_every, resume=cfg.resume, extra=extra)
+    else:
+        save_checkpoint(path, model, 0, extra=extra)
     return model
 
 

@@ -47,3 +47,15 @@ def test_train_math_corrupt_checkpoint_exits_1_with_a_message(tmp_path):
 def test_train_toy_rejects_bad_flags():
     r = run("train_toy.py", "--gammas", "0,1.5", "--quick")
     assert r.returncode == 2 and "gamma" in r.stderr
+
+
+def test_train_math_resume_continues_an_sft_stage_from_its_checkpoint(tmp_path):
+    tiny = ["--stages", "teacher", "--out_dir", str(tmp_path), "--t_layer", "1", "--t_embd", "16", "--t_head", "2",
+            "--batch_size", "4", "--digits", "1", "--log_every", "0", "--threads", "1"]
+    first = run("train_math.py", *tiny, "--t_steps", "6", "--save_every", "3")
+    assert first.returncode == 0, first.stderr
+    second = run("train_math.py", *tiny, "--t_steps", "9", "--save_every", "3", "--resume")
+    assert second.returncode == 0, second.stderr
+    assert "resuming from" in second.stdout and "at step 6/9" in second.stdout
+    import torch
+    assert torch.load(tmp_path / "teacher.pt", weights_only=False)["step"] == 9
