@@ -169,9 +169,12 @@ def teacher_scores(teacher: GPT, rollout: Rollout, hide_tokens=()) -> torch.Tens
 
 def opd_step(student: GPT, teacher: GPT, optimizer: torch.optim.Optimizer, tok: Tokenizer,
              problems: list[Problem], cfg: OPDConfig, generator: torch.Generator,
-             step: int) -> dict:
+             step: int, teacher_score=None) -> dict:
     """One on-policy distillation step on `problems` (one rollout each). Returns the step record
-    (the JSONL keys of the module docstring, without eval_acc). The teacher must be frozen."""
+    (the JSONL keys of the module docstring, without eval_acc). The teacher must be frozen (or be
+    the student itself, scored without gradient). teacher_score(teacher, rollout, problems) ->
+    logits (B, N, V), if given, replaces the plain scoring, e.g. to give the teacher a different
+    context for the same response tokens (self_distill.PrivilegedTeacher)."""
     device = next(student.parameters()).device
     objective = get_objective(cfg.loss)
     t0 = time.perf_counter()
@@ -182,7 +185,10 @@ def opd_step(student: GPT, teacher: GPT, optimizer: torch.optim.Optimizer, tok: 
     synchronize(device)
     t1 = time.perf_counter()
     with torch.no_grad(), autocast(device):
-        teacher_logits = teacher_scores(teacher, ro, cfg.hide_tokens).float()  # (B, N, V)
+        if teacher_score is None:
+            teacher_logits = teacher_scores(teacher, ro, cfg.hide_tokens).float()  # (B, N, V)
+        else:
+            teacher_logits = teacher_score(teacher, ro, problems).float()  # (B, N, V)
     synchronize(device)
     t2 = time.perf_counter()
     student.train()
@@ -259,8 +265,11 @@ def degradation(summary: dict, budget_share_limit: float = 0.5, collapse_drop: f
 
 def train_opd(student: GPT, teacher: GPT, tok: Tokenizer, cfg: OPDConfig, run_prefix: str,
               eval_problems: list[Problem], log=print, name: str | None = None,
-              start_acc: float | None = None, print_every: int = 1) -> dict:
+              start_acc: float | None = None, print_every: int = 1, teacher_score=None) -> dict:
     """Distil `teacher` into `student` (in place) for cfg.steps steps.
+
+    teacher may be `student` itself (self-distillation with live weights: it scores without
+    gradient and is not frozen); teacher_score is passed on to opd_step.
 
     Writes <run_prefix>.jsonl (one record per step), <run_prefix>.pt (student checkpoint, at every
     evaluation and at the end) and <run_prefix>.json (the summary, also returned). Held-out greedy
@@ -277,7 +286,8 @@ def train_opd(student: GPT, teacher: GPT, tok: Tokenizer, cfg: OPDConfig, run_pr
                          f"{tok.n_vocab}: retrain them with this tokenizer")
     name = name or cfg.loss
     device = next(student.parameters()).device
-    freeze(teacher)
+    if teacher is not student:
+        freeze(teacher)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.0)
     problems = sample_problems(cfg.steps * cfg.batch_size, "train", cfg.seed, cfg.digits, cfg.ops)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -299,7 +309,7 @@ def train_opd(student: GPT, teacher: GPT, tok: Tokenizer, cfg: OPDConfig, run_pr
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
             try:
-                rec = opd_step(student, teacher, optimizer, tok, batch, cfg, generator, step)
+                rec = opd_step(student, teacher, optimizer, tok, batch, cfg, generator, step, teacher_score)
             except FloatingPointError as e:
                 summary["error"] = str(e)
                 log(f"opd {name}: stopped: {e}; last good checkpoint: {summary['last_good_checkpoint']}")

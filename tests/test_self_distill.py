@@ -106,3 +106,49 @@ def test_sft_mixture_examples():
         mixture_kinds(3, {"hint": 1.0}, torch.Generator())
     with pytest.raises(ValueError, match="privileged"):
         pi_text(p, "hint")
+
+
+def opsd_config(**kw):
+    from nanoopd.opd import OPDConfig
+    base = dict(loss="full_reverse_kl", steps=2, batch_size=4, max_new_tokens=10, digits=1, eval_every=0,
+                seed=0, lr=1e-2, warmup=0)
+    return OPDConfig(**{**base, **kw})
+
+
+def rows_contain(idx: torch.Tensor, pattern: list[int]) -> list[bool]:
+    n = len(pattern)
+    return [any(row[i:i + n] == pattern for i in range(len(row) - n + 1)) for row in idx.tolist()]
+
+
+def test_an_opsd_run_shows_pi_to_the_teacher_only_and_never_moves_the_frozen_teacher(tmp_path):
+    from nanoopd.opd import train_opd
+    student = tiny(1)
+    teacher = self_teacher(student)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    seen = {"student": [], "teacher": []}
+    student.register_forward_pre_hook(lambda m, args: seen["student"].append(args))
+    teacher.register_forward_pre_hook(lambda m, args: seen["teacher"].append(args))
+    problems = sample_problems(3, "test", 0, digits=1)
+    train_opd(student, teacher, TOK, opsd_config(), str(tmp_path / "opsd"), problems, log=lambda _: None,
+              start_acc=0.0, teacher_score=PrivilegedTeacher(TOK, "rule"))
+    rule = TOK.encode(RULE)
+    # the teacher scored every rollout, each behind the rule; the student never saw it
+    assert seen["teacher"] and all(all(rows_contain(a[0], rule)) for a in seen["teacher"])
+    assert all(not any(rows_contain(a[0], rule)) for a in seen["student"])
+    prompts = [a for a in seen["student"] if len(a) == 3 and a[2] is not None and a[0].shape[1] > 1]
+    assert prompts and all(not (a[0] == TOK.pi_id).any() for a in prompts)  # the rollout prompts
+    assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())  # bit-identical
+    assert not all(torch.equal(v, teacher.state_dict()[k]) for k, v in student.state_dict().items())
+    assert all(p.requires_grad for p in student.parameters()) and all(p.grad is None for p in teacher.parameters())
+
+
+def test_opsd_with_live_weights_trains_the_student_without_freezing_it(tmp_path):
+    from nanoopd.opd import train_opd
+    student = tiny(1)
+    start = {k: v.clone() for k, v in student.state_dict().items()}
+    s = train_opd(student, self_teacher(student, live=True), TOK, opsd_config(), str(tmp_path / "live"),
+                  sample_problems(3, "test", 0, digits=1), log=lambda _: None, start_acc=0.0,
+                  teacher_score=PrivilegedTeacher(TOK, "answer"))
+    assert s["steps_done"] == 2 and s["first_kl"] > 0
+    assert all(p.requires_grad for p in student.parameters())
+    assert not all(torch.equal(v, start[k]) for k, v in student.state_dict().items())
