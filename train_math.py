@@ -17,6 +17,8 @@ distillation (OPD) of the one into the other.
 Commands
   CPU laptop (default preset, a few minutes on 2 cores):   python train_math.py
   one GPU (wider models, more steps):                      python train_math.py --preset gpu
+  several GPUs (SFT stages data-parallel, DDP):            torchrun --nproc_per_node=4 train_math.py --preset gpu --stages teacher,student,eval
+  resume SFT stages after an interruption:                 python train_math.py --resume
   only evaluate existing checkpoints:                      python train_math.py --stages eval
   OPD from the existing pair, renormalised top-K:          python train_math.py --stages opd --loss topk_renorm --k 16
   sampled-token OPD, vOPD baseline, r_t clamped to 5:      python train_math.py --stages opd --baseline --clamp 5 --run_name vopd
@@ -39,8 +41,9 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
+from nanoopd import distributed
 from nanoopd.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from nanoopd.device import pick_device, seed_everything
+from nanoopd.device import seed_everything
 from nanoopd.evaluate import evaluate
 from nanoopd.model import GPT, GPTConfig
 from nanoopd.objectives import get_objective
@@ -348,7 +351,7 @@ def train_student(cfg: TrainConfig, tok, device, teacher: GPT, log) -> GPT:
     if cfg.s_steps > 0:
         train_sft(model, batch, cfg.s_steps, cfg.s_lr, tok.pad_id, log_every=cfg.log_every, desc="student", log=log,
                   ckpt_path=path, save_every=cfg.save_every, resume=cfg.resume, extra=extra)
-    else:
+    elif distributed.is_main():
         save_checkpoint(path, model, 0, extra=extra)
     return model
 
@@ -592,14 +595,19 @@ def main(argv=None) -> dict:
     cfg = parse_args(argv)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = pick_device(cfg.device)
+    dist_info, device = distributed.setup(cfg.device)  # one process, or one rank of torchrun
+    if dist_info.enabled and (cfg.compare or cfg.m2 or "opd" in cfg.stages.split(",")):
+        raise ValueError("under torchrun only the SFT stages (teacher, student) and eval run data-parallel; "
+                         "run OPD, --compare and --m2 as a single process (python train_math.py ...)")
     tok = get_tokenizer()
     os.makedirs(cfg.out_dir, exist_ok=True)
     summary_path = os.path.join(cfg.out_dir, "summary.json")
     summary = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
-    log_file = open(os.path.join(cfg.out_dir, "log.txt"), "a")
+    log_file = open(os.path.join(cfg.out_dir, "log.txt"), "a") if dist_info.is_main else None
 
     def log(msg: str):
+        if log_file is None:  # ranks > 0 stay quiet
+            return
         print(msg, flush=True)
         log_file.write(msg + "\n")
         log_file.flush()
@@ -622,6 +630,8 @@ def main(argv=None) -> dict:
         elif stage == "student":
             teacher = models.get("teacher") or load_role(cfg, "teacher", tok, device)
             models["student"] = train_student(cfg, tok, device, teacher, log)
+        elif stage == "eval" and not dist_info.is_main:
+            pass  # rank 0 evaluates; the others wait at the barrier below
         elif stage == "eval":
             test = test_problems(cfg)
             for role in ("teacher", "student"):
@@ -634,12 +644,16 @@ def main(argv=None) -> dict:
             teacher = models.get("teacher") or load_role(cfg, "teacher", tok, device)
             student = copy.deepcopy(models["student"]) if "student" in models else load_role(cfg, "student", tok, device)
             summary[f"opd_{cfg.run_name or cfg.loss}"] = run_opd(cfg, tok, teacher, student, log)
+        distributed.barrier()  # ranks start the next stage together (rank 0 may still be saving)
         summary[f"{stage}_seconds"] = round(time.time() - t0, 1)
         log(f"stage {stage} done in {summary[f'{stage}_seconds']:.1f}s")
     summary["device"], summary["config"] = str(device), asdict(cfg)
-    with open(summary_path, "w") as f:
-        json.dump(summary, f, indent=2)
+    summary["world_size"] = dist_info.world_size
+    if dist_info.is_main:
+        with open(summary_path, "w") as f:
+            json.dump(summary, f, indent=2)
     log(f"summary written to {summary_path}")
+    distributed.cleanup()
     return summary
 
 

@@ -61,6 +61,11 @@ def setup(device_name: str = "auto") -> tuple[DistInfo, torch.device]:
     return info, device
 
 
+def is_main() -> bool:
+    """True on rank 0, and in a plain single process."""
+    return not active() or dist.get_rank() == 0
+
+
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -84,7 +84,7 @@ def train_sft(model, next_examples, steps: int, lr: float, pad_id: int, weight_d
         log(f"{desc}: resuming from '{ckpt_path}' at step {start}/{steps}")
     ddp_model = distributed.wrap(model, device)  # the model itself unless distributed
     world = torch.distributed.get_world_size() if distributed.active() else 1
-    is_main = not distributed.active() or torch.distributed.get_rank() == 0  # logs and progress
+    is_main = distributed.is_main()  # logs, progress and checkpoints on rank 0 only
     model.train()
     losses, t0, ntok = [], time.time(), 0
     bar = tqdm(range(start, steps), desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0,

@@ -66,3 +66,23 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     for name, p in single.state_dict().items():
         assert not torch.equal(p, start[name]) or name.endswith("bias")  # training moved the weights
         assert torch.allclose(ddp_state[name], p, atol=TOL, rtol=0), name
+
+
+def test_torchrun_train_math_teacher_matches_single_process(tmp_path):
+    """The real entry point under torchrun (2 gloo ranks) writes the weights one process writes."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tiny = ["--stages", "teacher", "--t_layer", "1", "--t_embd", "16", "--t_head", "2", "--t_steps", "4",
+            "--batch_size", "8", "--digits", "1", "--log_every", "0", "--threads", "1", "--device", "cpu"]
+    single = subprocess.run([sys.executable, "train_math.py", *tiny, "--out_dir", str(tmp_path / "one")],
+                            cwd=root, capture_output=True, text=True, timeout=120)
+    assert single.returncode == 0, single.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          "--master_port", str(free_port()), "train_math.py", *tiny, "--out_dir", str(tmp_path / "two")],
+                         cwd=root, capture_output=True, text=True, timeout=180)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a = torch.load(tmp_path / "one" / "teacher.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "two" / "teacher.pt", weights_only=False)["model"]
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=TOL, rtol=0), name
