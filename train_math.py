@@ -10,6 +10,17 @@ distillation (OPD) of the one into the other.
                    student descends the chosen objective (--loss)             -> <out_dir>/opd_<name>.pt
                    (+ opd_<name>.jsonl: one line per step; opd_<name>.json: the run's summary)
   --compare (M1):  the objectives side by side from the same pair, 2 seeds    -> <out_dir>/m1/
+  stage `pibase`:  the OPSD base: SFT of a teacher-shaped GPT on a mixture of
+                   examples with and without privileged information (PI)      -> <out_dir>/pibase.pt
+  stage `rlvr`:    an RLVR-adapted teacher: REINFORCE with group-normalised
+                   advantages and the verifier as reward, from the student
+                   (--rlvr_init) on its own kind of prefixes                  -> <out_dir>/teacher_rlvr.pt
+  --mode opsd:     stage opd as self-distillation: the OPSD base is the
+                   student, and itself with PI (--pi) in its context the
+                   teacher                                                    -> <out_dir>/opd_opsd_<pi>.*
+  --m3 (M3):       OPSD with instance-specific PI vs the shared rule, 2 seeds -> <out_dir>/m3/
+  --m4 (M4):       the SFT teacher vs an RLVR-adapted teacher as OPD teacher  -> <out_dir>/m4/
+  --m5 (M5):       OPD with vs without the SFT cold start (s_steps 0)         -> <out_dir>/m5/
   --m2 (M2):       a student that emits <|fmt|>, which the teacher never saw,
                    distilled with and without masking that token (and hiding
                    it from the teacher's contexts)                            -> <out_dir>/m2/
@@ -24,6 +35,11 @@ Commands
   sampled-token OPD, vOPD baseline, r_t clamped to 5:      python train_math.py --stages opd --baseline --clamp 5 --run_name vopd
   M1, objectives side by side (trains the pair if missing): python train_math.py --compare
   M2, special-token mismatch, masked vs not:               python train_math.py --m2
+  OPSD with the shared rule as PI (trains the base first):  python train_math.py --stages pibase,opd --mode opsd --pi rule --loss full_reverse_kl --opd_lr 1e-3 --opd_steps 120 --opd_batch 32
+  OPD from an RLVR-adapted teacher:                        python train_math.py --stages rlvr,opd --teacher rlvr
+  M3, OPSD: instance-specific PI vs the shared rule:       python train_math.py --m3 --loss full_reverse_kl --opd_lr 1e-3 --opd_steps 120 --opd_batch 32
+  M4, SFT teacher vs RLVR-adapted teacher:                 python train_math.py --m4
+  M5, OPD with vs without the SFT cold start:              python train_math.py --m5
   every flag, explained:                                   python train_math.py --help
 
 Every run writes its checkpoints (weights + config + step, written atomically) and a summary.json
@@ -48,7 +64,11 @@ from nanoopd.evaluate import evaluate
 from nanoopd.model import GPT, GPTConfig
 from nanoopd.objectives import get_objective
 from nanoopd.opd import OPDConfig, check_objective, train_opd
+from nanoopd.metrics import teacher_continuation
+from nanoopd.rlvr import RLVRConfig, train_rlvr
 from nanoopd.rollout import generate
+from nanoopd.self_distill import (PI_KINDS, PrivilegedTeacher, mixture_kinds, pi_example, pi_text, rule_visible,
+                                  self_teacher, verify_rule)
 from nanoopd.sft import encode_example, train_sft
 from nanoopd.tasks import sample_problems
 from nanoopd.tokenizer import get_tokenizer
@@ -112,6 +132,22 @@ class TrainConfig:
     m2: bool = False                 # M2: special-token mismatch, masked vs unmasked
     seeds: str = "1,2"               # OPD seeds of --compare and --m2 (prompt order and sampling)
     fmt_steps: int = 100             # M2: SFT steps teaching a copy of the student to open with <|fmt|>
+    m3: bool = False                 # M3: OPSD with each kind of PI, no-PI accuracy and rule-following
+    m4: bool = False                 # M4: the SFT teacher vs an RLVR-adapted teacher as the OPD teacher
+    m5: bool = False                 # M5: OPD from the cold-started student vs from a random init
+    # self-distillation with privileged information (OPSD) and the RLVR teacher
+    mode: str = "opd"                # stage opd: opd (the teacher model scores) | opsd (the model with PI)
+    pi: str = "rule"                 # OPSD: the teacher's PI: answer | solution (of this problem) | rule
+    live_teacher: bool = False       # OPSD: the teacher uses the live weights, not a frozen step-0 copy
+    pi_steps: int = 1000             # SFT steps of the OPSD base on the PI mixture (PI_MIX)
+    teacher: str = "sft"             # stage opd: the teacher: sft (teacher.pt) | rlvr (teacher_rlvr.pt)
+    rlvr_init: str = "student"       # the RLVR teacher starts from the student or the SFT teacher
+    rlvr_steps: int = 60             # RLVR optimizer steps
+    rlvr_lr: float = 1e-4            # RLVR AdamW peak learning rate (10 warm-up steps, then cosine)
+    rlvr_prompts: int = 16           # RLVR problems per step
+    rlvr_group: int = 8              # RLVR samples per problem (advantages normalised per group)
+    rlvr_cut: float = 0.0            # RLVR contexts: 0 = prompts; c > 0 = student samples cut at U[0, c]
+    cont_frac: float = 0.5           # teacher-continuation: student samples are cut at this fraction
 
 
 PRESETS = {
@@ -119,7 +155,11 @@ PRESETS = {
     "gpu": dict(t_layer=6, t_embd=256, t_head=8, t_steps=4000, s_layer=4, s_embd=128, s_head=4,
                 s_steps=800, batch_size=128, digits=4, ops="+-*", max_new_tokens=96, eval_n=2000),
 }
-STAGES = ("teacher", "student", "eval", "opd")
+STAGES = ("teacher", "student", "eval", "opd", "pibase", "rlvr")
+# the OPSD base's SFT mixture (kind -> weight): without PI, with each kind of PI
+PI_MIX = {"none": 0.3, "answer": 0.3, "solution": 0.1, "rule": 0.3}
+# flags an experiment M3-M5 fixes itself
+M_FIXED_FLAGS = ("stages", "run_name", "mode", "teacher", "pi")
 # the flags that configure the single run of stage opd; --compare and --m2 fix their own
 OPD_RUN_FLAGS = ("stages", "loss", "k", "support", "add_sampled", "gamma", "mask_tokens", "hide_from_teacher",
                  "clamp", "baseline", "run_name")
@@ -197,7 +237,53 @@ def parse_args(argv=None) -> TrainConfig:
     g.add_argument("--seeds", help="comma-separated OPD seeds of --compare and --m2 (default 1,2)")
     g.add_argument("--fmt_steps", type=int, help="M2: SFT steps that teach a copy of the student to open "
                    "every answer with <|fmt|> (default 100)")
+    g.add_argument("--m3", action="store_true", default=None,
+                   help="M3: OPSD of the OPSD base with each kind of PI (answer, solution, rule), one run per "
+                   "seed; uses --loss/--opd_* (trains pibase.pt first if it is missing)")
+    g.add_argument("--m4", action="store_true", default=None,
+                   help="M4: OPD of the student from the SFT teacher and from an RLVR-adapted teacher (one per "
+                   "seed, --rlvr_*); teacher-continuation accuracy and top-16 overlap of each")
+    g.add_argument("--m5", action="store_true", default=None,
+                   help="M5: OPD from the cold-started student and from a random init (--s_steps 0)")
+    g = p.add_argument_group("self-distillation with privileged information (OPSD) and the RLVR teacher")
+    g.add_argument("--mode", choices=("opd", "opsd"),
+                   help="stage opd: opd = the teacher model scores the student's samples; opsd = the OPSD base "
+                   "(pibase.pt) is the student and, with PI in its context, its own teacher (default opd)")
+    g.add_argument("--pi", choices=("answer", "solution", "rule"),
+                   help="OPSD: privileged information given to the teacher: the answer or the reference solution "
+                   "of the very problem, or the shared rule 'write the answer reversed' (default rule)")
+    g.add_argument("--live_teacher", action="store_true", default=None,
+                   help="OPSD: the teacher is the live (current) weights instead of a frozen copy of the "
+                   "step-0 weights; it never receives gradients either way")
+    g.add_argument("--pi_steps", type=int, help="stage pibase: SFT steps of the OPSD base (teacher shape) on a "
+                   "mixture with and without PI (default 1000)")
+    g.add_argument("--teacher", choices=("sft", "rlvr"),
+                   help="stage opd: the OPD teacher: sft = teacher.pt, rlvr = teacher_rlvr.pt (stage rlvr) "
+                   "(default sft)")
+    g.add_argument("--rlvr_init", choices=("student", "teacher"),
+                   help="stage rlvr and --m4: the RLVR teacher starts from the cold-started student (it then "
+                   "samples exactly the student's kind of prefixes) or from the SFT teacher (default student)")
+    g.add_argument("--rlvr_steps", type=int, help="RLVR optimizer steps (default 60)")
+    g.add_argument("--rlvr_lr", type=float, help="RLVR AdamW peak learning rate, 10 warm-up steps then cosine (default 1e-4)")
+    g.add_argument("--rlvr_prompts", type=int, help="RLVR problems per step (default 16)")
+    g.add_argument("--rlvr_group", type=int, help="RLVR samples per problem, >= 2; advantages are normalised "
+                   "within each group (default 8)")
+    g.add_argument("--rlvr_cut", type=float, help="RLVR contexts: 0 = bare prompts; c in (0, 1) = the "
+                   "student's samples cut at a fraction drawn from U[0, c] (default 0)")
+    g.add_argument("--cont_frac", type=float, help="teacher-continuation accuracy: cut the student's samples at "
+                   "this fraction of their length, in [0, 1] (default 0.5)")
     args = p.parse_args(argv)
+    experiments = [f"--{n}" for n in ("compare", "m2", "m3", "m4", "m5") if getattr(args, n)]
+    if len(experiments) > 1:
+        p.error(f"{' and '.join(experiments)}: run one experiment per command")
+    if args.m3 or args.m4 or args.m5:
+        fixed = [f"--{n}" for n in M_FIXED_FLAGS if getattr(args, n) is not None]
+        if fixed:
+            p.error(f"{experiments[0]} sets its own stages, run name, mode, teacher and PI: drop {', '.join(fixed)}")
+    if (args.pi is not None or args.live_teacher) and args.mode != "opsd" and not args.m3:
+        p.error("--pi and --live_teacher configure self-distillation: add --mode opsd (or run --m3)")
+    if args.mode == "opsd" and args.teacher is not None:
+        p.error("--teacher picks the OPD teacher model; with --mode opsd the teacher is the model itself with PI")
     if args.compare or args.m2:
         fixed = [f"--{n}" for n in OPD_RUN_FLAGS if getattr(args, n) is not None]
         if fixed:
@@ -236,6 +322,25 @@ def validate(cfg: TrainConfig) -> None:
         GPTConfig(n_layer=getattr(cfg, f"{who}_layer"), n_embd=getattr(cfg, f"{who}_embd"),
                   n_head=getattr(cfg, f"{who}_head"))  # raises a clear error on a bad shape
     validate_opd(cfg)
+    validate_opsd_rlvr(cfg)
+
+
+def validate_opsd_rlvr(cfg: TrainConfig) -> None:
+    for name in ("pi_steps", "rlvr_steps", "rlvr_prompts"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.rlvr_group < 2:
+        raise ValueError(f"--rlvr_group must be >= 2 (a group of one always has zero advantage), got {cfg.rlvr_group}")
+    if not cfg.rlvr_lr > 0:
+        raise ValueError(f"--rlvr_lr must be > 0, got {cfg.rlvr_lr}")
+    if not 0 <= cfg.rlvr_cut < 1:
+        raise ValueError(f"--rlvr_cut must lie in [0, 1) (0 = from prompts), got {cfg.rlvr_cut}")
+    if not 0 <= cfg.cont_frac <= 1:
+        raise ValueError(f"--cont_frac must lie in [0, 1], got {cfg.cont_frac}")
+    for name, allowed in (("mode", ("opd", "opsd")), ("pi", PI_KINDS), ("teacher", ("sft", "rlvr")),
+                          ("rlvr_init", ("student", "teacher"))):
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
 
 
 def validate_opd(cfg: TrainConfig) -> None:
@@ -588,6 +693,210 @@ def run_m2(cfg: TrainConfig, tok, device, log) -> dict:
 
 
 # -----------------------------------------------------------------------------
+# self-distillation with privileged information (OPSD, M3), the RLVR teacher (M4), cold start (M5)
+
+
+def train_pi_base(cfg: TrainConfig, tok, device, log) -> GPT:
+    """The OPSD base: a teacher-shaped GPT trained by SFT on a mixture (PI_MIX) of plain examples
+    and examples with PI before the prompt (the answer, the solution, or the rule, whose examples
+    write the answer reversed), so that the model uses PI when it has it."""
+    seed_everything(cfg.seed + 4)
+    model = GPT(GPTConfig(vocab_size=tok.n_vocab, n_layer=cfg.t_layer, n_embd=cfg.t_embd, n_head=cfg.t_head)).to(device)
+    log(f"pi-base: {model.num_params():,} parameters, {cfg.pi_steps} SFT steps on the mixture {PI_MIX}")
+    problems = sample_problems(cfg.pi_steps * cfg.batch_size, "train", cfg.seed + 4, cfg.digits, cfg.ops)
+    kinds = mixture_kinds(len(problems), PI_MIX, torch.Generator().manual_seed(cfg.seed + 4))
+    B = cfg.batch_size
+    batch = lambda s: [pi_example(tok, p, k) for p, k in zip(problems[s * B:(s + 1) * B], kinds[s * B:(s + 1) * B])]
+    train_sft(model, batch, cfg.pi_steps, cfg.t_lr, tok.pad_id, log_every=cfg.log_every, desc="pi-base", log=log)
+    save_checkpoint(os.path.join(cfg.out_dir, "pibase.pt"), model, cfg.pi_steps,
+                    extra={"role": "pibase", "train": asdict(cfg)})
+    return model
+
+
+def ensure_role(cfg: TrainConfig, role: str, tok, device, log, train) -> GPT:
+    """<out_dir>/<role>.pt, or train() it first when it is missing."""
+    if os.path.exists(os.path.join(cfg.out_dir, f"{role}.pt")):
+        return load_role(cfg, role, tok, device)
+    log(f"no {role}.pt in out_dir: training it first")
+    return train()
+
+
+def rule_test_problems(cfg: TrainConfig) -> list:
+    """The held-out problems whose answer is not a palindrome (there the rule is visible)."""
+    return [p for p in test_problems(cfg) if rule_visible(p)]
+
+
+def pi_scores(model: GPT, tok, problems, cfg: TrainConfig, kind: str | None = None) -> tuple[float, float]:
+    """(accuracy, rule-following) of the greedy answers, with PI `kind` before each prompt (None:
+    without PI). Rule-following = the share of answers that spell the true answer reversed."""
+    prefix = "" if kind is None else (lambda p: pi_text(p, kind))
+    acc, texts = evaluate(model, tok, problems, 0.0, cfg.max_new_tokens, prefix=prefix, return_texts=True)
+    return acc, sum(verify_rule(t, p) for t, p in zip(texts, problems)) / len(problems)
+
+
+def opsd_run(cfg: TrainConfig, tok, base: GPT, kind: str, seed: int, prefix: str, problems, log, name: str,
+             start: tuple[float, float], print_every: int = 1) -> dict:
+    """One OPSD run from a copy of `base`: the OPD loop, with the teacher = the same network
+    (frozen step-0 copy, or live) scoring the student's samples under PI `kind`."""
+    student = copy.deepcopy(base)
+    teacher = self_teacher(student, live=cfg.live_teacher)
+    ocfg = opd_config(cfg, cfg.loss, objective_options(cfg, tok), seed)
+    s = train_opd(student, teacher, tok, ocfg, prefix, problems, log, name, start_acc=start[0],
+                  print_every=print_every, teacher_score=PrivilegedTeacher(tok, kind))
+    acc, rule = pi_scores(student, tok, problems, cfg)
+    log(f"{name}: without PI, held-out accuracy {start[0]:.1%} -> {acc:.1%} | rule-following {start[1]:.1%} -> "
+        f"{rule:.1%} | reverse KL to the PI teacher {s['first_kl']:.3f} -> {s['final_kl']:.3f}")
+    return {"pi": kind, "seed": seed, **s, "final_acc": acc, "start_rule": start[1], "final_rule": rule}
+
+
+def run_opsd(cfg: TrainConfig, tok, base: GPT, log) -> dict:
+    """Stage opd with --mode opsd: one OPSD run of the OPSD base with PI --pi."""
+    name = cfg.run_name or f"opsd_{cfg.pi}"
+    problems = rule_test_problems(cfg)
+    r = opsd_run(cfg, tok, base, cfg.pi, cfg.seed, os.path.join(cfg.out_dir, f"opd_{name}"), problems, log, name,
+                 pi_scores(base, tok, problems, cfg))
+    return {k: r[k] for k in ("start_acc", "final_acc", "start_rule", "final_rule", "first_kl", "final_kl", "seconds")}
+
+
+def run_m3(cfg: TrainConfig, tok, device, log) -> dict:
+    """M3: OPSD with instance-specific PI (answer, solution) vs the shared rule, one run per seed."""
+    t0 = time.time()
+    base = ensure_role(cfg, "pibase", tok, device, log, lambda: train_pi_base(cfg, tok, device, log))
+    problems = rule_test_problems(cfg)
+    start = pi_scores(base, tok, problems, cfg)
+    with_pi = {kind: pi_scores(base, tok, problems, cfg, kind) for kind in PI_KINDS}
+    folder = os.path.join(cfg.out_dir, "m3")
+    rows = [opsd_run(cfg, tok, base, kind, seed, os.path.join(folder, f"{kind}_s{seed}"), problems, log,
+                     f"opsd {kind} s{seed}", start, print_every=20)
+            for seed in seeds(cfg) for kind in PI_KINDS]
+    lines = [f"M3: OPSD, instance-specific PI vs the shared rule | seeds {cfg.seeds} | {cfg.loss}, {cfg.opd_steps} "
+             f"steps x {cfg.opd_batch} rollouts, lr {cfg.opd_lr} | teacher: {'live' if cfg.live_teacher else 'frozen step-0'} "
+             f"weights + PI | held-out n={len(problems)} (answers that are not palindromes) | "
+             f"wall {(time.time() - t0) / 60:.1f} min",
+             f"the base without PI: accuracy {start[0]:.1%}, rule-following {start[1]:.1%}",
+             f"{'PI':8s} | {'base with PI':21s} | {'student without PI: accuracy':36s} | "
+             f"{'student without PI: rule-following':36s} | {'rev. KL to teacher':18s}",
+             f"{'':8s} | {'acc / rule':21s} | {'end, mean (per seed)':36s} | {'end, mean (per seed)':36s} | "
+             f"{'start -> end':18s}"]
+    for kind in PI_KINDS:
+        rs = [r for r in rows if r["pi"] == kind]
+        lines.append(f"{kind:8s} | {100 * with_pi[kind][0]:8.1f}% / {100 * with_pi[kind][1]:5.1f}%    | "
+                     f"{pct(r['final_acc'] for r in rs):36s} | {pct(r['final_rule'] for r in rs):36s} | "
+                     f"{mean(r['first_kl'] for r in rs):6.3f} -> {mean(r.get('final_kl') for r in rs):6.3f}")
+    lines.append("accuracy: the true answer written plainly; rule-following: the true answer written reversed "
+                 "(what the rule asks); the student never sees PI; KL: mean over the first step and the last 10 % "
+                 "of steps")
+    table = "\n".join(lines)
+    log(table)
+    write_results(folder, "m3", rows, table,
+                  {"base_acc": start[0], "base_rule": start[1], "base_with_pi": with_pi,
+                   "seconds": round(time.time() - t0, 1)},
+                  ["pi", "seed", "start_acc", "final_acc", "start_rule", "final_rule", "first_kl", "final_kl",
+                   "final_response_length", "final_overlap_ratio", "degraded", "steps_done", "seconds"])
+    return {"m3_seconds": round(time.time() - t0, 1)}
+
+
+def train_rlvr_teacher(cfg: TrainConfig, tok, teacher: GPT, student: GPT, seed: int, path: str, log) -> GPT:
+    """An RLVR-adapted teacher: a copy of the student (or of the SFT teacher, --rlvr_init) trained
+    with group-normalised REINFORCE and the verifier as reward; with --rlvr_cut > 0 its contexts
+    are the student's samples cut at random fractions."""
+    model = copy.deepcopy(student if cfg.rlvr_init == "student" else teacher).train().requires_grad_(True)
+    rcfg = RLVRConfig(steps=cfg.rlvr_steps, prompts=cfg.rlvr_prompts, group=cfg.rlvr_group, lr=cfg.rlvr_lr,
+                      temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, cut=cfg.rlvr_cut, seed=seed,
+                      digits=cfg.digits, ops=cfg.ops)
+    log(f"rlvr: from the {cfg.rlvr_init}, {rcfg.steps} steps x {rcfg.prompts} problems x {rcfg.group} samples, "
+        f"lr {rcfg.lr}, contexts {'prompts' if rcfg.cut == 0 else f'student samples cut at U[0, {rcfg.cut}]'}")
+    train_rlvr(model, tok, rcfg, student=student, log=log, jsonl_path=path[:-3] + ".jsonl")
+    save_checkpoint(path, model, rcfg.steps, extra={"role": "teacher_rlvr", "train": asdict(cfg)})
+    return model
+
+
+def run_m4(cfg: TrainConfig, tok, device, log) -> dict:
+    """M4: OPD of the cold-started student from the SFT teacher and from an RLVR-adapted teacher."""
+    t0 = time.time()
+    teacher, student = ensure_pair(cfg, tok, device, log)
+    test = test_problems(cfg)
+    folder = os.path.join(cfg.out_dir, "m4")
+    os.makedirs(folder, exist_ok=True)
+    start = evaluate(student, tok, test, 0.0, cfg.max_new_tokens)
+    rows = []
+    for seed in seeds(cfg):
+        teachers = {"sft": teacher,
+                    "rlvr": train_rlvr_teacher(cfg, tok, teacher, student, seed,
+                                               os.path.join(folder, f"teacher_rlvr_s{seed}.pt"), log)}
+        for label, t in teachers.items():
+            cont = teacher_continuation(t, student, tok, test, cfg.cont_frac, cfg.max_new_tokens, seed=seed)
+            log(f"m4 {label} s{seed}: teacher greedy accuracy {cont['teacher_acc']:.1%}, from student prefixes cut "
+                f"at {cfg.cont_frac:.0%}: {cont['continuation_acc']:.1%}")
+            s = train_opd(copy.deepcopy(student), t, tok, opd_config(cfg, cfg.loss, objective_options(cfg, tok), seed),
+                          os.path.join(folder, f"{label}_s{seed}"), test, log, f"{label} s{seed}", start_acc=start,
+                          print_every=20)
+            rows.append({"label": label, "seed": seed, **cont, **s,
+                         "first_overlap_ratio": s["first_step"]["overlap_ratio"]})
+    lines = [header(cfg, "M4: SFT teacher vs RLVR-adapted teacher", teacher_acc=mean(
+                 r["teacher_acc"] for r in rows if r["label"] == "sft"), student_acc=start, seconds=time.time() - t0),
+             f"RLVR teacher: from the {cfg.rlvr_init}, {cfg.rlvr_steps} steps x {cfg.rlvr_prompts} problems x "
+             f"{cfg.rlvr_group} samples, lr {cfg.rlvr_lr}, cut {cfg.rlvr_cut} (one per seed)",
+             f"{'teacher':7s} | {'teacher acc':22s} | {'teacher continuation':22s} | {'top-16 overlap':16s} | "
+             f"{'student held-out acc':29s} | {'rev. KL':15s}",
+             f"{'':7s} | {'greedy, from scratch':22s} | {f'from {cfg.cont_frac:.0%} of student':22s} | "
+             f"{'start -> end':16s} | {'end, mean (per seed)':29s} | {'start -> end':15s}"]
+    for label, rs in by_label(rows).items():
+        lines.append(f"{label:7s} | {pct(r['teacher_acc'] for r in rs):22s} | {pct(r['continuation_acc'] for r in rs):22s} | "
+                     f"{100 * mean(r['first_overlap_ratio'] for r in rs):5.1f}% -> {100 * mean(r.get('final_overlap_ratio') for r in rs):5.1f}% | "
+                     f"{pct(r['final_acc'] for r in rs):29s} | "
+                     f"{mean(r['first_kl'] for r in rs):5.3f} -> {mean(r.get('final_kl') for r in rs):5.3f}")
+    lines.append("teacher continuation: the student samples (T=1) a held-out answer, it is cut at the fraction, the "
+                 "teacher finishes it greedily; overlap |TopK(pi) ∩ TopK(q)|/16 on the student's samples, first "
+                 "step and last 10 % of steps")
+    table = "\n".join(lines)
+    log(table)
+    write_results(folder, "m4", rows, table, {"student_start_acc": start, "seconds": round(time.time() - t0, 1)},
+                  ["label", "seed", "teacher_acc", "continuation_acc", "student_acc", "frac", "start_acc", "final_acc",
+                   "first_overlap_ratio", "final_overlap_ratio", "first_kl", "final_kl", "degraded", "seconds"])
+    return {"m4_seconds": round(time.time() - t0, 1)}
+
+
+def run_m5(cfg: TrainConfig, tok, device, log) -> dict:
+    """M5: OPD from the cold-started student vs from a random init (no cold start, s_steps = 0)."""
+    t0 = time.time()
+    teacher, student = ensure_pair(cfg, tok, device, log)
+    test = test_problems(cfg)
+    folder = os.path.join(cfg.out_dir, "m5")
+    rows = []
+    for seed in seeds(cfg):
+        seed_everything(seed)
+        scratch = GPT(GPTConfig(vocab_size=tok.n_vocab, n_layer=cfg.s_layer, n_embd=cfg.s_embd, n_head=cfg.s_head)).to(device)
+        for label, init in ((f"cold start ({cfg.s_steps} SFT steps)", student), ("no cold start (s_steps 0)", scratch)):
+            s = train_opd(copy.deepcopy(init), teacher, tok, opd_config(cfg, cfg.loss, objective_options(cfg, tok), seed),
+                          os.path.join(folder, f"{'cold' if init is student else 'scratch'}_s{seed}"), test, log,
+                          f"{label} s{seed}", print_every=20)
+            rows.append({"label": label, "seed": seed, **s, "first_overlap_ratio": s["first_step"]["overlap_ratio"],
+                         "first_response_length": s["first_step"]["response_length"]})
+    lines = [header(cfg, "M5: OPD with vs without the SFT cold start", teacher_acc=evaluate(
+                 teacher, tok, test, 0.0, cfg.max_new_tokens), student_acc=rows[0]["start_acc"], seconds=time.time() - t0),
+             f"{'student':28s} | {'held-out acc':16s} | {'rev. KL':15s} | {'top-16 overlap':16s} | "
+             f"{'length':12s} | {'hit budget':10s}",
+             f"{'':28s} | {'start -> end':16s} | {'start -> end':15s} | {'start -> end':16s} | "
+             f"{'start -> end':12s} | {'end':10s}"]
+    for label, rs in by_label(rows).items():
+        lines.append(f"{label:28s} | {100 * mean(r['start_acc'] for r in rs):5.1f}% -> {100 * mean(r['final_acc'] for r in rs):5.1f}% | "
+                     f"{mean(r['first_kl'] for r in rs):5.3f} -> {mean(r.get('final_kl') for r in rs):5.3f} | "
+                     f"{100 * mean(r['first_overlap_ratio'] for r in rs):5.1f}% -> {100 * mean(r.get('final_overlap_ratio') for r in rs):5.1f}% | "
+                     f"{mean(r['first_response_length'] for r in rs):4.1f} -> {mean(r.get('final_response_length') for r in rs):4.1f} | "
+                     f"{100 * mean(r.get('final_budget_share') for r in rs):9.1f}%")
+    lines.append("means over the seeds; end = last 10 % of steps (held-out accuracy: the final evaluation); "
+                 "per-seed values in m5.csv")
+    table = "\n".join(lines)
+    log(table)
+    write_results(folder, "m5", rows, table, {"seconds": round(time.time() - t0, 1)},
+                  ["label", "seed", "start_acc", "final_acc", "first_kl", "final_kl", "first_overlap_ratio",
+                   "final_overlap_ratio", "first_response_length", "final_response_length", "final_budget_share",
+                   "degraded", "seconds"])
+    return {"m5_seconds": round(time.time() - t0, 1)}
+
+
+# -----------------------------------------------------------------------------
 # main
 
 
@@ -596,9 +905,10 @@ def main(argv=None) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dist_info, device = distributed.setup(cfg.device)  # one process, or one rank of torchrun
-    if dist_info.enabled and (cfg.compare or cfg.m2 or "opd" in cfg.stages.split(",")):
+    if dist_info.enabled and (cfg.compare or cfg.m2 or cfg.m3 or cfg.m4 or cfg.m5
+                              or {"opd", "pibase", "rlvr"} & set(cfg.stages.split(","))):
         raise ValueError("under torchrun only the SFT stages (teacher, student) and eval run data-parallel; "
-                         "run OPD, --compare and --m2 as a single process (python train_math.py ...)")
+                         "run OPD, RLVR, the OPSD base and the experiments as a single process (python train_math.py ...)")
     tok = get_tokenizer()
     os.makedirs(cfg.out_dir, exist_ok=True)
     summary_path = os.path.join(cfg.out_dir, "summary.json")
@@ -614,7 +924,10 @@ def main(argv=None) -> dict:
 
     log(f"device {device} | torch {torch.__version__} | threads {torch.get_num_threads()} | config {json.dumps(asdict(cfg))}")
     models = {}
-    if cfg.compare or cfg.m2:
+    if cfg.compare or cfg.m2 or cfg.m3 or cfg.m4 or cfg.m5:
+        for flag, run in (("m3", run_m3), ("m4", run_m4), ("m5", run_m5)):
+            if getattr(cfg, flag):
+                summary.update(run(cfg, tok, device, log))
         if cfg.compare:
             summary.update(run_compare(cfg, tok, device, log))
         if cfg.m2:
@@ -640,8 +953,19 @@ def main(argv=None) -> dict:
                 sampled = evaluate(model, tok, test, 1.0, cfg.max_new_tokens, seed=cfg.seed)
                 summary[f"{role}_acc_greedy"], summary[f"{role}_acc_sampled"] = greedy, sampled
                 log(f"eval {role}: held-out accuracy greedy {greedy:.1%} | sampled (T=1) {sampled:.1%} | n={len(test)}")
-        elif stage == "opd":
+        elif stage == "pibase":
+            models["pibase"] = train_pi_base(cfg, tok, device, log)
+        elif stage == "rlvr":
             teacher = models.get("teacher") or load_role(cfg, "teacher", tok, device)
+            student = models.get("student") or load_role(cfg, "student", tok, device)
+            models["teacher_rlvr"] = train_rlvr_teacher(cfg, tok, teacher, student, cfg.seed,
+                                                        os.path.join(cfg.out_dir, "teacher_rlvr.pt"), log)
+        elif stage == "opd" and cfg.mode == "opsd":
+            base = models.get("pibase") or load_role(cfg, "pibase", tok, device)
+            summary[f"opd_{cfg.run_name or 'opsd_' + cfg.pi}"] = run_opsd(cfg, tok, base, log)
+        elif stage == "opd":
+            role = {"sft": "teacher", "rlvr": "teacher_rlvr"}[cfg.teacher]
+            teacher = models.get(role) or load_role(cfg, role, tok, device)
             student = copy.deepcopy(models["student"]) if "student" in models else load_role(cfg, "student", tok, device)
             summary[f"opd_{cfg.run_name or cfg.loss}"] = run_opd(cfg, tok, teacher, student, log)
         distributed.barrier()  # ranks start the next stage together (rank 0 may still be saving)

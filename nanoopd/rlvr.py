@@ -26,7 +26,7 @@ import torch
 from nanoopd.metrics import student_prefixes
 from nanoopd.model import GPT
 from nanoopd.rollout import check_sampling_args, generate
-from nanoopd.sft import encode_example
+from nanoopd.sft import encode_example, lr_at
 from nanoopd.tasks import Problem, sample_problems, verify
 from nanoopd.tokenizer import Tokenizer
 
@@ -36,7 +36,8 @@ class RLVRConfig:
     steps: int = 30                  # optimizer steps
     prompts: int = 16                # distinct problems (contexts) per step
     group: int = 8                   # samples per context, G (advantages are normalised within it)
-    lr: float = 1e-4                 # AdamW learning rate (constant)
+    lr: float = 1e-4                 # AdamW peak learning rate
+    warmup: int = 10                 # linear warm-up steps, then cosine decay to 10 % of lr
     temperature: float = 1.0         # sampling temperature of the group (> 0)
     max_new_tokens: int = 64         # response budget per sample
     grad_clip: float = 1.0           # clip the total gradient norm to this
@@ -54,6 +55,8 @@ class RLVRConfig:
         for name in ("steps", "prompts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"RLVR {name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise ValueError(f"RLVR warmup must be >= 0, got {self.warmup}")
         if self.group < 2:
             raise ValueError(f"RLVR group must be >= 2 (a group of 1 always has zero advantage), got {self.group}")
         if not 0.0 <= self.cut < 1.0:
@@ -133,6 +136,8 @@ def train_rlvr(model: GPT, tok: Tokenizer, cfg: RLVRConfig, student: GPT | None 
     out = open(jsonl_path, "w") if jsonl_path else None
     try:
         for step in range(cfg.steps):
+            for group in optimizer.param_groups:  # without a warm-up, Adam's first sign-like steps
+                group["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup)  # can undo an SFT model
             batch = problems[step * cfg.prompts:(step + 1) * cfg.prompts]
             if cfg.cut > 0:
                 fracs = (torch.rand(len(batch), generator=gen, device=device) * cfg.cut).tolist()

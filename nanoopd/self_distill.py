@@ -152,3 +152,9 @@ def self_teacher(model: GPT, live: bool = False) -> GPT:
     teacher.eval()
     teacher.requires_grad_(False)
     return teacher
+
+
+def rule_visible(problem: Problem) -> bool:
+    """False when the answer reads the same reversed (7, 44, 121): there the rule cannot be told
+    apart from the plain format, so rule-following is measured on the other problems."""
+    return str(problem.answer) != str(problem.answer)[::-1]

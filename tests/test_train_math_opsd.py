@@ -1,0 +1,107 @@
+"""train_math.py: the OPSD / RLVR flags are checked, and --m3, --m4, --m5 and the stages rlvr and
+opd --mode opsd run end to end on tiny checkpoints and write their tables."""
+
+import csv
+
+import pytest
+import torch
+
+from nanoopd.checkpoint import save_checkpoint
+from nanoopd.model import GPT, GPTConfig
+from nanoopd.tokenizer import get_tokenizer
+
+TOK = get_tokenizer()
+# tiny, fast runs: 1-digit problems, short budgets, one seed
+TINY = ["--digits", "1", "--max_new_tokens", "8", "--eval_n", "6", "--seeds", "1", "--opd_steps", "2",
+        "--opd_batch", "4", "--rlvr_steps", "2", "--rlvr_prompts", "2", "--rlvr_group", "2", "--log_every", "0"]
+
+BAD_FLAGS = [
+    (["--m3", "--m4"], "one experiment per command"),
+    (["--m4", "--stages", "opd"], "drop --stages"),
+    (["--m3", "--pi", "rule"], "drop --pi"),
+    (["--pi", "answer"], "--mode opsd"),
+    (["--live_teacher"], "--mode opsd"),
+    (["--mode", "opsd", "--teacher", "rlvr"], "--teacher"),
+    (["--mode", "kd"], "--mode"),
+    (["--pi", "hint", "--mode", "opsd"], "--pi"),
+    (["--teacher", "bigger"], "--teacher"),
+    (["--rlvr_init", "random"], "--rlvr_init"),
+    (["--rlvr_group", "1"], "--rlvr_group"),
+    (["--rlvr_steps", "0"], "--rlvr_steps"),
+    (["--rlvr_lr", "0"], "--rlvr_lr"),
+    (["--rlvr_cut", "1"], "--rlvr_cut"),
+    (["--cont_frac", "-0.1"], "--cont_frac"),
+    (["--pi_steps", "0"], "--pi_steps"),
+]
+
+
+@pytest.mark.parametrize("argv,needle", BAD_FLAGS, ids=[" ".join(a) for a, _ in BAD_FLAGS])
+def test_bad_opsd_and_rlvr_flags_exit_2_with_a_clear_message(argv, needle, capsys):
+    from train_math import parse_args
+    with pytest.raises(SystemExit) as e:
+        parse_args(argv)
+    assert e.value.code == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_every_new_flag_is_explained_in_help(capsys):
+    from train_math import parse_args
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--m3", "--m4", "--m5", "--mode", "--pi", "--live_teacher", "--pi_steps", "--teacher",
+                 "--rlvr_init", "--rlvr_steps", "--rlvr_lr", "--rlvr_prompts", "--rlvr_group", "--rlvr_cut",
+                 "--cont_frac"):
+        assert flag in text
+
+
+def tiny(seed: int, n_embd: int = 32) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=TOK.n_vocab, block_size=128, n_layer=1, n_head=2, n_embd=n_embd))
+
+
+@pytest.fixture
+def pair(tmp_path):
+    save_checkpoint(str(tmp_path / "teacher.pt"), tiny(0, 48), 0)
+    save_checkpoint(str(tmp_path / "student.pt"), tiny(1), 0)
+    save_checkpoint(str(tmp_path / "pibase.pt"), tiny(2), 0)
+    return tmp_path
+
+
+def rows(path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_m3_runs_every_kind_of_pi_and_writes_its_table(pair, capsys):
+    from train_math import main
+    main(["--m3", "--out_dir", str(pair), *TINY])
+    table = (pair / "m3" / "m3.txt").read_text()
+    assert "M3" in table and table.strip() in capsys.readouterr().out
+    assert sorted(r["pi"] for r in rows(pair / "m3" / "m3.csv")) == ["answer", "rule", "solution"]
+
+
+def test_m4_compares_the_sft_and_the_rlvr_teacher(pair):
+    from train_math import main
+    main(["--m4", "--out_dir", str(pair), *TINY])
+    got = rows(pair / "m4" / "m4.csv")
+    assert [r["label"] for r in got] == ["sft", "rlvr"]
+    assert all(0 <= float(r["continuation_acc"]) <= 1 and 0 <= float(r["first_overlap_ratio"]) <= 1 for r in got)
+    assert (pair / "m4" / "teacher_rlvr_s1.pt").exists() and (pair / "m4" / "teacher_rlvr_s1.jsonl").exists()
+
+
+def test_m5_distils_the_cold_started_and_the_random_student(pair):
+    from train_math import main
+    main(["--m5", "--out_dir", str(pair), *TINY])
+    got = rows(pair / "m5" / "m5.csv")
+    assert len(got) == 2 and got[0]["label"].startswith("cold start") and got[1]["label"].startswith("no cold")
+
+
+def test_stage_rlvr_then_opd_from_the_rlvr_teacher_and_an_opsd_stage(pair):
+    from train_math import main
+    summary = main(["--out_dir", str(pair), "--stages", "rlvr,opd", "--teacher", "rlvr", "--run_name", "from_rlvr",
+                    "--rlvr_cut", "0.5", *TINY])
+    assert (pair / "teacher_rlvr.pt").exists() and summary["opd_from_rlvr"]["final_acc"] is not None
+    summary = main(["--out_dir", str(pair), "--stages", "opd", "--mode", "opsd", "--pi", "answer", "--live_teacher",
+                    *TINY])
+    assert set(summary["opd_opsd_answer"]) >= {"start_acc", "final_acc", "start_rule", "final_rule"}
