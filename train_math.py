@@ -326,15 +326,12 @@ def validate(cfg: TrainConfig) -> None:
 
 
 def validate_opsd_rlvr(cfg: TrainConfig) -> None:
-    for name in ("pi_steps", "rlvr_steps", "rlvr_prompts"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.rlvr_group < 2:
-        raise ValueError(f"--rlvr_group must be >= 2 (a group of one always has zero advantage), got {cfg.rlvr_group}")
-    if not cfg.rlvr_lr > 0:
-        raise ValueError(f"--rlvr_lr must be > 0, got {cfg.rlvr_lr}")
-    if not 0 <= cfg.rlvr_cut < 1:
-        raise ValueError(f"--rlvr_cut must lie in [0, 1) (0 = from prompts), got {cfg.rlvr_cut}")
+    if cfg.pi_steps < 1:
+        raise ValueError(f"--pi_steps must be >= 1, got {cfg.pi_steps}")
+    try:
+        rlvr_config(cfg, cfg.seed)
+    except ValueError as e:  # RLVRConfig names the field first: steps, prompts, group, lr, cut
+        raise ValueError(f"--rlvr_{e}") from None
     if not 0 <= cfg.cont_frac <= 1:
         raise ValueError(f"--cont_frac must lie in [0, 1], got {cfg.cont_frac}")
     for name, allowed in (("mode", ("opd", "opsd")), ("pi", PI_KINDS), ("teacher", ("sft", "rlvr")),
@@ -796,14 +793,18 @@ def run_m3(cfg: TrainConfig, tok, device, log) -> dict:
     return {"m3_seconds": round(time.time() - t0, 1)}
 
 
+def rlvr_config(cfg: TrainConfig, seed: int) -> RLVRConfig:
+    return RLVRConfig(steps=cfg.rlvr_steps, prompts=cfg.rlvr_prompts, group=cfg.rlvr_group, lr=cfg.rlvr_lr,
+                      temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, cut=cfg.rlvr_cut, seed=seed,
+                      digits=cfg.digits, ops=cfg.ops)
+
+
 def train_rlvr_teacher(cfg: TrainConfig, tok, teacher: GPT, student: GPT, seed: int, path: str, log) -> GPT:
     """An RLVR-adapted teacher: a copy of the student (or of the SFT teacher, --rlvr_init) trained
     with group-normalised REINFORCE and the verifier as reward; with --rlvr_cut > 0 its contexts
     are the student's samples cut at random fractions."""
     model = copy.deepcopy(student if cfg.rlvr_init == "student" else teacher).train().requires_grad_(True)
-    rcfg = RLVRConfig(steps=cfg.rlvr_steps, prompts=cfg.rlvr_prompts, group=cfg.rlvr_group, lr=cfg.rlvr_lr,
-                      temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, cut=cfg.rlvr_cut, seed=seed,
-                      digits=cfg.digits, ops=cfg.ops)
+    rcfg = rlvr_config(cfg, seed)
     log(f"rlvr: from the {cfg.rlvr_init}, {rcfg.steps} steps x {rcfg.prompts} problems x {rcfg.group} samples, "
         f"lr {rcfg.lr}, contexts {'prompts' if rcfg.cut == 0 else f'student samples cut at U[0, {rcfg.cut}]'}")
     train_rlvr(model, tok, rcfg, student=student, log=log, jsonl_path=path[:-3] + ".jsonl")

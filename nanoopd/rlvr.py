@@ -49,20 +49,22 @@ class RLVRConfig:
     ops: str = "+-"                  # training problems: operators
 
     def __post_init__(self):
+        """Each message starts with the field's name, so that a command line can name its flag."""
         check_sampling_args(self.temperature, 0, 1.0, self.max_new_tokens)
         if self.temperature == 0:
-            raise ValueError("RLVR samples a group per prompt: temperature must be > 0")
+            raise ValueError("temperature must be > 0: RLVR samples a group per prompt")
         for name in ("steps", "prompts"):
             if getattr(self, name) < 1:
-                raise ValueError(f"RLVR {name} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup < 0:
-            raise ValueError(f"RLVR warmup must be >= 0, got {self.warmup}")
+            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
         if self.group < 2:
-            raise ValueError(f"RLVR group must be >= 2 (a group of 1 always has zero advantage), got {self.group}")
+            raise ValueError(f"group must be >= 2 (a group of one always has zero advantage), got {self.group}")
         if not 0.0 <= self.cut < 1.0:
-            raise ValueError(f"RLVR cut must lie in [0, 1) (0 = from prompts), got {self.cut}")
-        if not (self.lr > 0 and self.grad_clip > 0 and self.eps > 0):
-            raise ValueError("RLVR lr, grad_clip and eps must be > 0")
+            raise ValueError(f"cut must lie in [0, 1) (0 = from prompts), got {self.cut}")
+        for name in ("lr", "grad_clip", "eps"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
 
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

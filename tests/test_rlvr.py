@@ -87,8 +87,8 @@ def test_a_step_with_only_zero_variance_groups_leaves_the_weights_alone():
 
 
 def test_bad_rlvr_config_is_refused():
-    for kw, msg in [(dict(group=1), "group"), (dict(cut=1.0), "cut"), (dict(temperature=0.0), "temperature"),
-                    (dict(lr=0.0), "lr"), (dict(steps=0), "steps")]:
+    for kw, msg in [(dict(group=1), "^group"), (dict(cut=1.0), "^cut"), (dict(temperature=0.0), "^temperature"),
+                    (dict(lr=0.0), "^lr"), (dict(steps=0), "^steps")]:
         with pytest.raises(ValueError, match=msg):
             RLVRConfig(**kw)
 
