@@ -3,9 +3,13 @@ bench.py: throughput of the pieces that dominate on-policy distillation, so chan
 
   rollout   new tokens/s at batch 64, 64 new tokens, with the KV cache and with full recomputation
   training  SFT tokens/s (forward + backward + AdamW step) at batch 64
+  OPD step  steps/s of one on-policy distillation step (nanoopd/opd.py) for every objective, and
+            its split: student rollout | teacher scoring | student forward + backward + AdamW |
+            the rest (diagnostics, verifier)
 
 for the default teacher and student architectures of train_math.py (random weights: speed does not
-depend on them; EOS is disabled so every row generates the full budget).
+depend on them; EOS is disabled so every row generates the full budget; an OPD rollout of a random
+student almost never samples EOS either, so it too runs to the budget: the slowest case).
 
   python bench.py                    # CPU or the GPU picked automatically
   python bench.py --device cpu --threads 2
@@ -13,6 +17,7 @@ Quote ratios from one run; absolute numbers only together with the machine they 
 """
 
 import argparse
+import copy
 import platform
 import time
 
@@ -20,8 +25,11 @@ import torch
 
 from nanoopd.device import pick_device, synchronize
 from nanoopd.model import GPT, GPTConfig
+from nanoopd.objectives import OBJECTIVES
+from nanoopd.opd import OPDConfig, freeze, opd_step
 from nanoopd.rollout import generate
 from nanoopd.sft import sft_loss
+from nanoopd.tasks import sample_problems
 from nanoopd.tokenizer import get_tokenizer
 from train_math import TrainConfig
 
@@ -93,3 +101,29 @@ for name, arch in ARCH.items():
 
     train = args.batch * args.train_len / best_time(train_step, args.repeats)
     print(f"{name:8s} {model.num_params():9,d} | {cached:20,.0f} {recompute:16,.0f} {cached / recompute:7.1f}x | {train:11,.0f}")
+
+# one OPD step per objective: the student samples, the teacher scores, the student learns
+torch.manual_seed(0)
+teacher, student0 = freeze(GPT(ARCH["teacher"]).to(device)), GPT(ARCH["student"]).to(device)
+problems = sample_problems(args.batch * (args.repeats + 1), "train", 0, cfg.digits, cfg.ops)
+print(f"\nOPD step, batch {args.batch}, up to {args.new_tokens} new tokens (seconds of the fastest of "
+      f"{args.repeats} steps after a warm-up)")
+print(f"{'objective':18s} {'steps/s':>7s} | {'rollout':>13s} {'teacher':>13s} {'student':>13s} {'rest':>13s} | "
+      f"{'resp. tok/s':>11s}")
+for name in sorted(OBJECTIVES):
+    student = copy.deepcopy(student0)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
+    ocfg = OPDConfig(loss=name, batch_size=args.batch, max_new_tokens=args.new_tokens, digits=cfg.digits, ops=cfg.ops)
+    gen = torch.Generator(device=device).manual_seed(0)
+    timed = []
+    for i in range(args.repeats + 1):
+        synchronize(device)
+        t0 = time.perf_counter()
+        rec = opd_step(student, teacher, opt, tok, problems[i * args.batch:(i + 1) * args.batch], ocfg, gen, i)
+        synchronize(device)
+        timed.append((time.perf_counter() - t0, rec))
+    dt, rec = min(timed[1:], key=lambda x: x[0])  # the first step is the warm-up
+    parts = [rec["t_rollout"], rec["t_teacher"], rec["t_student"]]
+    parts.append(dt - sum(parts))
+    split = " ".join(f"{t:6.3f} ({t / dt:3.0%})" for t in parts)
+    print(f"{name:18s} {1 / dt:7.2f} | {split} | {rec['response_length'] * args.batch / dt:11,.0f}")
