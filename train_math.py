@@ -160,6 +160,9 @@ STAGES = ("teacher", "student", "eval", "opd", "pibase", "rlvr")
 PI_MIX = {"none": 0.3, "answer": 0.3, "solution": 0.1, "rule": 0.3}
 # flags an experiment M3-M5 fixes itself
 M_FIXED_FLAGS = ("stages", "run_name", "mode", "teacher", "pi")
+# OPDConfig field -> its flag (the other fields share the flag's name)
+OPD_FLAG_OF_FIELD = {"steps": "opd_steps", "lr": "opd_lr", "warmup": "opd_warmup", "batch_size": "opd_batch",
+                     "eval_every": "opd_eval_every"}
 # the flags that configure the single run of stage opd; --compare and --m2 fix their own
 OPD_RUN_FLAGS = ("stages", "loss", "k", "support", "add_sampled", "gamma", "mask_tokens", "hide_from_teacher",
                  "clamp", "baseline", "run_name")
@@ -341,21 +344,8 @@ def validate_opsd_rlvr(cfg: TrainConfig) -> None:
 
 
 def validate_opd(cfg: TrainConfig) -> None:
-    for name in ("opd_steps", "opd_batch", "fmt_steps"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.opd_eval_every < 0:
-        raise ValueError(f"--opd_eval_every must be >= 0 (0 = start and end only), got {cfg.opd_eval_every}")
-    if cfg.opd_warmup < 0:
-        raise ValueError(f"--opd_warmup must be >= 0, got {cfg.opd_warmup}")
-    if not cfg.opd_lr > 0:
-        raise ValueError(f"--opd_lr must be > 0, got {cfg.opd_lr}")
-    if not cfg.temperature > 0:
-        raise ValueError(f"--temperature must be > 0: OPD trains on the student's samples, got {cfg.temperature}")
-    if not 0 < cfg.top_p <= 1:
-        raise ValueError(f"--top_p must lie in (0, 1] (1 = off), got {cfg.top_p}")
-    if cfg.top_k < 0:
-        raise ValueError(f"--top_k must be >= 0 (0 = off), got {cfg.top_k}")
+    if cfg.fmt_steps < 1:
+        raise ValueError(f"--fmt_steps must be >= 1, got {cfg.fmt_steps}")
     if any(c in cfg.run_name for c in "/\\ ") or cfg.run_name.startswith("."):
         raise ValueError(f"--run_name becomes a file name: no '/', '\\', spaces or leading '.', got {cfg.run_name!r}")
     seeds(cfg)
@@ -366,6 +356,11 @@ def validate_opd(cfg: TrainConfig) -> None:
         get_objective(cfg.loss)
     except ValueError as e:
         raise ValueError(f"--loss: {e}") from None
+    try:
+        opd_config(cfg, cfg.loss, options, cfg.seed)
+    except ValueError as e:  # OPDConfig names the field first
+        field, rest = str(e).split(" ", 1)
+        raise ValueError(f"--{OPD_FLAG_OF_FIELD.get(field, field)} {rest}") from None
     try:
         check_objective(cfg.loss, options, tok.n_vocab)
     except ValueError as e:

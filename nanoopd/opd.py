@@ -88,17 +88,20 @@ class OPDConfig:
     diag_k: int = 16                 # k of the overlap diagnostics
 
     def __post_init__(self):
+        """Each message starts with the field's name, so that a command line can name its flag."""
         get_objective(self.loss)  # unknown names fail here, with the list of valid ones
         check_sampling_args(self.temperature, self.top_k, self.top_p, self.max_new_tokens)
         if self.temperature == 0:
-            raise ValueError("OPD samples from the student: temperature must be > 0")
+            raise ValueError("temperature must be > 0: OPD trains on the student's samples")
         for name in ("steps", "batch_size", "diag_k"):
             if getattr(self, name) < 1:
-                raise ValueError(f"OPD {name} must be >= 1, got {getattr(self, name)}")
-        if self.eval_every < 0 or self.warmup < 0:
-            raise ValueError(f"OPD eval_every and warmup must be >= 0, got {self.eval_every}, {self.warmup}")
-        if not self.lr > 0 or not self.grad_clip > 0:
-            raise ValueError(f"OPD lr and grad_clip must be > 0, got {self.lr} and {self.grad_clip}")
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "warmup"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("lr", "grad_clip"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
 
 def check_objective(name: str, options: dict, vocab_size: int) -> None:
