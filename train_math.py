@@ -567,6 +567,12 @@ def pct(values, none="-") -> str:
     return f"{100 * sum(values) / len(values):.1f}% ({each})"
 
 
+def degraded_cell(rows: list[dict]) -> str:
+    """'1/2 collapse': how many of the seeds degraded, and why."""
+    bad = [r["degraded"] for r in rows if r["degraded"]]
+    return f"{len(bad)}/{len(rows)} {' '.join(sorted(set(bad)))}".rstrip()
+
+
 def mean(values) -> float:
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else float("nan")
@@ -601,13 +607,12 @@ def run_compare(cfg: TrainConfig, tok, device, log) -> dict:
              f"{'objective':21s} | {'held-out acc, mean (per seed)':29s} | {'rev. KL start -> end':20s} | "
              f"{'length':6s} | {'overlap':7s} | {'max|r_t|':8s} | degraded"]
     for label, rs in by_label(rows).items():
-        bad = [r["degraded"] for r in rs if r["degraded"]]
         lines.append(f"{label:21s} | {pct(r['final_acc'] for r in rs):29s} | "
                      f"{mean(r['first_kl'] for r in rs):8.3f} -> {mean(r.get('final_kl') for r in rs):7.3f} | "
                      f"{mean(r.get('final_response_length') for r in rs):6.1f} | "
                      f"{100 * mean(r.get('final_overlap_ratio') for r in rs):6.1f}% | "
                      f"{mean(r.get('max_logratio_abs') for r in rs):8.1f} | "
-                     f"{len(bad)}/{len(rs)} {' '.join(sorted(set(bad)))}".rstrip())
+                     f"{degraded_cell(rs)}")
     lines.append("length, overlap (top-16, teacher vs student) and KL: means over the last 10 % of steps of the "
                  "rollouts; degraded: non-finite, length (>= 50 % of rollouts hit the budget) or collapse "
                  "(held-out accuracy > 10 points below the start)")
@@ -624,6 +629,9 @@ def make_fmt_student(cfg: TrainConfig, tok, device, teacher: GPT, student: GPT, 
     """A copy of the student fine-tuned to open every answer with <|fmt|>, a token the teacher was
     never trained on (so log q(<|fmt|> | c_t) is tens of nats below log pi)."""
     pairs = [(prompt, [tok.fmt_id] + resp) for prompt, resp in teacher_traces(teacher, tok, cfg)]
+    if not pairs:
+        raise ValueError(f"none of the teacher's {cfg.s_pool} greedy answers ended with <|eos|> within "
+                         f"--max_new_tokens {cfg.max_new_tokens}: train the teacher longer (or raise the budget)")
     model = copy.deepcopy(student)
     g = torch.Generator().manual_seed(cfg.seed + 3)
     batch = lambda s: [pairs[i] for i in torch.randint(len(pairs), (cfg.batch_size,), generator=g).tolist()]
@@ -662,13 +670,12 @@ def run_m2(cfg: TrainConfig, tok, device, log) -> dict:
              f"{'':25s} | {'step 0':14s} | {'step 0':9s} | {'step 0':9s} | {'step 0 -> end':14s} | "
              f"{'end':29s} | {'end':20s} |"]
     for label, rs in by_label(rows).items():
-        bad = [r["degraded"] for r in rs if r["degraded"]]
         lines.append(f"{label:25s} | {mean(r['step0_fmt_logratio'] for r in rs):+14.1f} | "
                      f"{100 * mean(r['step0_fmt_share'] for r in rs):8.1f}% | "
                      f"{mean(r['step0_grad_norm'] for r in rs):9.2f} | "
                      f"{mean(r['step0_other_kl'] for r in rs):5.2f} -> {mean(r.get('final_track_other_kl') for r in rs):5.2f} | "
                      f"{pct(r['final_acc'] for r in rs):29s} | {pct(r['final_fmt_rate'] for r in rs):20s} | "
-                     f"{len(bad)}/{len(rs)} {' '.join(sorted(set(bad)))}".rstrip())
+                     f"{degraded_cell(rs)}")
     lines.append("r_t = log pi - log q on the sampled <|fmt|> tokens (mean) and its share of the batch's sum_t |r_t|; "
                  "KL elsewhere: reverse KL at every other response position (step 0, and the last 10 % of steps); "
                  "<|fmt|> kept: share of greedy held-out answers that still open with it; mask: <|fmt|> left out of "

@@ -178,3 +178,23 @@ def test_opd_stage_loads_the_pair_and_writes_its_outputs(tmp_path):
     assert summary["opd_g05"]["final_acc"] is not None
     assert (tmp_path / "opd_g05.pt").exists()
     assert len((tmp_path / "opd_g05.jsonl").read_text().splitlines()) == 2
+
+
+def test_compare_and_m2_write_their_tables(tmp_path):
+    from train_math import M1_RUNS, M2_RUNS, main
+    teacher = tiny(0, 48)
+    with torch.no_grad():  # a teacher that answers <|eos|> at once, so M2 has traces to fine-tune on
+        teacher.ln_f.weight.zero_()
+        teacher.ln_f.bias.copy_(10 * teacher.wte.weight[TOK.eos_id] / teacher.wte.weight[TOK.eos_id].norm())
+    save_checkpoint(str(tmp_path / "teacher.pt"), teacher, 0)
+    save_checkpoint(str(tmp_path / "student.pt"), tiny(1), 0)
+    for experiment in ("--compare", "--m2"):
+        main(["--out_dir", str(tmp_path), experiment, "--seeds", "3", "--opd_steps", "1", "--opd_batch", "2",
+              "--max_new_tokens", "8", "--digits", "1", "--eval_n", "2", "--s_pool", "4", "--fmt_steps", "1",
+              "--batch_size", "2", "--threads", "1"])
+    for name, runs in (("m1", M1_RUNS), ("m2", M2_RUNS)):
+        table = (tmp_path / name / f"{name}.txt").read_text()
+        assert all(label in table for label, _, _ in runs)
+        rows = (tmp_path / name / f"{name}.csv").read_text().splitlines()
+        assert len(rows) == 1 + len(runs)  # header + one run per objective (one seed)
+    assert (tmp_path / "student_fmt.pt").exists()
