@@ -180,3 +180,19 @@ def test_unnormalized_settles_with_a_third_of_the_teachers_mass_on_the_support()
     q_s = torch.softmax(teacher, -1).gather(-1, index)  # (1, 1, 2)
     assert q_s.sum() > 0.9  # the teacher's top-2 holds nearly all of its mass ...
     torch.testing.assert_close(pi_s, q_s / math.e, rtol=1e-7, atol=0)  # ... the student 1/e of it
+
+
+def test_stopgrad_pushes_up_every_token_outside_the_support():
+    # for u outside S the stop-gradient loss has dL/dz_u = -pi(u) A, A = sum_S pi (log pi - log q):
+    # with A > 0 (the student sharper than the teacher on S) descent raises every logit outside S
+    # and nothing pushes them back down (the full KL's pi(u) (log pi(u) - log q(u)) is truncated)
+    teacher = torch.tensor([[[3.0, 2.0, -1.0, -2.0, -2.0]]], dtype=torch.float64)
+    student = torch.tensor([[[5.0, 1.0, -1.0, -2.0, -2.0]]], dtype=torch.float64)
+    tokens, mask = torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1, dtype=torch.bool)
+    _, grad, _ = loss_and_grad("topk_stopgrad", student, teacher, tokens, mask, k=2)  # S = {0, 1}
+    pi, q = torch.softmax(student, -1)[0, 0], torch.softmax(teacher, -1)[0, 0]
+    A = (pi[:2] * (pi[:2].log() - q[:2].log())).sum()
+    assert A > 0
+    torch.testing.assert_close(grad[0, 0, 2:], -pi[2:] * A, rtol=1e-10, atol=1e-15)
+    outside = lambda z: torch.softmax(z, -1)[0, 0, 2:].sum()
+    assert outside(student - 1.0 * grad) > outside(student)
