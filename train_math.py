@@ -479,7 +479,7 @@ def run_opd(cfg: TrainConfig, tok, teacher: GPT, student: GPT, log) -> dict:
     hide = parse_token_list(cfg.hide_from_teacher, tok, "--hide_from_teacher")
     ocfg = opd_config(cfg, cfg.loss, options, cfg.seed, track_tokens=options.get("mask_tokens", hide), hide_tokens=hide)
     s = train_opd(student, teacher, tok, ocfg, os.path.join(cfg.out_dir, f"opd_{name}"), test_problems(cfg),
-                  log, name)
+                  log, name, save_every=cfg.save_every, resume=cfg.resume)
     log(f"opd {name}: held-out greedy accuracy {s['start_acc']:.1%} -> {s['final_acc']:.1%} | reverse KL "
         f"{s['first_kl']:.3f} -> {s['final_kl']:.3f} | degraded: {s['degraded'] or 'no'}")
     return {k: s[k] for k in ("start_acc", "final_acc", "first_kl", "final_kl", "final_response_length",
@@ -706,9 +706,9 @@ def train_pi_base(cfg: TrainConfig, tok, device, log) -> GPT:
     kinds = mixture_kinds(len(problems), PI_MIX, torch.Generator().manual_seed(cfg.seed + 4))
     B = cfg.batch_size
     batch = lambda s: [pi_example(tok, p, k) for p, k in zip(problems[s * B:(s + 1) * B], kinds[s * B:(s + 1) * B])]
-    train_sft(model, batch, cfg.pi_steps, cfg.t_lr, tok.pad_id, log_every=cfg.log_every, desc="pi-base", log=log)
-    save_checkpoint(os.path.join(cfg.out_dir, "pibase.pt"), model, cfg.pi_steps,
-                    extra={"role": "pibase", "train": asdict(cfg)})
+    train_sft(model, batch, cfg.pi_steps, cfg.t_lr, tok.pad_id, log_every=cfg.log_every, desc="pi-base", log=log,
+              ckpt_path=os.path.join(cfg.out_dir, "pibase.pt"), save_every=cfg.save_every, resume=cfg.resume,
+              extra={"role": "pibase", "train": asdict(cfg)})
     return model
 
 
@@ -734,15 +734,17 @@ def pi_scores(model: GPT, tok, problems, cfg: TrainConfig, kind: str | None = No
 
 
 def opsd_run(cfg: TrainConfig, tok, base: GPT, kind: str, seed: int, prefix: str, problems, log, name: str,
-             start: tuple[float, float], print_every: int = 1) -> dict:
+             start: tuple[float, float], print_every: int = 1, resume: dict | None = None) -> dict:
     """One OPSD run from a copy of `base`: the OPD loop, with the teacher = the same network
-    (frozen step-0 copy, or live) scoring the student's samples under PI `kind`."""
+    (frozen step-0 copy, or live) scoring the student's samples under PI `kind`. resume: the
+    save_every/resume arguments of train_opd (stage opd; the M3 grid runs without)."""
+    resume = resume or {}
     student = copy.deepcopy(base)
     teacher = self_teacher(student, live=cfg.live_teacher)
     ocfg = opd_config(cfg, cfg.loss, objective_options(cfg, tok), seed)
     s = train_opd(student, teacher, tok, ocfg, prefix, problems, log, name, start_acc=start[0],
-                  print_every=print_every, teacher_score=PrivilegedTeacher(tok, kind))
-    acc, rule = pi_scores(student, tok, problems, cfg)
+                  print_every=print_every, teacher_score=PrivilegedTeacher(tok, kind), **resume)
+    acc, rule = distributed.from_main(lambda: pi_scores(student, tok, problems, cfg))
     log(f"{name}: without PI, held-out accuracy {start[0]:.1%} -> {acc:.1%} | rule-following {start[1]:.1%} -> "
         f"{rule:.1%} | reverse KL to the PI teacher {s['first_kl']:.3f} -> {s['final_kl']:.3f}")
     return {"pi": kind, "seed": seed, **s, "final_acc": acc, "start_rule": start[1], "final_rule": rule}
@@ -753,7 +755,8 @@ def run_opsd(cfg: TrainConfig, tok, base: GPT, log) -> dict:
     name = cfg.run_name or f"opsd_{cfg.pi}"
     problems = rule_test_problems(cfg)
     r = opsd_run(cfg, tok, base, cfg.pi, cfg.seed, os.path.join(cfg.out_dir, f"opd_{name}"), problems, log, name,
-                 pi_scores(base, tok, problems, cfg))
+                 distributed.from_main(lambda: pi_scores(base, tok, problems, cfg)),
+                 resume={"save_every": cfg.save_every, "resume": cfg.resume})
     return {k: r[k] for k in ("start_acc", "final_acc", "start_rule", "final_rule", "first_kl", "final_kl", "seconds")}
 
 
@@ -908,10 +911,10 @@ def main(argv=None) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dist_info, device = distributed.setup(cfg.device)  # one process, or one rank of torchrun
-    if dist_info.enabled and (cfg.compare or cfg.m2 or cfg.m3 or cfg.m4 or cfg.m5
-                              or {"opd", "pibase", "rlvr"} & set(cfg.stages.split(","))):
-        raise ValueError("under torchrun only the SFT stages (teacher, student) and eval run data-parallel; "
-                         "run OPD, RLVR, the OPSD base and the experiments as a single process (python train_math.py ...)")
+    if dist_info.enabled and (cfg.compare or cfg.m2 or cfg.m3 or cfg.m4 or cfg.m5 or "rlvr" in cfg.stages.split(",")):
+        raise ValueError("under torchrun the stages teacher, student, pibase, opd (OPD and OPSD) and eval run "
+                         "data-parallel; run stage rlvr and the experiments (--compare, --m2..--m5) as a single "
+                         "process (python train_math.py ...)")
     tok = get_tokenizer()
     os.makedirs(cfg.out_dir, exist_ok=True)
     summary_path = os.path.join(cfg.out_dir, "summary.json")

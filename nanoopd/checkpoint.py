@@ -88,3 +88,19 @@ def load_checkpoint(path: str, device="cpu", expect_vocab: int | None = None) ->
         raise CheckpointError(f"checkpoint '{path}': weights do not match its config ({e}); the file is "
                               f"damaged or was edited: retrain it") from e
     return model.to(device), payload
+
+
+def restore_training_state(path: str, model, optimizer) -> dict:
+    """Load weights and optimizer state from a checkpoint into model/optimizer (in place) and
+    return its payload (step, extra). The checkpoint's model config must equal the model's, and it
+    must hold an optimizer state (else a CheckpointError says so)."""
+    payload = read_checkpoint(path)
+    raw = getattr(model, "module", model)
+    if payload["config"] != asdict(raw.config):
+        raise CheckpointError(f"cannot resume from '{path}': it holds a model with config {payload['config']}, "
+                              f"this run builds {asdict(raw.config)}; use the same flags or another --out_dir")
+    if "optimizer" not in payload:
+        raise CheckpointError(f"cannot resume from '{path}': it holds no optimizer state (a final export?)")
+    raw.load_state_dict(payload["model"])
+    optimizer.load_state_dict(payload["optimizer"])
+    return payload

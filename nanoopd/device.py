@@ -47,6 +47,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rng_snapshot(generator: torch.Generator) -> dict:
+    """Every random state a training loop draws from: its own sampling generator and torch's
+    global CPU (and CUDA) generators, so that a resumed run draws what an uninterrupted one would."""
+    snap = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        snap["cuda"] = torch.cuda.get_rng_state()
+    return snap
+
+
+def rng_restore(snap: dict, generator: torch.Generator) -> None:
+    """Undo rng_snapshot: put the states back."""
+    generator.set_state(snap["generator"])
+    torch.set_rng_state(snap["torch"])
+    if "cuda" in snap and torch.cuda.is_available():
+        torch.cuda.set_rng_state(snap["cuda"])
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for queued GPU work so that wall-clock timings are honest."""
     if device.type == "cuda":

@@ -71,10 +71,15 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
+def rank_and_world() -> tuple[int, int]:
+    """(this process's rank, number of processes); (0, 1) when not distributed."""
+    return (dist.get_rank(), dist.get_world_size()) if active() else (0, 1)
+
+
 def shard(items: list, rank: int | None = None, world_size: int | None = None) -> list:
     """This rank's share of a global batch: items rank, rank + N, rank + 2N, ..."""
     if rank is None:
-        rank, world_size = (dist.get_rank(), dist.get_world_size()) if active() else (0, 1)
+        rank, world_size = rank_and_world()
     return items[rank::world_size]
 
 
@@ -84,6 +89,53 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
         x = x.clone()
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
     return x
+
+
+def _comm_device() -> torch.device:
+    """Where small tensors must live for a collective: the GPU under NCCL, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def any_rank(flag: bool) -> bool:
+    """True if `flag` is True on any rank: every rank takes the same branch (a rank that raised
+    alone would leave the others waiting in the next all-reduce)."""
+    if not active():
+        return flag
+    t = torch.tensor(float(flag), device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def reduce_record(record: dict, sum_keys=(), max_keys=()) -> dict:
+    """A per-rank dict of floats -> the same dict over all ranks: the sum for sum_keys, the max
+    for max_keys, the mean over ranks for every other float (ints and strings are left alone).
+    The record itself when not distributed."""
+    if not active():
+        return record
+    keys = [k for k, v in record.items() if isinstance(v, float)]
+    x = torch.tensor([record[k] for k in keys], dtype=torch.float64, device=_comm_device())  # (n,)
+    total, top = x.clone(), x.clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    dist.all_reduce(top, op=dist.ReduceOp.MAX)
+    world = dist.get_world_size()
+    out = dict(record)
+    for i, k in enumerate(keys):
+        out[k] = top[i].item() if k in max_keys else total[i].item() / (1 if k in sum_keys else world)
+    return out
+
+
+def gather_objects(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank ([obj] when not distributed)."""
+    if not active():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def from_main(fn):
+    """fn() computed on rank 0 only (an evaluation, say), its value handed to every rank."""
+    return gather_objects(fn() if is_main() else None)[0]
 
 
 def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:

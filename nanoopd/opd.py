@@ -50,8 +50,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from nanoopd.checkpoint import save_checkpoint
-from nanoopd.device import autocast, synchronize
+from nanoopd import distributed
+from nanoopd.checkpoint import CheckpointError, restore_training_state, save_checkpoint
+from nanoopd.device import autocast, rng_restore, rng_snapshot, synchronize
 from nanoopd.evaluate import evaluate
 from nanoopd.metrics import masked_mean, opd_diagnostics, sampled_logratio
 from nanoopd.model import GPT
@@ -62,6 +63,8 @@ from nanoopd.sft import encode_example, lr_at
 from nanoopd.tasks import Problem, sample_problems, verify
 from nanoopd.tokenizer import Tokenizer
 
+# under torchrun, rank r samples with a generator seeded cfg.seed + RANK_SEED_STRIDE * r
+RANK_SEED_STRIDE = 1_000_003
 # the per-objective stats that opd_diagnostics already reports (over the full response mask)
 _COMMON_STATS = ("loss", "kl", "logratio_max_abs", "logratio_pos_share", "n_tokens")
 
@@ -177,12 +180,24 @@ def opd_step(student: GPT, teacher: GPT, optimizer: torch.optim.Optimizer, tok: 
     (the JSONL keys of the module docstring, without eval_acc). The teacher must be frozen (or be
     the student itself, scored without gradient). teacher_score(teacher, rollout, problems) ->
     logits (B, N, V), if given, replaces the plain scoring, e.g. to give the teacher a different
-    context for the same response tokens (self_distill.PrivilegedTeacher)."""
-    device = next(student.parameters()).device
+    context for the same response tokens (self_distill.PrivilegedTeacher).
+
+    Under torchrun `student` is the DDP-wrapped model and `problems` this rank's share of the
+    global batch. The loss each rank differentiates is scaled so that DDP's gradient average is
+    exactly the gradient of the per-token loss over the whole global batch:
+
+        loss_r * world * n_r / n   (n_r: loss tokens of rank r, n = sum_r n_r)
+        => (1/world) sum_r grad(loss_r * world * n_r / n) = grad( sum_{all tokens} l / n )
+
+    In one process the factor is n / n = 1 and nothing changes. The record is reduced over ranks
+    (distributed.reduce_record): the global loss, summed token counts and throughput, the max of
+    maxima, the mean over ranks of everything else."""
+    model = getattr(student, "module", student)  # the bare GPT: sampling needs no gradient sync
+    device = next(model.parameters()).device
     objective = get_objective(cfg.loss)
     t0 = time.perf_counter()
     prompts = [encode_example(tok, p)[0] for p in problems]
-    ro = generate(student, prompts, cfg.max_new_tokens, tok.eos_id, tok.pad_id,
+    ro = generate(model, prompts, cfg.max_new_tokens, tok.eos_id, tok.pad_id,
                   temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                   generator=generator)
     synchronize(device)
@@ -199,11 +214,14 @@ def opd_step(student: GPT, teacher: GPT, optimizer: torch.optim.Optimizer, tok: 
         student_logits = response_logits(student, ro).float()  # (B, N, V)
     loss, stats = objective(student_logits, teacher_logits, ro.response, ro.response_mask,
                             **cfg.options)
-    if not torch.isfinite(loss):
+    if distributed.any_rank(not bool(torch.isfinite(loss))):
         raise FloatingPointError(f"OPD step {step}: non-finite loss ({loss.item()}) with objective "
                                  f"{cfg.loss!r}; weights left as they were before this step")
+    n_local = torch.tensor(stats["n_tokens"], device=device)
+    n_global = distributed.all_reduce_sum(n_local)  # loss tokens over all ranks
+    world = distributed.rank_and_world()[1]
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss * (world * n_local / n_global.clamp(min=1))).backward()  # factor 1 in one process
     gnorm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip))
     if not torch.isfinite(torch.tensor(gnorm)):
         optimizer.zero_grad(set_to_none=True)
@@ -230,6 +248,11 @@ def opd_step(student: GPT, teacher: GPT, optimizer: torch.optim.Optimizer, tok: 
         "t_rollout": t1 - t0, "t_teacher": t2 - t1, "t_student": t3 - t2,
         **{k: v for k, v in stats.items() if k not in _COMMON_STATS},
     }
+    if distributed.active():
+        global_loss = (distributed.all_reduce_sum(loss.detach() * n_local) / n_global.clamp(min=1)).item()
+        record = distributed.reduce_record(record, sum_keys=("tok_s", "n_loss_tokens"),
+                                           max_keys=("logratio_max_abs", "t_rollout", "t_teacher", "t_student"))
+        record["loss"] = global_loss
     return record
 
 
@@ -268,17 +291,29 @@ def degradation(summary: dict, budget_share_limit: float = 0.5, collapse_drop: f
 
 def train_opd(student: GPT, teacher: GPT, tok: Tokenizer, cfg: OPDConfig, run_prefix: str,
               eval_problems: list[Problem], log=print, name: str | None = None,
-              start_acc: float | None = None, print_every: int = 1, teacher_score=None) -> dict:
+              start_acc: float | None = None, print_every: int = 1, teacher_score=None,
+              save_every: int = 0, resume: bool = False) -> dict:
     """Distil `teacher` into `student` (in place) for cfg.steps steps.
 
     teacher may be `student` itself (self-distillation with live weights: it scores without
     gradient and is not frozen); teacher_score is passed on to opd_step.
 
-    Writes <run_prefix>.jsonl (one record per step), <run_prefix>.pt (student checkpoint, at every
-    evaluation and at the end) and <run_prefix>.json (the summary, also returned). Held-out greedy
-    accuracy is measured on `eval_problems` at the start (unless `start_acc` is given: the same
-    student was already evaluated), every cfg.eval_every steps, and at the end. A non-finite loss
-    or gradient writes the summary with its `error` and re-raises the FloatingPointError.
+    Writes <run_prefix>.jsonl (one record per step), <run_prefix>.pt and <run_prefix>.json (the
+    summary, also returned). Held-out greedy accuracy is measured on `eval_problems` at the start
+    (unless `start_acc` is given: the same student was already evaluated), every cfg.eval_every
+    steps, and at the end. A non-finite loss or gradient writes the summary with its `error` and
+    re-raises the FloatingPointError.
+
+    The checkpoint <run_prefix>.pt holds the weights, the optimizer state, every rank's RNG states
+    and the records so far; it is written atomically at every evaluation, every `save_every` steps
+    (0: only at evaluations) and at the end. With resume=True and a checkpoint there, written by a
+    run with the same OPDConfig and number of processes, training continues from its step and ends
+    where an uninterrupted run ends (prompts and learning rates are functions of the step; the
+    sampler's state is restored).
+
+    Under torchrun every rank calls this with the same arguments: each samples and scores its
+    share of every global batch of cfg.batch_size prompts with its own generator (seed + rank
+    stride), gradients are averaged by DDP (see opd_step), rank 0 evaluates, logs and writes files.
     """
     if student.config.vocab_size != teacher.config.vocab_size:
         raise ValueError(f"teacher and student vocabularies differ (teacher {teacher.config.vocab_size}, "
@@ -287,50 +322,81 @@ def train_opd(student: GPT, teacher: GPT, tok: Tokenizer, cfg: OPDConfig, run_pr
     if student.config.vocab_size != tok.n_vocab:
         raise ValueError(f"the models have {student.config.vocab_size} tokens, the tokenizer "
                          f"{tok.n_vocab}: retrain them with this tokenizer")
+    rank, world = distributed.rank_and_world()
+    if cfg.batch_size < world:
+        raise ValueError(f"an OPD batch of {cfg.batch_size} prompts cannot be shared by {world} processes: "
+                         f"raise the batch size or lower --nproc_per_node")
     name = name or cfg.loss
     device = next(student.parameters()).device
     if teacher is not student:
         freeze(teacher)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.0)
     problems = sample_problems(cfg.steps * cfg.batch_size, "train", cfg.seed, cfg.digits, cfg.ops)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    os.makedirs(os.path.dirname(os.path.abspath(run_prefix)), exist_ok=True)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed + RANK_SEED_STRIDE * rank)
+    is_main = rank == 0
+    if is_main:
+        os.makedirs(os.path.dirname(os.path.abspath(run_prefix)), exist_ok=True)
     jsonl_path, ckpt_path = run_prefix + ".jsonl", run_prefix + ".pt"
-    held_out = lambda: evaluate(student, tok, eval_problems, 0.0, cfg.max_new_tokens)
 
-    if start_acc is None:
-        start_acc = held_out()
+    held_out = lambda: distributed.from_main(lambda: evaluate(student, tok, eval_problems, 0.0, cfg.max_new_tokens))
+
+    records, first, elapsed = [], 0, 0.0
+    if resume and os.path.exists(ckpt_path):
+        first, records, summary, elapsed = resume_opd(ckpt_path, student, optimizer, generator, cfg)
+        log(f"opd {name}: resuming from '{ckpt_path}' at step {first}/{cfg.steps}")
+    else:
+        if start_acc is None:
+            start_acc = held_out()
+        summary = {"name": name, "config": asdict(cfg), "start_acc": start_acc, "evals": [[0, start_acc]],
+                   "error": None, "last_good_checkpoint": None}
     log(f"opd {name}: {cfg.steps} steps of {cfg.loss} {cfg.options or ''} | lr {cfg.lr} | "
-        f"batch {cfg.batch_size} | T={cfg.temperature} top_p={cfg.top_p} top_k={cfg.top_k} | "
-        f"held-out greedy accuracy at start {start_acc:.1%} (n={len(eval_problems)})")
-    summary = {"name": name, "config": asdict(cfg), "start_acc": start_acc, "evals": [[0, start_acc]],
-               "error": None, "last_good_checkpoint": None}
-    records, t_start = [], time.time()
-    with open(jsonl_path, "w") as f:
-        for step in range(cfg.steps):
-            batch = problems[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+        f"batch {cfg.batch_size}{f' over {world} processes' if world > 1 else ''} | T={cfg.temperature} "
+        f"top_p={cfg.top_p} top_k={cfg.top_k} | held-out greedy accuracy at start {summary['start_acc']:.1%} "
+        f"(n={len(eval_problems)})")
+    ddp_student = distributed.wrap(student, device)  # the student itself in one process
+    t_start = time.time()
+
+    def save(step: int) -> None:  # every rank takes part: their RNG states are gathered
+        rngs = distributed.gather_objects(rng_snapshot(generator))
+        if is_main:
+            summary["last_good_checkpoint"] = ckpt_path
+            save_checkpoint(ckpt_path, student, step, optimizer=optimizer, extra={
+                "role": "opd", "name": name, "opd": asdict(cfg),
+                "resume": {"rng": rngs, "records": records, "summary": summary,
+                           "elapsed": elapsed + time.time() - t_start}})
+
+    f = open(jsonl_path, "w") if is_main else None
+    try:
+        for rec in records:  # a resumed run rewrites the steps it keeps
+            f.write(json.dumps(rec) + "\n")
+        for step in range(first, cfg.steps):
+            batch = distributed.shard(problems[step * cfg.batch_size:(step + 1) * cfg.batch_size])
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
             try:
-                rec = opd_step(student, teacher, optimizer, tok, batch, cfg, generator, step, teacher_score)
+                rec = opd_step(ddp_student, teacher, optimizer, tok, batch, cfg, generator, step, teacher_score)
             except FloatingPointError as e:
                 summary["error"] = str(e)
                 log(f"opd {name}: stopped: {e}; last good checkpoint: {summary['last_good_checkpoint']}")
                 break
             last = step == cfg.steps - 1
-            if last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0):
+            evaluate_now = last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)
+            if evaluate_now:
                 rec["eval_acc"] = held_out()
                 summary["evals"].append([step + 1, rec["eval_acc"]])
-                save_checkpoint(ckpt_path, student, step + 1, extra={"role": "opd", "name": name,
-                                                                     "opd": asdict(cfg)})
-                summary["last_good_checkpoint"] = ckpt_path
             records.append(rec)
-            f.write(json.dumps(rec) + "\n")
-            f.flush()
+            if f:
+                f.write(json.dumps(rec) + "\n")
+                f.flush()
+            if evaluate_now or (save_every and (step + 1) % save_every == 0):
+                save(step + 1)
             if print_every and (step % print_every == 0 or last or "eval_acc" in rec):
                 log(format_record(name, rec))
+    finally:
+        if f:
+            f.close()
 
-    summary.update(steps_done=len(records), seconds=round(time.time() - t_start, 1),
+    summary.update(steps_done=len(records), seconds=round(elapsed + time.time() - t_start, 1),
                    final_acc=summary["evals"][-1][1] if len(summary["evals"]) > 1 else None)
     if records:
         for key in ("kl", "response_length", "overlap_ratio", "overlap_mass_student", "budget_share",
@@ -341,8 +407,34 @@ def train_opd(student: GPT, teacher: GPT, tok: Tokenizer, cfg: OPDConfig, run_pr
         summary["first_step"] = records[0]
         summary["max_logratio_abs"] = max(r["logratio_max_abs"] for r in records)
     summary["degraded"] = degradation(summary)
-    with open(run_prefix + ".json", "w") as f:
-        json.dump(summary, f, indent=2)
+    if is_main:
+        with open(run_prefix + ".json", "w") as out:
+            json.dump(summary, out, indent=2)
     if summary["error"]:
         raise FloatingPointError(summary["error"])
     return summary
+
+
+def resume_opd(path: str, student: GPT, optimizer: torch.optim.Optimizer, generator: torch.Generator,
+               cfg: OPDConfig) -> tuple[int, list[dict], dict, float]:
+    """Restore an OPD run from its checkpoint: weights and optimizer (in place), this rank's RNG
+    states; returns (step, records so far, summary so far, seconds already spent). The checkpoint
+    must come from a run with the same OPDConfig and number of processes (else CheckpointError)."""
+    payload = restore_training_state(path, student, optimizer)
+    extra = payload.get("extra", {})
+    state = extra.get("resume")
+    if state is None:
+        raise CheckpointError(f"cannot resume from '{path}': it holds no OPD run state (not an OPD checkpoint, "
+                              f"or one written before resuming existed); start the run again without --resume")
+    if extra.get("opd") != asdict(cfg):
+        old, new = extra.get("opd") or {}, asdict(cfg)
+        diff = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in new if old.get(k) != new[k])
+        raise CheckpointError(f"cannot resume from '{path}': it was written by a run with other OPD settings "
+                              f"({diff}); use the same flags, or another --run_name for a new run")
+    rank, world = distributed.rank_and_world()
+    if len(state["rng"]) != world:
+        raise CheckpointError(f"cannot resume from '{path}': it was written by {len(state['rng'])} process(es), "
+                              f"this run has {world}; resume with the same number of processes")
+    rng_restore(state["rng"][rank], generator)
+    summary = dict(state["summary"], error=None)
+    return int(payload["step"]), list(state["records"]), summary, float(state["elapsed"])

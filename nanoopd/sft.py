@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from nanoopd import distributed
-from nanoopd.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+from nanoopd.checkpoint import restore_training_state, save_checkpoint
 from nanoopd.device import autocast, synchronize
 from nanoopd.tasks import Problem, prompt_text, trace_text
 from nanoopd.tokenizer import Tokenizer
@@ -80,7 +80,7 @@ def train_sft(model, next_examples, steps: int, lr: float, pad_id: int, weight_d
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=weight_decay)
     start = 0
     if resume and ckpt_path and os.path.exists(ckpt_path):
-        start = restore_training_state(ckpt_path, model, opt)
+        start = int(restore_training_state(ckpt_path, model, opt)["step"])
         log(f"{desc}: resuming from '{ckpt_path}' at step {start}/{steps}")
     ddp_model = distributed.wrap(model, device)  # the model itself unless distributed
     world = torch.distributed.get_world_size() if distributed.active() else 1
@@ -116,17 +116,3 @@ def train_sft(model, next_examples, steps: int, lr: float, pad_id: int, weight_d
         if ckpt_path and is_main and (step + 1 == steps or (save_every and (step + 1) % save_every == 0)):
             save_checkpoint(ckpt_path, model, step + 1, optimizer=opt, extra=extra)
     return losses
-
-
-def restore_training_state(path: str, model, optimizer) -> int:
-    """Load weights and optimizer state from a checkpoint into model/optimizer; return its step.
-    The checkpoint's model config must equal the model's (else a CheckpointError says so)."""
-    payload = read_checkpoint(path)
-    if payload["config"] != asdict(model.config):
-        raise CheckpointError(f"cannot resume from '{path}': it holds a model with config {payload['config']}, "
-                              f"this run builds {asdict(model.config)}; use the same flags or another --out_dir")
-    if "optimizer" not in payload:
-        raise CheckpointError(f"cannot resume from '{path}': it holds no optimizer state (a final export?)")
-    model.load_state_dict(payload["model"])
-    optimizer.load_state_dict(payload["optimizer"])
-    return int(payload["step"])

@@ -1,4 +1,5 @@
-"""DDP on the CPU (gloo, 2 processes): the same weights as one process on the same global batch."""
+"""DDP on the CPU (gloo, 2 processes): the same weights as one process on the same global batch,
+for SFT and for on-policy distillation."""
 
 import os
 import socket
@@ -9,6 +10,7 @@ import torch.multiprocessing as mp
 
 from nanoopd import distributed
 from nanoopd.model import GPT, GPTConfig
+from nanoopd.opd import OPDConfig, train_opd
 from nanoopd.sft import encode_example, train_sft
 from nanoopd.tasks import sample_problems
 from nanoopd.tokenizer import get_tokenizer
@@ -38,6 +40,44 @@ def worker(rank, world, port, out):
         train_sft(model, batches, STEPS, 3e-3, get_tokenizer().pad_id, warmup=2, log_every=0)
         if info.is_main:
             torch.save(model.state_dict(), out)
+    finally:
+        distributed.cleanup()
+
+
+# OPD: rollouts with top_k = 1 are the same whoever samples them, so 2 ranks that each sample half
+# of every batch see exactly the rollouts of one process; what is tested is the data-parallel
+# arithmetic (sharding, the global-token loss scale, gradient averaging, reduced logs). With real
+# sampling each rank draws from its own generator and the runs agree in distribution only. The
+# learning rate is small because Adam scales every gradient to a step of order lr, also the ones
+# that are 0 in exact arithmetic (the attention key bias, which softmax ignores) and so differ
+# between the runs only by rounding noise: at lr 1e-2 those reach 2e-5 after 3 steps.
+OPD = OPDConfig(loss="sampled_token", steps=3, batch_size=8, top_k=1, max_new_tokens=10, digits=1, lr=1e-3,
+                warmup=0, eval_every=2, seed=5)
+
+
+def opd_pair():
+    torch.manual_seed(1)
+    teacher = GPT(GPTConfig(vocab_size=get_tokenizer().n_vocab, n_layer=1, n_head=2, n_embd=48, block_size=32))
+    torch.manual_seed(2)
+    student = GPT(GPTConfig(vocab_size=get_tokenizer().n_vocab, n_layer=1, n_head=2, n_embd=32, block_size=32))
+    return teacher, student
+
+
+def run_opd(prefix):
+    teacher, student = opd_pair()
+    summary = train_opd(student, teacher, get_tokenizer(), OPD, prefix, sample_problems(4, "test", 0, digits=1),
+                        log=lambda _: None, save_every=1)
+    return student, summary
+
+
+def opd_worker(rank, world, port, prefix):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    distributed.setup("cpu")
+    try:
+        student, _ = run_opd(prefix)
+        torch.save(student.state_dict(), f"{prefix}.rank{rank}")
     finally:
         distributed.cleanup()
 
@@ -86,3 +126,58 @@ def test_torchrun_train_math_teacher_matches_single_process(tmp_path):
     b = torch.load(tmp_path / "two" / "teacher.pt", weights_only=False)["model"]
     for name in a:
         assert torch.allclose(a[name], b[name], atol=TOL, rtol=0), name
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+def test_two_process_opd_matches_single_process(tmp_path):
+    prefix = str(tmp_path / "ddp")
+    mp.spawn(opd_worker, args=(2, free_port(), prefix), nprocs=2, join=True)
+    single, summary = run_opd(str(tmp_path / "one"))
+    ranks = [torch.load(f"{prefix}.rank{r}") for r in range(2)]
+    start = opd_pair()[1].state_dict()
+    for name, p in single.state_dict().items():
+        assert not torch.equal(p, start[name]) or name.endswith("bias")  # training moved the weights
+        assert torch.equal(ranks[0][name], ranks[1][name]), name  # DDP keeps the ranks identical
+        assert torch.allclose(ranks[0][name], p, atol=TOL, rtol=0), name
+    saved = torch.load(prefix + ".pt", weights_only=False)  # rank 0 wrote it, with both ranks' RNG states
+    assert saved["step"] == OPD.steps and len(saved["extra"]["resume"]["rng"]) == 2
+    import json
+    two = [json.loads(line) for line in open(prefix + ".jsonl")]
+    one = [json.loads(line) for line in open(str(tmp_path / "one.jsonl"))]
+    assert len(two) == len(one) == OPD.steps
+    for a, b in zip(one, two):  # the logged numbers are those of the whole global batch
+        for key in ("loss", "kl", "acc", "n_loss_tokens", "response_length", "grad_norm"):
+            assert abs(a[key] - b[key]) <= 1e-4 * max(1.0, abs(a[key])), key
+    assert json.load(open(prefix + ".json"))["evals"] == summary["evals"]
+
+
+def test_torchrun_train_math_opd_stage_matches_single_process(tmp_path):
+    """Stage opd of the real entry point under torchrun (2 gloo ranks, top_k 1 rollouts) writes the
+    student one process writes; then --resume finds the finished run and trains nothing more."""
+    import subprocess
+    import sys
+    from nanoopd.checkpoint import save_checkpoint
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    teacher, student = opd_pair()
+    for folder in ("one", "two"):
+        save_checkpoint(str(tmp_path / folder / "teacher.pt"), teacher, 0)
+        save_checkpoint(str(tmp_path / folder / "student.pt"), student, 0)
+    args = ["train_math.py", "--stages", "opd", "--opd_steps", "3", "--opd_batch", "8", "--top_k", "1",
+            "--max_new_tokens", "10", "--digits", "1", "--eval_n", "4", "--opd_lr", "1e-3", "--opd_warmup", "0",
+            "--threads", "1", "--device", "cpu"]
+    single = subprocess.run([sys.executable, *args, "--out_dir", str(tmp_path / "one")],
+                            cwd=root, capture_output=True, text=True, timeout=120)
+    assert single.returncode == 0, single.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          "--master_port", str(free_port()), *args, "--out_dir", str(tmp_path / "two")],
+                         cwd=root, capture_output=True, text=True, timeout=180)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert "batch 8 over 2 processes" in two.stdout
+    a = torch.load(tmp_path / "one" / "opd_sampled_token.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "two" / "opd_sampled_token.pt", weights_only=False)["model"]
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=TOL, rtol=0), name
+    again = subprocess.run([sys.executable, *args, "--out_dir", str(tmp_path / "one"), "--resume"],
+                           cwd=root, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert "resuming from" in again.stdout and "at step 3/3" in again.stdout

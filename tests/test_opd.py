@@ -198,3 +198,56 @@ def test_compare_and_m2_write_their_tables(tmp_path):
         rows = (tmp_path / name / f"{name}.csv").read_text().splitlines()
         assert len(rows) == 1 + len(runs)  # header + one run per objective (one seed)
     assert (tmp_path / "student_fmt.pt").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# resume: an interrupted run continues from its checkpoint to the weights of an uninterrupted one
+
+
+def test_interrupted_then_resumed_opd_equals_uninterrupted(tmp_path, monkeypatch):
+    import nanoopd.opd as opd
+    teacher, init = tiny(0, 48), tiny(1)
+    problems = sample_problems(4, "test", 0, 1)
+    cfg = config(loss="sampled_token", steps=6, eval_every=3, lr=3e-3, warmup=2)
+    run = lambda student, prefix, **kw: train_opd(student, teacher, TOK, cfg, str(tmp_path / prefix), problems,
+                                                 log=lambda _: None, save_every=2, **kw)
+    full = copy.deepcopy(init)
+    run(full, "full")
+
+    real_step = opd.opd_step
+
+    def killed_at_step_5(*args):  # the process dies during step 5; the last checkpoint is after step 3
+        if args[7] == 5:
+            raise KeyboardInterrupt
+        return real_step(*args)
+    monkeypatch.setattr(opd, "opd_step", killed_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        run(copy.deepcopy(init), "part")
+    assert torch.load(tmp_path / "part.pt", weights_only=False)["step"] == 4
+    monkeypatch.setattr(opd, "opd_step", real_step)
+    torch.manual_seed(1234)  # a fresh process: other global RNG state, the checkpoint restores it
+    resumed = tiny(7)  # other weights too: they come from the checkpoint
+    summary = run(resumed, "part", resume=True)
+
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name  # bit-identical on the CPU
+    timing = ("tok_s", "t_rollout", "t_teacher", "t_student")
+    lines = lambda p: [{k: v for k, v in json.loads(line).items() if k not in timing}
+                       for line in (tmp_path / p).read_text().splitlines()]
+    assert lines("part.jsonl") == lines("full.jsonl")  # steps 0-3 kept, 4-5 rerun identically
+    full_summary = json.loads((tmp_path / "full.json").read_text())
+    assert summary["evals"] == full_summary["evals"] and summary["final_kl"] == full_summary["final_kl"]
+
+
+def test_resume_refuses_a_checkpoint_of_other_opd_settings(tmp_path):
+    from nanoopd.checkpoint import CheckpointError
+    teacher, student = tiny(0, 48), tiny(1)
+    problems = sample_problems(2, "test", 0, 1)
+    prefix = str(tmp_path / "run")
+    train_opd(student, teacher, TOK, config(steps=2), prefix, problems, log=lambda _: None, start_acc=0.0)
+    with pytest.raises(CheckpointError, match=r"other OPD settings \(loss: 'sampled_token' -> 'full_reverse_kl'"):
+        train_opd(tiny(1), teacher, TOK, config(steps=2, loss="full_reverse_kl"), prefix, problems,
+                  log=lambda _: None, resume=True)
+    save_checkpoint(prefix + ".pt", tiny(1), 1)  # weights only, e.g. an SFT export
+    with pytest.raises(CheckpointError, match="optimizer"):
+        train_opd(tiny(1), teacher, TOK, config(steps=2), prefix, problems, log=lambda _: None, resume=True)
