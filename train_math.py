@@ -804,16 +804,18 @@ def rlvr_config(cfg: TrainConfig, seed: int) -> RLVRConfig:
                       digits=cfg.digits, ops=cfg.ops)
 
 
-def train_rlvr_teacher(cfg: TrainConfig, tok, teacher: GPT, student: GPT, seed: int, path: str, log) -> GPT:
+def train_rlvr_teacher(cfg: TrainConfig, tok, teacher: GPT, student: GPT, seed: int, path: str, log,
+                       resume: bool = False) -> GPT:
     """An RLVR-adapted teacher: a copy of the student (or of the SFT teacher, --rlvr_init) trained
     with group-normalised REINFORCE and the verifier as reward; with --rlvr_cut > 0 its contexts
-    are the student's samples cut at random fractions."""
+    are the student's samples cut at random fractions. Checkpointed to `path` every --save_every
+    steps and at the end; resume=True continues from there (stage rlvr --resume)."""
     model = copy.deepcopy(student if cfg.rlvr_init == "student" else teacher).train().requires_grad_(True)
     rcfg = rlvr_config(cfg, seed)
     log(f"rlvr: from the {cfg.rlvr_init}, {rcfg.steps} steps x {rcfg.prompts} problems x {rcfg.group} samples, "
         f"lr {rcfg.lr}, contexts {'prompts' if rcfg.cut == 0 else f'student samples cut at U[0, {rcfg.cut}]'}")
-    train_rlvr(model, tok, rcfg, student=student, log=log, jsonl_path=path[:-3] + ".jsonl")
-    save_checkpoint(path, model, rcfg.steps, extra={"role": "teacher_rlvr", "train": asdict(cfg)})
+    train_rlvr(model, tok, rcfg, student=student, log=log, jsonl_path=path[:-3] + ".jsonl", ckpt_path=path,
+               save_every=cfg.save_every, resume=resume, extra={"role": "teacher_rlvr", "train": asdict(cfg)})
     return model
 
 
@@ -911,10 +913,9 @@ def main(argv=None) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dist_info, device = distributed.setup(cfg.device)  # one process, or one rank of torchrun
-    if dist_info.enabled and (cfg.compare or cfg.m2 or cfg.m3 or cfg.m4 or cfg.m5 or "rlvr" in cfg.stages.split(",")):
-        raise ValueError("under torchrun the stages teacher, student, pibase, opd (OPD and OPSD) and eval run "
-                         "data-parallel; run stage rlvr and the experiments (--compare, --m2..--m5) as a single "
-                         "process (python train_math.py ...)")
+    if dist_info.enabled and (cfg.compare or cfg.m2 or cfg.m3 or cfg.m4 or cfg.m5):
+        raise ValueError("under torchrun every stage runs data-parallel, but the experiments (--compare, --m2..--m5) "
+                         "are grids of small runs: start them as a single process (python train_math.py ...)")
     tok = get_tokenizer()
     os.makedirs(cfg.out_dir, exist_ok=True)
     summary_path = os.path.join(cfg.out_dir, "summary.json")
@@ -965,7 +966,7 @@ def main(argv=None) -> dict:
             teacher = models.get("teacher") or load_role(cfg, "teacher", tok, device)
             student = models.get("student") or load_role(cfg, "student", tok, device)
             models["teacher_rlvr"] = train_rlvr_teacher(cfg, tok, teacher, student, cfg.seed,
-                                                        os.path.join(cfg.out_dir, "teacher_rlvr.pt"), log)
+                                                        os.path.join(cfg.out_dir, "teacher_rlvr.pt"), log, cfg.resume)
         elif stage == "opd" and cfg.mode == "opsd":
             base = models.get("pibase") or load_role(cfg, "pibase", tok, device)
             summary[f"opd_{cfg.run_name or 'opsd_' + cfg.pi}"] = run_opsd(cfg, tok, base, log)

@@ -76,6 +76,12 @@ def rank_and_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if active() else (0, 1)
 
 
+def rank_seed(seed: int) -> int:
+    """The seed of this rank's own sampler: seed itself on rank 0 (and in one process), so that
+    ranks draw different samples and one process draws what it always did."""
+    return seed + 1_000_003 * rank_and_world()[0]
+
+
 def shard(items: list, rank: int | None = None, world_size: int | None = None) -> list:
     """This rank's share of a global batch: items rank, rank + N, rank + 2N, ..."""
     if rank is None:

@@ -51,8 +51,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from nanoopd import distributed
-from nanoopd.checkpoint import CheckpointError, restore_training_state, save_checkpoint
-from nanoopd.device import autocast, rng_restore, rng_snapshot, synchronize
+from nanoopd.checkpoint import resume_run_state, save_run_state
+from nanoopd.device import autocast, synchronize
 from nanoopd.evaluate import evaluate
 from nanoopd.metrics import masked_mean, opd_diagnostics, sampled_logratio
 from nanoopd.model import GPT
@@ -63,8 +63,6 @@ from nanoopd.sft import encode_example, lr_at
 from nanoopd.tasks import Problem, sample_problems, verify
 from nanoopd.tokenizer import Tokenizer
 
-# under torchrun, rank r samples with a generator seeded cfg.seed + RANK_SEED_STRIDE * r
-RANK_SEED_STRIDE = 1_000_003
 # the per-objective stats that opd_diagnostics already reports (over the full response mask)
 _COMMON_STATS = ("loss", "kl", "logratio_max_abs", "logratio_pos_share", "n_tokens")
 
@@ -312,8 +310,9 @@ def train_opd(student: GPT, teacher: GPT, tok: Tokenizer, cfg: OPDConfig, run_pr
     sampler's state is restored).
 
     Under torchrun every rank calls this with the same arguments: each samples and scores its
-    share of every global batch of cfg.batch_size prompts with its own generator (seed + rank
-    stride), gradients are averaged by DDP (see opd_step), rank 0 evaluates, logs and writes files.
+    share of every global batch of cfg.batch_size prompts with its own generator
+    (distributed.rank_seed), gradients are averaged by DDP (see opd_step), rank 0 evaluates, logs
+    and writes files.
     """
     if student.config.vocab_size != teacher.config.vocab_size:
         raise ValueError(f"teacher and student vocabularies differ (teacher {teacher.config.vocab_size}, "
@@ -332,7 +331,7 @@ def train_opd(student: GPT, teacher: GPT, tok: Tokenizer, cfg: OPDConfig, run_pr
         freeze(teacher)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.0)
     problems = sample_problems(cfg.steps * cfg.batch_size, "train", cfg.seed, cfg.digits, cfg.ops)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed + RANK_SEED_STRIDE * rank)
+    generator = torch.Generator(device=device).manual_seed(distributed.rank_seed(cfg.seed))
     is_main = rank == 0
     if is_main:
         os.makedirs(os.path.dirname(os.path.abspath(run_prefix)), exist_ok=True)
@@ -342,7 +341,8 @@ def train_opd(student: GPT, teacher: GPT, tok: Tokenizer, cfg: OPDConfig, run_pr
 
     records, first, elapsed = [], 0, 0.0
     if resume and os.path.exists(ckpt_path):
-        first, records, summary, elapsed = resume_opd(ckpt_path, student, optimizer, generator, cfg)
+        first, state = resume_run_state(ckpt_path, student, optimizer, generator, "opd", asdict(cfg))
+        records, summary, elapsed = state["records"], dict(state["summary"], error=None), state["elapsed"]
         log(f"opd {name}: resuming from '{ckpt_path}' at step {first}/{cfg.steps}")
     else:
         if start_acc is None:
@@ -357,17 +357,13 @@ def train_opd(student: GPT, teacher: GPT, tok: Tokenizer, cfg: OPDConfig, run_pr
     t_start = time.time()
 
     def save(step: int) -> None:  # every rank takes part: their RNG states are gathered
-        rngs = distributed.gather_objects(rng_snapshot(generator))
-        if is_main:
-            summary["last_good_checkpoint"] = ckpt_path
-            save_checkpoint(ckpt_path, student, step, optimizer=optimizer, extra={
-                "role": "opd", "name": name, "opd": asdict(cfg),
-                "resume": {"rng": rngs, "records": records, "summary": summary,
-                           "elapsed": elapsed + time.time() - t_start}})
+        summary["last_good_checkpoint"] = ckpt_path
+        save_run_state(ckpt_path, student, step, optimizer, generator, {"role": "opd", "name": name, "opd": asdict(cfg)},
+                       {"records": records, "summary": summary, "elapsed": elapsed + time.time() - t_start})
 
     f = open(jsonl_path, "w") if is_main else None
     try:
-        for rec in records:  # a resumed run rewrites the steps it keeps
+        for rec in records if f else ():  # a resumed run rewrites the steps it keeps
             f.write(json.dumps(rec) + "\n")
         for step in range(first, cfg.steps):
             batch = distributed.shard(problems[step * cfg.batch_size:(step + 1) * cfg.batch_size])
@@ -413,28 +409,3 @@ def train_opd(student: GPT, teacher: GPT, tok: Tokenizer, cfg: OPDConfig, run_pr
     if summary["error"]:
         raise FloatingPointError(summary["error"])
     return summary
-
-
-def resume_opd(path: str, student: GPT, optimizer: torch.optim.Optimizer, generator: torch.Generator,
-               cfg: OPDConfig) -> tuple[int, list[dict], dict, float]:
-    """Restore an OPD run from its checkpoint: weights and optimizer (in place), this rank's RNG
-    states; returns (step, records so far, summary so far, seconds already spent). The checkpoint
-    must come from a run with the same OPDConfig and number of processes (else CheckpointError)."""
-    payload = restore_training_state(path, student, optimizer)
-    extra = payload.get("extra", {})
-    state = extra.get("resume")
-    if state is None:
-        raise CheckpointError(f"cannot resume from '{path}': it holds no OPD run state (not an OPD checkpoint, "
-                              f"or one written before resuming existed); start the run again without --resume")
-    if extra.get("opd") != asdict(cfg):
-        old, new = extra.get("opd") or {}, asdict(cfg)
-        diff = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in new if old.get(k) != new[k])
-        raise CheckpointError(f"cannot resume from '{path}': it was written by a run with other OPD settings "
-                              f"({diff}); use the same flags, or another --run_name for a new run")
-    rank, world = distributed.rank_and_world()
-    if len(state["rng"]) != world:
-        raise CheckpointError(f"cannot resume from '{path}': it was written by {len(state['rng'])} process(es), "
-                              f"this run has {world}; resume with the same number of processes")
-    rng_restore(state["rng"][rank], generator)
-    summary = dict(state["summary"], error=None)
-    return int(payload["step"]), list(state["records"]), summary, float(state["elapsed"])

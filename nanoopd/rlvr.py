@@ -17,15 +17,18 @@ continuation.
 """
 
 import json
+import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
+from nanoopd import distributed
+from nanoopd.checkpoint import resume_run_state, save_run_state
 from nanoopd.metrics import student_prefixes
 from nanoopd.model import GPT
-from nanoopd.rollout import check_sampling_args, generate
+from nanoopd.rollout import check_sampling_args, generate, response_logits
 from nanoopd.sft import encode_example, lr_at
 from nanoopd.tasks import Problem, sample_problems, verify
 from nanoopd.tokenizer import Tokenizer
@@ -86,10 +89,17 @@ def rlvr_step(model: GPT, optimizer: torch.optim.Optimizer, contexts: list[list[
               reward_fn: Callable[[int, list[int]], float], cfg: RLVRConfig, eos_id: int, pad_id: int,
               generator: torch.Generator) -> dict:
     """One RLVR step: G samples per context, rewards reward_fn(context index, response ids without
-    padding), group advantages, one AdamW step on the policy-gradient loss. Returns the stats."""
+    padding), group advantages, one AdamW step on the policy-gradient loss. Returns the stats.
+
+    Under torchrun `model` is the DDP-wrapped policy and `contexts` this rank's share (whole
+    groups stay on one rank, so advantages need nothing from the others). As in OPD (opd_step),
+    rank r differentiates loss_r * world * n_r / n, n_r its response tokens and n = sum_r n_r, so
+    that DDP's average is the gradient of the loss over the whole global batch; the step is skipped
+    on every rank when no group on any rank carries signal."""
     t0 = time.perf_counter()
     G = cfg.group
-    ro = generate(model, [c for c in contexts for _ in range(G)], cfg.max_new_tokens, eos_id, pad_id,
+    policy = getattr(model, "module", model)  # the bare GPT for sampling
+    ro = generate(policy, [c for c in contexts for _ in range(G)], cfg.max_new_tokens, eos_id, pad_id,
                   temperature=cfg.temperature, generator=generator)
     rewards = torch.tensor([reward_fn(i // G, [t for t, k in zip(row, m) if k])
                             for i, (row, m) in enumerate(zip(ro.response.tolist(), ro.response_mask.tolist()))],
@@ -97,22 +107,31 @@ def rlvr_step(model: GPT, optimizer: torch.optim.Optimizer, contexts: list[list[
     adv = group_advantages(rewards, cfg.eps).flatten().to(ro.tokens.device)  # (n*G,)
     zero_var = (rewards.std(1, unbiased=False) == 0).double().mean().item()
     model.train()
-    logp = model.token_logprobs(ro.tokens, ro.valid)[:, ro.prompt_len - 1:]  # (n*G, N)
+    logits = response_logits(model, ro).float()  # (n*G, N, V)
+    logp = torch.log_softmax(logits, -1).gather(-1, ro.response.unsqueeze(-1)).squeeze(-1)  # (n*G, N)
     loss = policy_gradient_loss(logp, adv, ro.response_mask)
-    if not torch.isfinite(loss):
+    if distributed.any_rank(not bool(torch.isfinite(loss))):
         raise FloatingPointError(f"RLVR: non-finite loss {loss.item()}; lower the learning rate")
+    n_local = ro.response_mask.sum().float()
+    n_global = distributed.all_reduce_sum(n_local)  # response tokens over all ranks
+    world = distributed.rank_and_world()[1]
     optimizer.zero_grad(set_to_none=True)
     gnorm = 0.0
-    if zero_var < 1.0:  # at least one group carries signal
-        loss.backward()
+    if distributed.any_rank(zero_var < 1.0):  # at least one group carries signal
+        (loss * (world * n_local / n_global.clamp(min=1))).backward()  # factor 1 in one process
         gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
         if not torch.isfinite(torch.tensor(gnorm)):
             optimizer.zero_grad(set_to_none=True)
             raise FloatingPointError(f"RLVR: non-finite gradient norm {gnorm}; weights left unchanged")
         optimizer.step()
-    return {"loss": loss.item(), "reward": rewards.mean().item(), "zero_var_groups": zero_var,
-            "grad_norm": gnorm, "response_length": ro.lengths.float().mean().item(),
-            "seconds": time.perf_counter() - t0}
+    record = {"loss": loss.item(), "reward": rewards.mean().item(), "zero_var_groups": zero_var,
+              "grad_norm": gnorm, "response_length": ro.lengths.float().mean().item(),
+              "seconds": time.perf_counter() - t0}
+    if distributed.active():
+        global_loss = (distributed.all_reduce_sum(loss.detach() * n_local) / n_global.clamp(min=1)).item()
+        record = distributed.reduce_record(record, max_keys=("seconds",))
+        record["loss"] = global_loss
+    return record
 
 
 def math_reward(tok: Tokenizer, problems: list[Problem], done: list[str]) -> Callable[[int, list[int]], float]:
@@ -124,34 +143,55 @@ def math_reward(tok: Tokenizer, problems: list[Problem], done: list[str]) -> Cal
 
 
 def train_rlvr(model: GPT, tok: Tokenizer, cfg: RLVRConfig, student: GPT | None = None, log=print,
-               jsonl_path: str | None = None, name: str = "rlvr") -> list[dict]:
+               jsonl_path: str | None = None, name: str = "rlvr", ckpt_path: str | None = None,
+               save_every: int = 0, resume: bool = False, extra: dict | None = None) -> list[dict]:
     """cfg.steps RLVR steps on `model` (in place) with the math verifier as reward. With cfg.cut > 0
     each step's contexts are `student`'s sampled responses cut at fractions uniform in [0, cut]
-    (the student's kind of prefixes). Returns the per-step records (also written to jsonl_path when given)."""
+    (the student's kind of prefixes). Returns the per-step records (also written to jsonl_path when given).
+
+    With ckpt_path, a checkpoint (weights, optimizer, every rank's RNG states, the records; plus
+    `extra`) is written atomically every save_every steps and at the end; with resume=True and a
+    checkpoint there from a run with the same RLVRConfig, training continues from its step.
+    Under torchrun each rank takes its share of every step's problems (and their groups) and
+    samples with its own generator; rank 0 logs and writes."""
     if cfg.cut > 0 and student is None:
         raise ValueError("RLVR from student prefixes (cut > 0) needs the student model")
+    rank, world = distributed.rank_and_world()
+    if cfg.prompts < world:
+        raise ValueError(f"{cfg.prompts} RLVR problems per step cannot be shared by {world} processes: raise "
+                         f"the number of problems or lower --nproc_per_node")
     device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.0)
     problems = sample_problems(cfg.steps * cfg.prompts, "train", cfg.seed, cfg.digits, cfg.ops)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    records = []
-    out = open(jsonl_path, "w") if jsonl_path else None
+    gen = torch.Generator(device=device).manual_seed(distributed.rank_seed(cfg.seed))
+    records, first = [], 0
+    if resume and ckpt_path and os.path.exists(ckpt_path):
+        first, state = resume_run_state(ckpt_path, model, optimizer, gen, "rlvr", asdict(cfg))
+        records = state["records"]
+        log(f"{name}: resuming from '{ckpt_path}' at step {first}/{cfg.steps}")
+    ddp_model = distributed.wrap(model, device)  # the model itself in one process
+    out = open(jsonl_path, "w") if jsonl_path and rank == 0 else None
     try:
-        for step in range(cfg.steps):
+        for rec in records if out else ():  # a resumed run rewrites the steps it keeps
+            out.write(json.dumps(rec) + "\n")
+        for step in range(first, cfg.steps):
             for group in optimizer.param_groups:  # without a warm-up, Adam's first sign-like steps
                 group["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup)  # can undo an SFT model
-            batch = problems[step * cfg.prompts:(step + 1) * cfg.prompts]
+            batch = distributed.shard(problems[step * cfg.prompts:(step + 1) * cfg.prompts])
             if cfg.cut > 0:
                 fracs = (torch.rand(len(batch), generator=gen, device=device) * cfg.cut).tolist()
                 contexts, done = student_prefixes(student, tok, batch, fracs, cfg.max_new_tokens, gen)
             else:
                 contexts, done = [encode_example(tok, p)[0] for p in batch], [""] * len(batch)
-            rec = {"step": step, **rlvr_step(model, optimizer, contexts, math_reward(tok, batch, done), cfg,
+            rec = {"step": step, **rlvr_step(ddp_model, optimizer, contexts, math_reward(tok, batch, done), cfg,
                                              tok.eos_id, tok.pad_id, gen)}
             records.append(rec)
             if out:
                 out.write(json.dumps(rec) + "\n")
                 out.flush()
+            if ckpt_path and (step == cfg.steps - 1 or (save_every and (step + 1) % save_every == 0)):
+                save_run_state(ckpt_path, model, step + 1, optimizer, gen,
+                               {**(extra or {}), "rlvr": asdict(cfg)}, {"records": records})
             if step % 10 == 0 or step == cfg.steps - 1:
                 log(f"{name} step {step:4d} | reward {rec['reward']:6.1%} | zero-variance groups "
                     f"{rec['zero_var_groups']:5.1%} | loss {rec['loss']:+.4f} | len {rec['response_length']:5.1f} | "

@@ -82,6 +82,61 @@ def opd_worker(rank, world, port, prefix):
         distributed.cleanup()
 
 
+def resume_worker(rank, world, port, folder):
+    """Under 2 ranks with real sampling: OPD and RLVR killed mid-run and resumed end where an
+    uninterrupted run ends (each rank's sampler state comes back from the checkpoint)."""
+    import nanoopd.opd as opd
+    import nanoopd.rlvr as rlvr
+    from nanoopd.rlvr import RLVRConfig, train_rlvr
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    distributed.setup("cpu")
+    tok, problems = get_tokenizer(), sample_problems(4, "test", 0, digits=1)
+    cfg = OPDConfig(loss="sampled_token", steps=4, batch_size=4, max_new_tokens=8, digits=1, lr=3e-3, warmup=1,
+                    eval_every=0, seed=3)
+    rcfg = RLVRConfig(steps=4, prompts=2, group=4, max_new_tokens=6, digits=1, warmup=1, lr=3e-3)
+    rlvr.math_reward = lambda tok, batch, done: lambda i, resp: float(bool(resp) and resp[0] % 2 == 0)
+    real_opd, real_rlvr = opd.opd_step, rlvr.rlvr_step
+
+    def dies_at_step_3(real):
+        calls = []
+
+        def step(*args):
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+            calls.append(1)
+            return real(*args)
+        return step
+
+    def run_opd_(prefix, **kw):
+        teacher, student = opd_pair()
+        train_opd(student, teacher, tok, cfg, f"{folder}/{prefix}", problems, log=lambda _: None,
+                  save_every=2, **kw)
+        return student
+
+    def run_rlvr_(name, **kw):
+        model = opd_pair()[1]
+        train_rlvr(model, tok, rcfg, log=lambda _: None, ckpt_path=f"{folder}/{name}.pt", save_every=2, **kw)
+        return model
+
+    try:
+        out = {"opd_full": run_opd_("opd_full").state_dict(), "rlvr_full": run_rlvr_("rlvr_full").state_dict()}
+        opd.opd_step, rlvr.rlvr_step = dies_at_step_3(real_opd), dies_at_step_3(real_rlvr)
+        for name, run in (("opd_part", run_opd_), ("rlvr_part", run_rlvr_)):
+            try:
+                run(name)
+            except KeyboardInterrupt:
+                pass
+            distributed.barrier()
+        opd.opd_step, rlvr.rlvr_step = real_opd, real_rlvr
+        out["opd_part"] = run_opd_("opd_part", resume=True).state_dict()
+        out["rlvr_part"] = run_rlvr_("rlvr_part", resume=True).state_dict()
+        torch.save(out, f"{folder}/rank{rank}.pt")
+    finally:
+        distributed.cleanup()
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -181,3 +236,17 @@ def test_torchrun_train_math_opd_stage_matches_single_process(tmp_path):
                            cwd=root, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr
     assert "resuming from" in again.stdout and "at step 3/3" in again.stdout
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+def test_two_process_opd_and_rlvr_resume_where_they_stopped(tmp_path):
+    mp.spawn(resume_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    start = opd_pair()[1].state_dict()
+    for run in ("opd", "rlvr"):
+        assert torch.load(tmp_path / f"{run}_part.pt", weights_only=False)["step"] == 4
+        full, part = ranks[0][f"{run}_full"], ranks[0][f"{run}_part"]
+        assert not torch.equal(full["wte.weight"], start["wte.weight"])  # training moved the weights
+        for name in full:
+            assert torch.equal(full[name], part[name]), (run, name)  # resumed == uninterrupted, bit for bit
+            assert torch.equal(full[name], ranks[1][f"{run}_full"][name]), (run, name)  # ranks identical

@@ -245,7 +245,7 @@ def test_resume_refuses_a_checkpoint_of_other_opd_settings(tmp_path):
     problems = sample_problems(2, "test", 0, 1)
     prefix = str(tmp_path / "run")
     train_opd(student, teacher, TOK, config(steps=2), prefix, problems, log=lambda _: None, start_acc=0.0)
-    with pytest.raises(CheckpointError, match=r"other OPD settings \(loss: 'sampled_token' -> 'full_reverse_kl'"):
+    with pytest.raises(CheckpointError, match=r"other opd settings \(loss: 'sampled_token' -> 'full_reverse_kl'"):
         train_opd(tiny(1), teacher, TOK, config(steps=2, loss="full_reverse_kl"), prefix, problems,
                   log=lambda _: None, resume=True)
     save_checkpoint(prefix + ".pt", tiny(1), 1)  # weights only, e.g. an SFT export

@@ -144,3 +144,40 @@ def test_train_rlvr_from_student_prefixes_logs_every_step(tmp_path):
     assert all(math.isfinite(r["loss"]) and 0 <= r["reward"] <= 1 for r in records)
     with pytest.raises(ValueError, match="student"):
         train_rlvr(tiny_lm(0), TOK, cfg)
+
+
+def test_interrupted_then_resumed_rlvr_equals_uninterrupted(tmp_path, monkeypatch):
+    import nanoopd.rlvr as rlvr
+    # a reward the tiny random model earns about half of the time, so every step updates it
+    monkeypatch.setattr(rlvr, "math_reward", lambda tok, batch, done: lambda i, resp: float(bool(resp) and resp[0] % 2 == 0))
+    cfg = RLVRConfig(steps=5, prompts=3, group=4, max_new_tokens=6, cut=0.5, digits=1, warmup=1, lr=3e-3)
+    student = tiny_lm(1)
+    run = lambda model, name, **kw: train_rlvr(model, TOK, cfg, student=student, log=lambda _: None,
+                                               jsonl_path=str(tmp_path / f"{name}.jsonl"),
+                                               ckpt_path=str(tmp_path / f"{name}.pt"), save_every=2, **kw)
+    full = tiny_lm(0)
+    full_records = run(full, "full")
+    assert all(r["grad_norm"] > 0 for r in full_records)
+
+    real_step = rlvr.rlvr_step
+
+    def killed_at_step_3(*args):
+        if len(killed) == 3:
+            raise KeyboardInterrupt
+        killed.append(1)
+        return real_step(*args)
+    killed = []
+    monkeypatch.setattr(rlvr, "rlvr_step", killed_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_lm(0), "part")
+    assert torch.load(tmp_path / "part.pt", weights_only=False)["step"] == 2
+    monkeypatch.setattr(rlvr, "rlvr_step", real_step)
+    torch.manual_seed(99)
+    resumed = tiny_lm(5)  # weights, optimizer and sampler state all come from the checkpoint
+    records = run(resumed, "part", resume=True)
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    drop = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]
+    assert drop(records) == drop(full_records)
+    assert drop(json.loads(line) for line in (tmp_path / "part.jsonl").read_text().splitlines()) == drop(full_records)
+    assert torch.load(tmp_path / "part.pt", weights_only=False)["step"] == 5
