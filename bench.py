@@ -45,9 +45,21 @@ p.add_argument("--prompt_len", type=int, default=12, help="prompt tokens per row
 p.add_argument("--train_len", type=int, default=64, help="tokens per training sequence (default 64)")
 p.add_argument("--repeats", type=int, default=3, help="timed repeats; the best is reported (default 3)")
 args = p.parse_args()
+for name in ("batch", "new_tokens", "prompt_len", "train_len", "repeats"):
+    if getattr(args, name) < 1:
+        p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+if args.threads < 0:
+    p.error(f"--threads must be >= 0 (0 = torch default), got {args.threads}")
+block_size = GPTConfig().block_size
+if args.prompt_len + args.new_tokens > block_size or args.train_len > block_size:
+    p.error(f"--prompt_len + --new_tokens ({args.prompt_len + args.new_tokens}) and --train_len ({args.train_len}) "
+            f"must fit the models' block size of {block_size} tokens")
+try:
+    device = pick_device(args.device)
+except ValueError as e:
+    p.error(str(e))
 if args.threads:
     torch.set_num_threads(args.threads)
-device = pick_device(args.device)
 tok = get_tokenizer()
 cfg = TrainConfig()
 ARCH = {

@@ -28,8 +28,9 @@ distillation (OPD) of the one into the other.
 Commands
   CPU laptop (default preset, a few minutes on 2 cores):   python train_math.py
   one GPU (wider models, more steps):                      python train_math.py --preset gpu
-  several GPUs (SFT stages data-parallel, DDP):            torchrun --nproc_per_node=4 train_math.py --preset gpu --stages teacher,student,eval
-  resume SFT stages after an interruption:                 python train_math.py --resume
+  several GPUs (every stage data-parallel, DDP):           torchrun --nproc_per_node=4 train_math.py --preset gpu
+                                                           torchrun --nproc_per_node=4 train_math.py --preset gpu --stages opd --loss topk_renorm
+  resume any stage after an interruption:                  python train_math.py --resume   (same flags as the run)
   only evaluate existing checkpoints:                      python train_math.py --stages eval
   OPD from the existing pair, renormalised top-K:          python train_math.py --stages opd --loss topk_renorm --k 16
   sampled-token OPD, vOPD baseline, r_t clamped to 5:      python train_math.py --stages opd --baseline --clamp 5 --run_name vopd
@@ -106,8 +107,8 @@ class TrainConfig:
     batch_size: int = 64             # sequences per optimizer step
     eval_n: int = 500                # held-out problems per accuracy
     log_every: int = 100             # print a log line every this many SFT steps
-    save_every: int = 250            # SFT: write the stage's checkpoint (with optimizer state) every N steps
-    resume: bool = False             # SFT: continue teacher/student from their checkpoints' step
+    save_every: int = 250            # write the stage's checkpoint (optimizer and RNG state too) every N steps
+    resume: bool = False             # continue each stage from its checkpoint's step (not the experiments)
     # on-policy distillation (stage opd; --compare and --m2 use the optimisation/rollout fields)
     loss: str = "sampled_token"      # objective: a name in nanoopd.objectives.OBJECTIVES
     k: int | None = None             # top-K support size (None: the objective's default, 16)
@@ -201,10 +202,13 @@ def parse_args(argv=None) -> TrainConfig:
     g.add_argument("--batch_size", type=int, help="sequences per step (default 64)")
     g.add_argument("--eval_n", type=int, help="held-out problems per accuracy (default 500)")
     g.add_argument("--log_every", type=int, help="SFT log line every N steps (default 100)")
-    g.add_argument("--save_every", type=int, help="SFT: checkpoint (weights + optimizer + step) every N steps (default 250)")
+    g.add_argument("--save_every", type=int, help="checkpoint (weights + optimizer + step, and the samplers' RNG "
+                   "states for opd/rlvr) every N steps of a stage; OPD also saves at every evaluation (default 250)")
     g.add_argument("--resume", action="store_true", default=None,
-                   help="SFT stages continue from <out_dir>/teacher.pt / student.pt at their saved step "
-                        "(a finished stage is not retrained)")
+                   help="every stage continues from its checkpoint in out_dir (teacher.pt, student.pt, pibase.pt, "
+                        "teacher_rlvr.pt, opd_<run_name>.pt) at its saved step and ends where an uninterrupted run "
+                        "ends; a finished stage is not retrained; the experiments (--compare, --m2..--m5) do not "
+                        "resume")
     g = p.add_argument_group("on-policy distillation (stage opd)")
     g.add_argument("--loss", help="objective: sampled_token | sequence_kl | full_reverse_kl | jsd | "
                    "topk_unnormalized | topk_stopgrad | topk_renorm (default sampled_token)")
@@ -441,6 +445,10 @@ def train_student(cfg: TrainConfig, tok, device, teacher: GPT, log) -> GPT:
     if cfg.s_steps > 0:
         pairs = teacher_traces(teacher, tok, cfg)
         log(f"student: {len(pairs)} teacher traces in the cold-start pool")
+        if not pairs:
+            raise ValueError(f"the teacher finished none of its {cfg.s_pool} cold-start traces with <|eos|> within "
+                             f"--max_new_tokens {cfg.max_new_tokens}: it is undertrained (more --t_steps) or the "
+                             f"budget is too small")
         g = torch.Generator().manual_seed(cfg.seed + 2)
         order = torch.randint(len(pairs), (cfg.s_steps, cfg.batch_size), generator=g)  # (steps, B): batches by step
         batch = lambda s: [pairs[i] for i in order[s].tolist()]

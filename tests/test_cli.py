@@ -88,6 +88,27 @@ def test_train_toy_rejects_bad_flags():
     assert r.returncode == 2 and "gamma" in r.stderr
 
 
+@pytest.mark.parametrize("script, argv, message", [
+    ("bench.py", ["--device", "banana"], "not a device torch knows"),
+    ("bench.py", ["--batch", "0"], "--batch must be >= 1"),
+    ("bench.py", ["--new_tokens", "500"], "block size"),
+    ("bench.py", ["--threads", "-2"], "--threads"),
+    ("train_toy.py", ["--device", "tpu", "--quick"], "not a device torch knows"),
+    ("train_math.py", ["--device", "banana", "--stages", "eval"], "not a device torch knows"),
+])
+def test_scripts_reject_a_bad_device_or_value_with_a_message(script, argv, message):
+    r = run(script, *argv)
+    assert r.returncode in (1, 2) and message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is visible here")
+def test_asking_for_a_missing_gpu_says_so():
+    for script in ("bench.py", "train_math.py"):
+        r = run(script, "--device", "cuda", *(["--stages", "eval"] if script == "train_math.py" else []))
+        assert r.returncode in (1, 2) and "no CUDA GPU is visible" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_train_math_resume_continues_an_sft_stage_from_its_checkpoint(tmp_path):
     tiny = ["--stages", "teacher", "--out_dir", str(tmp_path), "--t_layer", "1", "--t_embd", "16", "--t_head", "2",
             "--batch_size", "4", "--digits", "1", "--log_every", "0", "--threads", "1"]
@@ -98,3 +119,37 @@ def test_train_math_resume_continues_an_sft_stage_from_its_checkpoint(tmp_path):
     assert "resuming from" in second.stdout and "at step 6/9" in second.stdout
     import torch
     assert torch.load(tmp_path / "teacher.pt", weights_only=False)["step"] == 9
+
+
+def tiny_checkpoint(path, vocab_extra=0, n_embd=16):
+    import torch
+    from nanoopd.checkpoint import save_checkpoint
+    from nanoopd.model import GPT, GPTConfig
+    from nanoopd.tokenizer import get_tokenizer
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=get_tokenizer().n_vocab + vocab_extra, n_layer=1, n_head=2, n_embd=n_embd))
+    save_checkpoint(str(path), model, 0)
+
+
+def test_a_checkpoint_of_another_vocabulary_is_refused(tmp_path):
+    tiny_checkpoint(tmp_path / "teacher.pt")
+    tiny_checkpoint(tmp_path / "student.pt", vocab_extra=5)  # trained with another tokenizer
+    r = run("train_math.py", "--stages", "opd", "--out_dir", str(tmp_path), "--opd_steps", "1")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "student.pt' has a vocabulary of" in r.stderr and "another tokenizer" in r.stderr
+
+
+def test_resuming_from_a_checkpoint_of_another_config_is_refused(tmp_path):
+    tiny_checkpoint(tmp_path / "teacher.pt", n_embd=16)
+    r = run("train_math.py", "--stages", "teacher", "--out_dir", str(tmp_path), "--t_layer", "1", "--t_embd", "32",
+            "--t_head", "2", "--t_steps", "2", "--resume")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "cannot resume" in r.stderr and "use the same flags" in r.stderr
+
+
+def test_a_teacher_that_finishes_no_trace_stops_the_cold_start_with_a_message(tmp_path):
+    tiny_checkpoint(tmp_path / "teacher.pt")  # random weights: its greedy answers never reach <|eos|>
+    r = run("train_math.py", "--stages", "student", "--out_dir", str(tmp_path), "--s_pool", "8",
+            "--max_new_tokens", "8", "--s_steps", "2")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "finished none of its 8 cold-start traces" in r.stderr
