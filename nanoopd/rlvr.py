@@ -183,8 +183,12 @@ def train_rlvr(model: GPT, tok: Tokenizer, cfg: RLVRConfig, student: GPT | None 
                 contexts, done = student_prefixes(student, tok, batch, fracs, cfg.max_new_tokens, gen)
             else:
                 contexts, done = [encode_example(tok, p)[0] for p in batch], [""] * len(batch)
-            rec = {"step": step, **rlvr_step(ddp_model, optimizer, contexts, math_reward(tok, batch, done), cfg,
-                                             tok.eos_id, tok.pad_id, gen)}
+            try:
+                rec = {"step": step, **rlvr_step(ddp_model, optimizer, contexts, math_reward(tok, batch, done), cfg,
+                                                 tok.eos_id, tok.pad_id, gen)}
+            except FloatingPointError as e:
+                kept = f"the last checkpoint written ('{ckpt_path}') is intact" if ckpt_path else "nothing was saved"
+                raise FloatingPointError(f"{name} step {step}: {e}; {kept}") from None
             records.append(rec)
             if out:
                 out.write(json.dumps(rec) + "\n")

@@ -181,3 +181,21 @@ def test_interrupted_then_resumed_rlvr_equals_uninterrupted(tmp_path, monkeypatc
     assert drop(records) == drop(full_records)
     assert drop(json.loads(line) for line in (tmp_path / "part.jsonl").read_text().splitlines()) == drop(full_records)
     assert torch.load(tmp_path / "part.pt", weights_only=False)["step"] == 5
+
+
+def test_a_non_finite_rlvr_loss_names_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    import nanoopd.rlvr as rlvr
+    monkeypatch.setattr(rlvr, "math_reward", lambda tok, batch, done: lambda i, resp: float(bool(resp) and resp[0] % 2 == 0))
+    model, calls = tiny_lm(0), []
+
+    def poison(module, inputs, output):  # NaN logits from the 3rd training forward pass on
+        if module.training:
+            calls.append(1)
+        return output * float("nan") if len(calls) >= 3 else output
+    model.register_forward_hook(poison)
+    path = str(tmp_path / "rlvr.pt")
+    cfg = RLVRConfig(steps=4, prompts=2, group=4, max_new_tokens=6, digits=1)
+    with pytest.raises(FloatingPointError, match=r"rlvr step 2: RLVR: non-finite loss .* is intact"):
+        train_rlvr(model, TOK, cfg, log=lambda _: None, ckpt_path=path, save_every=1)
+    saved = torch.load(path, weights_only=False)
+    assert saved["step"] == 2 and all(torch.isfinite(v).all() for v in saved["model"].values())
