@@ -60,7 +60,7 @@ import torch
 
 from nanoopd import distributed
 from nanoopd.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from nanoopd.device import seed_everything
+from nanoopd.device import seed_everything, set_compile
 from nanoopd.evaluate import evaluate
 from nanoopd.model import GPT, GPTConfig
 from nanoopd.objectives import get_objective
@@ -86,6 +86,7 @@ class TrainConfig:
     seed: int = 1337                 # seeds data order, init and sampling
     device: str = "auto"             # auto = cuda -> mps -> cpu
     threads: int = 0                 # CPU threads for torch (0 = torch's default)
+    compile: bool = False            # torch.compile the training forward passes (for GPUs; slow to start on CPU)
     # task
     digits: int = 3                  # operands have 1..digits digits
     ops: str = "+-"                  # operators drawn uniformly from this set (subset of +-*)
@@ -181,6 +182,9 @@ def parse_args(argv=None) -> TrainConfig:
     g.add_argument("--seed", type=int, help="seed for data, init and sampling (default 1337)")
     g.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps (default auto: cuda -> mps -> cpu)")
     g.add_argument("--threads", type=int, help="torch CPU threads, 0 = torch default")
+    g.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the training forward passes of every stage (sampling stays eager); "
+                        "pays off on a GPU for long runs, costs tens of seconds of compiling on a CPU")
     g = p.add_argument_group("task")
     g.add_argument("--digits", type=int, help="operands have 1..digits digits (default 3)")
     g.add_argument("--ops", help="operators to draw from, a subset of '+-*' (default '+-')")
@@ -920,6 +924,7 @@ def main(argv=None) -> dict:
     cfg = parse_args(argv)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    set_compile(cfg.compile)
     dist_info, device = distributed.setup(cfg.device)  # one process, or one rank of torchrun
     if dist_info.enabled and (cfg.compare or cfg.m2 or cfg.m3 or cfg.m4 or cfg.m5):
         raise ValueError("under torchrun every stage runs data-parallel, but the experiments (--compare, --m2..--m5) "

@@ -44,8 +44,7 @@ def atomic_torch_save(obj, path: str) -> None:
 
 def save_checkpoint(path: str, model: GPT, step: int, optimizer=None, extra: dict | None = None) -> None:
     """Write weights, config and step (and optimizer state / extra metadata if given) atomically."""
-    raw = getattr(model, "module", model)  # unwrap DDP
-    raw = getattr(raw, "_orig_mod", raw)  # unwrap torch.compile
+    raw = distributed.bare(model)  # unwrap DDP / torch.compile
     payload = {
         "format": FORMAT,
         "config": asdict(raw.config),
@@ -101,7 +100,7 @@ def restore_training_state(path: str, model, optimizer) -> dict:
     return its payload (step, extra). The checkpoint's model config must equal the model's, and it
     must hold an optimizer state (else a CheckpointError says so)."""
     payload = read_checkpoint(path)
-    raw = getattr(model, "module", model)
+    raw = distributed.bare(model)
     if payload["config"] != asdict(raw.config):
         raise CheckpointError(f"cannot resume from '{path}': it holds a model with config {payload['config']}, "
                               f"this run builds {asdict(raw.config)}; use the same flags or another --out_dir")

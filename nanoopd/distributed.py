@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from nanoopd.device import pick_device
+from nanoopd.device import maybe_compile, pick_device
 
 
 @dataclass
@@ -145,11 +145,20 @@ def from_main(fn):
 
 
 def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """DDP(model) when distributed, else the model unchanged."""
-    if not active():
-        return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    """The module a training forward pass goes through: DDP(model) when distributed (gradients
+    are averaged over ranks in backward), compiled when --compile is on (device.set_compile), the
+    model itself otherwise. Sampling and checkpoints use bare(wrapped)."""
+    if active():
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return maybe_compile(model)
+
+
+def bare(model: torch.nn.Module) -> torch.nn.Module:
+    """The GPT inside any DDP and torch.compile wrappers (the model itself if there are none)."""
+    while "_orig_mod" in model._modules or "module" in model._modules:
+        model = model._modules.get("_orig_mod") or model._modules["module"]
+    return model
 
 
 def barrier() -> None:

@@ -190,7 +190,7 @@ def opd_step(student: GPT, teacher: GPT, optimizer: torch.optim.Optimizer, tok: 
     In one process the factor is n / n = 1 and nothing changes. The record is reduced over ranks
     (distributed.reduce_record): the global loss, summed token counts and throughput, the max of
     maxima, the mean over ranks of everything else."""
-    model = getattr(student, "module", student)  # the bare GPT: sampling needs no gradient sync
+    model = distributed.bare(student)  # the GPT itself: sampling needs no gradient sync
     device = next(model.parameters()).device
     objective = get_objective(cfg.loss)
     t0 = time.perf_counter()
@@ -353,7 +353,7 @@ def train_opd(student: GPT, teacher: GPT, tok: Tokenizer, cfg: OPDConfig, run_pr
         f"batch {cfg.batch_size}{f' over {world} processes' if world > 1 else ''} | T={cfg.temperature} "
         f"top_p={cfg.top_p} top_k={cfg.top_k} | held-out greedy accuracy at start {summary['start_acc']:.1%} "
         f"(n={len(eval_problems)})")
-    ddp_student = distributed.wrap(student, device)  # the student itself in one process
+    ddp_student = distributed.wrap(student, device)  # the student itself in one process without --compile
     t_start = time.time()
 
     def save(step: int) -> None:  # every rank takes part: their RNG states are gathered

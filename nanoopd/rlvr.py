@@ -98,7 +98,7 @@ def rlvr_step(model: GPT, optimizer: torch.optim.Optimizer, contexts: list[list[
     on every rank when no group on any rank carries signal."""
     t0 = time.perf_counter()
     G = cfg.group
-    policy = getattr(model, "module", model)  # the bare GPT for sampling
+    policy = distributed.bare(model)  # the GPT itself for sampling
     ro = generate(policy, [c for c in contexts for _ in range(G)], cfg.max_new_tokens, eos_id, pad_id,
                   temperature=cfg.temperature, generator=generator)
     rewards = torch.tensor([reward_fn(i // G, [t for t, k in zip(row, m) if k])
@@ -169,7 +169,7 @@ def train_rlvr(model: GPT, tok: Tokenizer, cfg: RLVRConfig, student: GPT | None 
         first, state = resume_run_state(ckpt_path, model, optimizer, gen, "rlvr", asdict(cfg))
         records = state["records"]
         log(f"{name}: resuming from '{ckpt_path}' at step {first}/{cfg.steps}")
-    ddp_model = distributed.wrap(model, device)  # the model itself in one process
+    ddp_model = distributed.wrap(model, device)  # the model itself in one process without --compile
     out = open(jsonl_path, "w") if jsonl_path and rank == 0 else None
     try:
         for rec in records if out else ():  # a resumed run rewrites the steps it keeps

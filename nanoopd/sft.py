@@ -82,7 +82,7 @@ def train_sft(model, next_examples, steps: int, lr: float, pad_id: int, weight_d
     if resume and ckpt_path and os.path.exists(ckpt_path):
         start = int(restore_training_state(ckpt_path, model, opt)["step"])
         log(f"{desc}: resuming from '{ckpt_path}' at step {start}/{steps}")
-    ddp_model = distributed.wrap(model, device)  # the model itself unless distributed
+    ddp_model = distributed.wrap(model, device)  # the model itself unless distributed or compiled
     world = torch.distributed.get_world_size() if distributed.active() else 1
     is_main = distributed.is_main()  # logs, progress and checkpoints on rank 0 only
     model.train()

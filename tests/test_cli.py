@@ -153,3 +153,40 @@ def test_a_teacher_that_finishes_no_trace_stops_the_cold_start_with_a_message(tm
             "--max_new_tokens", "8", "--s_steps", "2")
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "finished none of its 8 cold-start traces" in r.stderr
+
+
+def test_compile_flag_routes_every_training_forward_through_torch_compile(tmp_path, monkeypatch):
+    """--compile wraps the modules that train (SFT and OPD) in torch.compile; sampling and the
+    checkpoints use the bare model. torch.compile is replaced by a stand-in that records its calls
+    (real compiling takes tens of seconds on a CPU)."""
+    import torch
+    import train_math
+    from nanoopd import device as device_policy
+
+    class Compiled(torch.nn.Module):  # what torch.compile returns: the original under _orig_mod
+        def __init__(self, module):
+            super().__init__()
+            self._orig_mod = module
+
+        def forward(self, *args, **kwargs):
+            calls.append(type(self._orig_mod).__name__)
+            return self._orig_mod(*args, **kwargs)
+
+    calls = []
+    monkeypatch.setattr(torch, "compile", Compiled)
+    tiny = ["--out_dir", str(tmp_path), "--t_layer", "1", "--t_embd", "16", "--t_head", "2", "--t_steps", "2",
+            "--s_layer", "1", "--s_embd", "16", "--s_head", "2", "--batch_size", "4", "--digits", "1", "--log_every", "0",
+            "--eval_n", "2", "--opd_steps", "2", "--opd_batch", "2", "--max_new_tokens", "8", "--device", "cpu"]
+    try:
+        tiny_checkpoint(tmp_path / "student.pt")
+        train_math.main([*tiny, "--stages", "teacher,opd", "--compile"])
+        assert calls.count("GPT") == 2 + 2  # 2 SFT steps of the teacher, 2 OPD steps of the student
+        from nanoopd.distributed import bare
+        from nanoopd.model import GPT
+        model = GPT(train_math.GPTConfig(vocab_size=8, n_layer=1, n_head=2, n_embd=16))
+        assert bare(Compiled(model)) is model and bare(model) is model
+        calls.clear()
+        train_math.main([*tiny, "--stages", "teacher"])  # without the flag nothing is compiled
+        assert calls == []
+    finally:
+        device_policy.set_compile(False)
