@@ -491,7 +491,8 @@ def run_opd(cfg: TrainConfig, tok, teacher: GPT, student: GPT, log) -> dict:
     hide = parse_token_list(cfg.hide_from_teacher, tok, "--hide_from_teacher")
     ocfg = opd_config(cfg, cfg.loss, options, cfg.seed, track_tokens=options.get("mask_tokens", hide), hide_tokens=hide)
     s = train_opd(student, teacher, tok, ocfg, os.path.join(cfg.out_dir, f"opd_{name}"), test_problems(cfg),
-                  log, name, save_every=cfg.save_every, resume=cfg.resume)
+                  log, name, save_every=cfg.save_every, resume=cfg.resume,
+                  settings={"mode": "opd", "teacher": cfg.teacher, "eval_n": cfg.eval_n})
     log(f"opd {name}: held-out greedy accuracy {s['start_acc']:.1%} -> {s['final_acc']:.1%} | reverse KL "
         f"{s['first_kl']:.3f} -> {s['final_kl']:.3f} | degraded: {s['degraded'] or 'no'}")
     return {k: s[k] for k in ("start_acc", "final_acc", "first_kl", "final_kl", "final_response_length",
@@ -755,7 +756,8 @@ def opsd_run(cfg: TrainConfig, tok, base: GPT, kind: str, seed: int, prefix: str
     teacher = self_teacher(student, live=cfg.live_teacher)
     ocfg = opd_config(cfg, cfg.loss, objective_options(cfg, tok), seed)
     s = train_opd(student, teacher, tok, ocfg, prefix, problems, log, name, start_acc=start[0],
-                  print_every=print_every, teacher_score=PrivilegedTeacher(tok, kind), **resume)
+                  print_every=print_every, teacher_score=PrivilegedTeacher(tok, kind), **resume,
+                  settings={"mode": "opsd", "pi": kind, "live_teacher": cfg.live_teacher, "eval_n": cfg.eval_n})
     acc, rule = distributed.from_main(lambda: pi_scores(student, tok, problems, cfg))
     log(f"{name}: without PI, held-out accuracy {start[0]:.1%} -> {acc:.1%} | rule-following {start[1]:.1%} -> "
         f"{rule:.1%} | reverse KL to the PI teacher {s['first_kl']:.3f} -> {s['final_kl']:.3f}")
@@ -827,7 +829,8 @@ def train_rlvr_teacher(cfg: TrainConfig, tok, teacher: GPT, student: GPT, seed: 
     log(f"rlvr: from the {cfg.rlvr_init}, {rcfg.steps} steps x {rcfg.prompts} problems x {rcfg.group} samples, "
         f"lr {rcfg.lr}, contexts {'prompts' if rcfg.cut == 0 else f'student samples cut at U[0, {rcfg.cut}]'}")
     train_rlvr(model, tok, rcfg, student=student, log=log, jsonl_path=path[:-3] + ".jsonl", ckpt_path=path,
-               save_every=cfg.save_every, resume=resume, extra={"role": "teacher_rlvr", "train": asdict(cfg)})
+               save_every=cfg.save_every, resume=resume, extra={"role": "teacher_rlvr", "train": asdict(cfg)},
+               settings={"init": cfg.rlvr_init})
     return model
 
 

@@ -140,5 +140,9 @@ def resume_run_state(path: str, model, optimizer, generator: torch.Generator, ki
     if len(state["rng"]) != world:
         raise CheckpointError(f"cannot resume from '{path}': it was written by {len(state['rng'])} process(es), "
                               f"this run has {world}; resume with the same number of processes")
-    rng_restore(state["rng"][rank], generator)
+    try:
+        rng_restore(state["rng"][rank], generator)
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise CheckpointError(f"cannot resume from '{path}': its random-generator states do not fit this run's "
+                              f"device ({e}); resume on the kind of device (cpu, cuda, mps) it was written on") from e
     return int(payload["step"]), state

@@ -112,21 +112,45 @@ def any_rank(flag: bool) -> bool:
     return bool(t.item() > 0)
 
 
-def reduce_record(record: dict, sum_keys=(), max_keys=()) -> dict:
-    """A per-rank dict of floats -> the same dict over all ranks: the sum for sum_keys, the max
-    for max_keys, the mean over ranks for every other float (ints and strings are left alone).
-    The record itself when not distributed."""
+def global_token_scale(loss: torch.Tensor, n_local: float) -> float | None:
+    """The factor by which rank r scales its per-token loss before backward, world * n_r / n
+    (n_r: its loss tokens, n: those of all ranks), so that DDP's gradient average is the gradient
+    of the per-token loss over the whole global batch:
+
+        (1/world) sum_r grad(loss_r * world * n_r / n) = grad( sum_{all tokens} l / n )
+
+    Exactly 1.0 in one process. None, on every rank, if the loss is not finite on any rank (so
+    that all ranks stop together; one collective for both)."""
+    finite = bool(torch.isfinite(loss))
+    if not active():
+        return 1.0 if finite else None
+    t = torch.tensor([float(not finite), float(n_local)], dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    bad, n = t.tolist()
+    return None if bad > 0 else dist.get_world_size() * float(n_local) / max(n, 1.0)
+
+
+def reduce_record(record: dict, weights: dict | None = None, sum_keys=(), max_keys=()) -> dict:
+    """A per-rank record of numbers -> the record of the whole global batch: for every key but
+    'step' the mean over ranks weighted by weights[key] (the rows or tokens behind this rank's
+    value; 1 when not given), the sum for sum_keys, the max for max_keys. Every value becomes a
+    float. The record itself when not distributed."""
     if not active():
         return record
-    keys = [k for k, v in record.items() if isinstance(v, float)]
-    x = torch.tensor([record[k] for k in keys], dtype=torch.float64, device=_comm_device())  # (n,)
-    total, top = x.clone(), x.clone()
-    dist.all_reduce(total, op=dist.ReduceOp.SUM)
-    dist.all_reduce(top, op=dist.ReduceOp.MAX)
-    world = dist.get_world_size()
+    keys = sorted(k for k in record if k != "step")  # the same order on every rank
+    w = [1.0 if k in sum_keys else float((weights or {}).get(k, 1.0)) for k in keys]
+    v = [float(record[k]) for k in keys]
+    x = torch.tensor([a * b for a, b in zip(v, w)] + w, dtype=torch.float64, device=_comm_device())  # (2n,)
+    dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    totals = x.tolist()
     out = dict(record)
     for i, k in enumerate(keys):
-        out[k] = top[i].item() if k in max_keys else total[i].item() / (1 if k in sum_keys else world)
+        out[k] = totals[i] if k in sum_keys else totals[i] / max(totals[len(keys) + i], 1e-12)
+    tops = [k for k in keys if k in max_keys]
+    if tops:
+        m = torch.tensor([v[keys.index(k)] for k in tops], dtype=torch.float64, device=_comm_device())
+        dist.all_reduce(m, op=dist.ReduceOp.MAX)
+        out.update(zip(tops, m.tolist()))
     return out
 
 

@@ -16,8 +16,8 @@ r_t = log pi(y_t|c_t) - log q(y_t|c_t). One step:
        sign-like steps move every weight by the full lr and can undo a cold-started student)
 
 A non-finite loss or gradient norm stops the run with a FloatingPointError that names the step,
-before the optimizer touches the weights; the checkpoint on disk is the last one written at an
-evaluation, i.e. the last good one.
+before the optimizer touches the weights; the checkpoint on disk is the last one written (at an
+evaluation or every save_every steps), i.e. the last good one.
 
 Every step appends one JSON object to <run>.jsonl. Its keys:
 
@@ -182,14 +182,11 @@ def opd_step(student: GPT, teacher: GPT, optimizer: torch.optim.Optimizer, tok: 
 
     Under torchrun `student` is the DDP-wrapped model and `problems` this rank's share of the
     global batch. The loss each rank differentiates is scaled so that DDP's gradient average is
-    exactly the gradient of the per-token loss over the whole global batch:
-
-        loss_r * world * n_r / n   (n_r: loss tokens of rank r, n = sum_r n_r)
-        => (1/world) sum_r grad(loss_r * world * n_r / n) = grad( sum_{all tokens} l / n )
-
-    In one process the factor is n / n = 1 and nothing changes. The record is reduced over ranks
-    (distributed.reduce_record): the global loss, summed token counts and throughput, the max of
-    maxima, the mean over ranks of everything else."""
+    exactly the gradient of the per-token loss over the whole global batch
+    (distributed.global_token_scale; the factor is 1 in one process). The record is then that
+    of the global batch (distributed.reduce_record): summed token counts and throughput, the
+    max of maxima and timings, and means weighted by each rank's rows (per-response figures) or
+    response tokens (the loss: loss tokens; every other per-token figure)."""
     model = distributed.bare(student)  # the GPT itself: sampling needs no gradient sync
     device = next(model.parameters()).device
     objective = get_objective(cfg.loss)
@@ -212,14 +209,13 @@ def opd_step(student: GPT, teacher: GPT, optimizer: torch.optim.Optimizer, tok: 
         student_logits = response_logits(student, ro).float()  # (B, N, V)
     loss, stats = objective(student_logits, teacher_logits, ro.response, ro.response_mask,
                             **cfg.options)
-    if distributed.any_rank(not bool(torch.isfinite(loss))):
-        raise FloatingPointError(f"OPD step {step}: non-finite loss ({loss.item()}) with objective "
+    scale = distributed.global_token_scale(loss, stats["n_tokens"])  # 1.0 in one process
+    if scale is None:
+        value = "on some rank" if distributed.active() else f"({loss.item()})"
+        raise FloatingPointError(f"OPD step {step}: non-finite loss {value} with objective "
                                  f"{cfg.loss!r}; weights left as they were before this step")
-    n_local = torch.tensor(stats["n_tokens"], device=device)
-    n_global = distributed.all_reduce_sum(n_local)  # loss tokens over all ranks
-    world = distributed.rank_and_world()[1]
     optimizer.zero_grad(set_to_none=True)
-    (loss * (world * n_local / n_global.clamp(min=1))).backward()  # factor 1 in one process
+    (loss * scale).backward()
     gnorm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip))
     if not torch.isfinite(torch.tensor(gnorm)):
         optimizer.zero_grad(set_to_none=True)
@@ -247,10 +243,11 @@ def opd_step(student: GPT, teacher: GPT, optimizer: torch.optim.Optimizer, tok: 
         **{k: v for k, v in stats.items() if k not in _COMMON_STATS},
     }
     if distributed.active():
-        global_loss = (distributed.all_reduce_sum(loss.detach() * n_local) / n_global.clamp(min=1)).item()
-        record = distributed.reduce_record(record, sum_keys=("tok_s", "n_loss_tokens"),
+        weights = {k: float(n_new) for k in record}
+        weights.update({k: float(len(problems)) for k in ("acc", "response_length", "budget_share", "track_rows")},
+                       loss=stats["n_tokens"])
+        record = distributed.reduce_record(record, weights, sum_keys=("tok_s", "n_loss_tokens"),
                                            max_keys=("logratio_max_abs", "t_rollout", "t_teacher", "t_student"))
-        record["loss"] = global_loss
     return record
 
 
@@ -290,7 +287,7 @@ def degradation(summary: dict, budget_share_limit: float = 0.5, collapse_drop: f
 def train_opd(student: GPT, teacher: GPT, tok: Tokenizer, cfg: OPDConfig, run_prefix: str,
               eval_problems: list[Problem], log=print, name: str | None = None,
               start_acc: float | None = None, print_every: int = 1, teacher_score=None,
-              save_every: int = 0, resume: bool = False) -> dict:
+              save_every: int = 0, resume: bool = False, settings: dict | None = None) -> dict:
     """Distil `teacher` into `student` (in place) for cfg.steps steps.
 
     teacher may be `student` itself (self-distillation with live weights: it scores without
@@ -305,9 +302,10 @@ def train_opd(student: GPT, teacher: GPT, tok: Tokenizer, cfg: OPDConfig, run_pr
     The checkpoint <run_prefix>.pt holds the weights, the optimizer state, every rank's RNG states
     and the records so far; it is written atomically at every evaluation, every `save_every` steps
     (0: only at evaluations) and at the end. With resume=True and a checkpoint there, written by a
-    run with the same OPDConfig and number of processes, training continues from its step and ends
-    where an uninterrupted run ends (prompts and learning rates are functions of the step; the
-    sampler's state is restored).
+    run with the same OPDConfig, the same `settings` (what else defines the run for the caller:
+    the teacher, the evaluation set, ...) and the same number of processes, training continues
+    from its step and ends where an uninterrupted run ends (prompts and learning rates are
+    functions of the step; the sampler's state is restored).
 
     Under torchrun every rank calls this with the same arguments: each samples and scores its
     share of every global batch of cfg.batch_size prompts with its own generator
@@ -336,12 +334,13 @@ def train_opd(student: GPT, teacher: GPT, tok: Tokenizer, cfg: OPDConfig, run_pr
     if is_main:
         os.makedirs(os.path.dirname(os.path.abspath(run_prefix)), exist_ok=True)
     jsonl_path, ckpt_path = run_prefix + ".jsonl", run_prefix + ".pt"
+    run_settings = {**asdict(cfg), **(settings or {})}  # what a resume must match
 
     held_out = lambda: distributed.from_main(lambda: evaluate(student, tok, eval_problems, 0.0, cfg.max_new_tokens))
 
     records, first, elapsed = [], 0, 0.0
-    if resume and os.path.exists(ckpt_path):
-        first, state = resume_run_state(ckpt_path, student, optimizer, generator, "opd", asdict(cfg))
+    if resume and distributed.from_main(lambda: os.path.exists(ckpt_path)):
+        first, state = resume_run_state(ckpt_path, student, optimizer, generator, "opd", run_settings)
         records, summary, elapsed = state["records"], dict(state["summary"], error=None), state["elapsed"]
         log(f"opd {name}: resuming from '{ckpt_path}' at step {first}/{cfg.steps}")
     else:
@@ -358,7 +357,7 @@ def train_opd(student: GPT, teacher: GPT, tok: Tokenizer, cfg: OPDConfig, run_pr
 
     def save(step: int) -> None:  # every rank takes part: their RNG states are gathered
         summary["last_good_checkpoint"] = ckpt_path
-        save_run_state(ckpt_path, student, step, optimizer, generator, {"role": "opd", "name": name, "opd": asdict(cfg)},
+        save_run_state(ckpt_path, student, step, optimizer, generator, {"role": "opd", "name": name, "opd": run_settings},
                        {"records": records, "summary": summary, "elapsed": elapsed + time.time() - t_start})
 
     f = open(jsonl_path, "w") if is_main else None

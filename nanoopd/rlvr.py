@@ -94,8 +94,9 @@ def rlvr_step(model: GPT, optimizer: torch.optim.Optimizer, contexts: list[list[
     Under torchrun `model` is the DDP-wrapped policy and `contexts` this rank's share (whole
     groups stay on one rank, so advantages need nothing from the others). As in OPD (opd_step),
     rank r differentiates loss_r * world * n_r / n, n_r its response tokens and n = sum_r n_r, so
-    that DDP's average is the gradient of the loss over the whole global batch; the step is skipped
-    on every rank when no group on any rank carries signal."""
+    that DDP's average is the gradient of the loss over the whole global batch
+    (distributed.global_token_scale); the step is skipped on every rank when no group on any rank
+    carries signal."""
     t0 = time.perf_counter()
     G = cfg.group
     policy = distributed.bare(model)  # the GPT itself for sampling
@@ -110,15 +111,15 @@ def rlvr_step(model: GPT, optimizer: torch.optim.Optimizer, contexts: list[list[
     logits = response_logits(model, ro).float()  # (n*G, N, V)
     logp = torch.log_softmax(logits, -1).gather(-1, ro.response.unsqueeze(-1)).squeeze(-1)  # (n*G, N)
     loss = policy_gradient_loss(logp, adv, ro.response_mask)
-    if distributed.any_rank(not bool(torch.isfinite(loss))):
-        raise FloatingPointError(f"RLVR: non-finite loss {loss.item()}; lower the learning rate")
-    n_local = ro.response_mask.sum().float()
-    n_global = distributed.all_reduce_sum(n_local)  # response tokens over all ranks
-    world = distributed.rank_and_world()[1]
+    n_local = float(ro.response_mask.sum())
+    scale = distributed.global_token_scale(loss, n_local)  # 1.0 in one process
+    if scale is None:
+        value = "on some rank" if distributed.active() else f"{loss.item()}"
+        raise FloatingPointError(f"RLVR: non-finite loss {value}; lower the learning rate")
     optimizer.zero_grad(set_to_none=True)
     gnorm = 0.0
     if distributed.any_rank(zero_var < 1.0):  # at least one group carries signal
-        (loss * (world * n_local / n_global.clamp(min=1))).backward()  # factor 1 in one process
+        (loss * scale).backward()
         gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
         if not torch.isfinite(torch.tensor(gnorm)):
             optimizer.zero_grad(set_to_none=True)
@@ -127,10 +128,10 @@ def rlvr_step(model: GPT, optimizer: torch.optim.Optimizer, contexts: list[list[
     record = {"loss": loss.item(), "reward": rewards.mean().item(), "zero_var_groups": zero_var,
               "grad_norm": gnorm, "response_length": ro.lengths.float().mean().item(),
               "seconds": time.perf_counter() - t0}
-    if distributed.active():
-        global_loss = (distributed.all_reduce_sum(loss.detach() * n_local) / n_global.clamp(min=1)).item()
-        record = distributed.reduce_record(record, max_keys=("seconds",))
-        record["loss"] = global_loss
+    if distributed.active():  # the record of the global batch: token- or row-weighted means
+        rows = float(len(contexts) * G)
+        record = distributed.reduce_record(record, {"loss": n_local, "reward": rows, "zero_var_groups": rows,
+                                                    "response_length": rows}, max_keys=("seconds",))
     return record
 
 
@@ -144,14 +145,16 @@ def math_reward(tok: Tokenizer, problems: list[Problem], done: list[str]) -> Cal
 
 def train_rlvr(model: GPT, tok: Tokenizer, cfg: RLVRConfig, student: GPT | None = None, log=print,
                jsonl_path: str | None = None, name: str = "rlvr", ckpt_path: str | None = None,
-               save_every: int = 0, resume: bool = False, extra: dict | None = None) -> list[dict]:
+               save_every: int = 0, resume: bool = False, extra: dict | None = None,
+               settings: dict | None = None) -> list[dict]:
     """cfg.steps RLVR steps on `model` (in place) with the math verifier as reward. With cfg.cut > 0
     each step's contexts are `student`'s sampled responses cut at fractions uniform in [0, cut]
     (the student's kind of prefixes). Returns the per-step records (also written to jsonl_path when given).
 
     With ckpt_path, a checkpoint (weights, optimizer, every rank's RNG states, the records; plus
     `extra`) is written atomically every save_every steps and at the end; with resume=True and a
-    checkpoint there from a run with the same RLVRConfig, training continues from its step.
+    checkpoint there from a run with the same RLVRConfig and `settings` (what else defines the run
+    for the caller), training continues from its step.
     Under torchrun each rank takes its share of every step's problems (and their groups) and
     samples with its own generator; rank 0 logs and writes."""
     if cfg.cut > 0 and student is None:
@@ -164,10 +167,11 @@ def train_rlvr(model: GPT, tok: Tokenizer, cfg: RLVRConfig, student: GPT | None 
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.0)
     problems = sample_problems(cfg.steps * cfg.prompts, "train", cfg.seed, cfg.digits, cfg.ops)
     gen = torch.Generator(device=device).manual_seed(distributed.rank_seed(cfg.seed))
-    records, first = [], 0
-    if resume and ckpt_path and os.path.exists(ckpt_path):
-        first, state = resume_run_state(ckpt_path, model, optimizer, gen, "rlvr", asdict(cfg))
-        records = state["records"]
+    run_settings = {**asdict(cfg), **(settings or {})}  # what a resume must match
+    records, first, saved = [], 0, None  # saved: the step of the last checkpoint of this run
+    if resume and ckpt_path and distributed.from_main(lambda: os.path.exists(ckpt_path)):
+        first, state = resume_run_state(ckpt_path, model, optimizer, gen, "rlvr", run_settings)
+        records, saved = state["records"], first
         log(f"{name}: resuming from '{ckpt_path}' at step {first}/{cfg.steps}")
     ddp_model = distributed.wrap(model, device)  # the model itself in one process without --compile
     out = open(jsonl_path, "w") if jsonl_path and rank == 0 else None
@@ -187,7 +191,8 @@ def train_rlvr(model: GPT, tok: Tokenizer, cfg: RLVRConfig, student: GPT | None 
                 rec = {"step": step, **rlvr_step(ddp_model, optimizer, contexts, math_reward(tok, batch, done), cfg,
                                                  tok.eos_id, tok.pad_id, gen)}
             except FloatingPointError as e:
-                kept = f"the last checkpoint written ('{ckpt_path}') is intact" if ckpt_path else "nothing was saved"
+                kept = (f"the checkpoint of step {saved} ('{ckpt_path}') is intact" if saved is not None
+                        else "no checkpoint of this run was written yet")
                 raise FloatingPointError(f"{name} step {step}: {e}; {kept}") from None
             records.append(rec)
             if out:
@@ -195,7 +200,8 @@ def train_rlvr(model: GPT, tok: Tokenizer, cfg: RLVRConfig, student: GPT | None 
                 out.flush()
             if ckpt_path and (step == cfg.steps - 1 or (save_every and (step + 1) % save_every == 0)):
                 save_run_state(ckpt_path, model, step + 1, optimizer, gen,
-                               {**(extra or {}), "rlvr": asdict(cfg)}, {"records": records})
+                               {**(extra or {}), "rlvr": run_settings}, {"records": records})
+                saved = step + 1
             if step % 10 == 0 or step == cfg.steps - 1:
                 log(f"{name} step {step:4d} | reward {rec['reward']:6.1%} | zero-variance groups "
                     f"{rec['zero_var_groups']:5.1%} | loss {rec['loss']:+.4f} | len {rec['response_length']:5.1f} | "

@@ -13,7 +13,6 @@ one process would on the whole batch.
 import math
 import os
 import time
-from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
@@ -79,11 +78,11 @@ def train_sft(model, next_examples, steps: int, lr: float, pad_id: int, weight_d
     device = next(model.parameters()).device
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=weight_decay)
     start = 0
-    if resume and ckpt_path and os.path.exists(ckpt_path):
+    if resume and ckpt_path and distributed.from_main(lambda: os.path.exists(ckpt_path)):
         start = int(restore_training_state(ckpt_path, model, opt)["step"])
         log(f"{desc}: resuming from '{ckpt_path}' at step {start}/{steps}")
     ddp_model = distributed.wrap(model, device)  # the model itself unless distributed or compiled
-    world = torch.distributed.get_world_size() if distributed.active() else 1
+    world = distributed.rank_and_world()[1]
     is_main = distributed.is_main()  # logs, progress and checkpoints on rank 0 only
     model.train()
     losses, t0, ntok = [], time.time(), 0

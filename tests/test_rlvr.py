@@ -195,7 +195,7 @@ def test_a_non_finite_rlvr_loss_names_the_step_and_keeps_the_last_checkpoint(tmp
     model.register_forward_hook(poison)
     path = str(tmp_path / "rlvr.pt")
     cfg = RLVRConfig(steps=4, prompts=2, group=4, max_new_tokens=6, digits=1)
-    with pytest.raises(FloatingPointError, match=r"rlvr step 2: RLVR: non-finite loss .* is intact"):
+    with pytest.raises(FloatingPointError, match=r"rlvr step 2: RLVR: non-finite loss .* checkpoint of step 2 .* is intact"):
         train_rlvr(model, TOK, cfg, log=lambda _: None, ckpt_path=path, save_every=1)
     saved = torch.load(path, weights_only=False)
     assert saved["step"] == 2 and all(torch.isfinite(v).all() for v in saved["model"].values())
