@@ -747,16 +747,16 @@ def pi_scores(model: GPT, tok, problems, cfg: TrainConfig, kind: str | None = No
 
 
 def opsd_run(cfg: TrainConfig, tok, base: GPT, kind: str, seed: int, prefix: str, problems, log, name: str,
-             start: tuple[float, float], print_every: int = 1, resume: dict | None = None) -> dict:
+             start: tuple[float, float], print_every: int = 1, save_every: int = 0, resume: bool = False) -> dict:
     """One OPSD run from a copy of `base`: the OPD loop, with the teacher = the same network
-    (frozen step-0 copy, or live) scoring the student's samples under PI `kind`. resume: the
-    save_every/resume arguments of train_opd (stage opd; the M3 grid runs without)."""
-    resume = resume or {}
+    (frozen step-0 copy, or live) scoring the student's samples under PI `kind`. save_every and
+    resume go to train_opd (stage opd uses them; the M3 grid does not)."""
     student = copy.deepcopy(base)
     teacher = self_teacher(student, live=cfg.live_teacher)
     ocfg = opd_config(cfg, cfg.loss, objective_options(cfg, tok), seed)
     s = train_opd(student, teacher, tok, ocfg, prefix, problems, log, name, start_acc=start[0],
-                  print_every=print_every, teacher_score=PrivilegedTeacher(tok, kind), **resume,
+                  print_every=print_every, teacher_score=PrivilegedTeacher(tok, kind), save_every=save_every,
+                  resume=resume,
                   settings={"mode": "opsd", "pi": kind, "live_teacher": cfg.live_teacher, "eval_n": cfg.eval_n})
     acc, rule = distributed.from_main(lambda: pi_scores(student, tok, problems, cfg))
     log(f"{name}: without PI, held-out accuracy {start[0]:.1%} -> {acc:.1%} | rule-following {start[1]:.1%} -> "
@@ -770,7 +770,7 @@ def run_opsd(cfg: TrainConfig, tok, base: GPT, log) -> dict:
     problems = rule_test_problems(cfg)
     r = opsd_run(cfg, tok, base, cfg.pi, cfg.seed, os.path.join(cfg.out_dir, f"opd_{name}"), problems, log, name,
                  distributed.from_main(lambda: pi_scores(base, tok, problems, cfg)),
-                 resume={"save_every": cfg.save_every, "resume": cfg.resume})
+                 save_every=cfg.save_every, resume=cfg.resume)
     return {k: r[k] for k in ("start_acc", "final_acc", "start_rule", "final_rule", "first_kl", "final_kl", "seconds")}
 
 

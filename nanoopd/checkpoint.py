@@ -111,6 +111,12 @@ def restore_training_state(path: str, model, optimizer) -> dict:
     return payload
 
 
+def can_resume(resume: bool, path: str | None) -> bool:
+    """True when --resume is asked and a checkpoint exists at `path`. Decided on rank 0, which
+    writes the checkpoints, and handed to every rank, so that all ranks take the same branch."""
+    return bool(resume and path) and distributed.from_main(lambda: os.path.exists(path))
+
+
 def save_run_state(path: str, model, step: int, optimizer, generator: torch.Generator, extra: dict,
                    state: dict) -> None:
     """Checkpoint a resumable run: weights, optimizer, step, `extra` (the run's settings), and in

@@ -51,7 +51,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from nanoopd import distributed
-from nanoopd.checkpoint import resume_run_state, save_run_state
+from nanoopd.checkpoint import can_resume, resume_run_state, save_run_state
 from nanoopd.device import autocast, synchronize
 from nanoopd.evaluate import evaluate
 from nanoopd.metrics import masked_mean, opd_diagnostics, sampled_logratio
@@ -339,7 +339,7 @@ def train_opd(student: GPT, teacher: GPT, tok: Tokenizer, cfg: OPDConfig, run_pr
     held_out = lambda: distributed.from_main(lambda: evaluate(student, tok, eval_problems, 0.0, cfg.max_new_tokens))
 
     records, first, elapsed = [], 0, 0.0
-    if resume and distributed.from_main(lambda: os.path.exists(ckpt_path)):
+    if can_resume(resume, ckpt_path):
         first, state = resume_run_state(ckpt_path, student, optimizer, generator, "opd", run_settings)
         records, summary, elapsed = state["records"], dict(state["summary"], error=None), state["elapsed"]
         log(f"opd {name}: resuming from '{ckpt_path}' at step {first}/{cfg.steps}")

@@ -17,7 +17,6 @@ continuation.
 """
 
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -25,7 +24,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from nanoopd import distributed
-from nanoopd.checkpoint import resume_run_state, save_run_state
+from nanoopd.checkpoint import can_resume, resume_run_state, save_run_state
 from nanoopd.metrics import student_prefixes
 from nanoopd.model import GPT
 from nanoopd.rollout import check_sampling_args, generate, response_logits
@@ -169,7 +168,7 @@ def train_rlvr(model: GPT, tok: Tokenizer, cfg: RLVRConfig, student: GPT | None 
     gen = torch.Generator(device=device).manual_seed(distributed.rank_seed(cfg.seed))
     run_settings = {**asdict(cfg), **(settings or {})}  # what a resume must match
     records, first, saved = [], 0, None  # saved: the step of the last checkpoint of this run
-    if resume and ckpt_path and distributed.from_main(lambda: os.path.exists(ckpt_path)):
+    if can_resume(resume, ckpt_path):
         first, state = resume_run_state(ckpt_path, model, optimizer, gen, "rlvr", run_settings)
         records, saved = state["records"], first
         log(f"{name}: resuming from '{ckpt_path}' at step {first}/{cfg.steps}")

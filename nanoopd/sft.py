@@ -11,7 +11,6 @@ one process would on the whole batch.
 """
 
 import math
-import os
 import time
 
 import torch
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from nanoopd import distributed
-from nanoopd.checkpoint import restore_training_state, save_checkpoint
+from nanoopd.checkpoint import can_resume, restore_training_state, save_checkpoint
 from nanoopd.device import autocast, synchronize
 from nanoopd.tasks import Problem, prompt_text, trace_text
 from nanoopd.tokenizer import Tokenizer
@@ -78,7 +77,7 @@ def train_sft(model, next_examples, steps: int, lr: float, pad_id: int, weight_d
     device = next(model.parameters()).device
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=weight_decay)
     start = 0
-    if resume and ckpt_path and distributed.from_main(lambda: os.path.exists(ckpt_path)):
+    if can_resume(resume, ckpt_path):
         start = int(restore_training_state(ckpt_path, model, opt)["step"])
         log(f"{desc}: resuming from '{ckpt_path}' at step {start}/{steps}")
     ddp_model = distributed.wrap(model, device)  # the model itself unless distributed or compiled
