@@ -70,21 +70,3 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
     elif device.type == "mps":
         torch.mps.synchronize()
-
-
-# torch.compile applies to the forward passes that train (distributed.wrap); sampling stays eager,
-# its shapes change at every token. Off unless a script's --compile turns it on (set_compile).
-_COMPILE = {"enabled": False}
-
-
-def set_compile(enabled: bool) -> None:
-    """--compile: compile the training forward passes from now on (worth it on GPUs for long runs;
-    on a CPU the first steps take tens of seconds to compile and small models gain nothing)."""
-    if enabled and not hasattr(torch, "compile"):
-        raise ValueError("--compile needs PyTorch 2.0 or newer")
-    _COMPILE["enabled"] = bool(enabled)
-
-
-def maybe_compile(model: torch.nn.Module) -> torch.nn.Module:
-    """torch.compile(model) when --compile is on, else the model itself."""
-    return torch.compile(model) if _COMPILE["enabled"] else model

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from nanoopd.device import maybe_compile, pick_device
+from nanoopd.device import pick_device
 
 
 @dataclass
@@ -168,14 +168,18 @@ def from_main(fn):
     return gather_objects(fn() if is_main() else None)[0]
 
 
-def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+def wrap(model: torch.nn.Module, device: torch.device, compile: bool = False) -> torch.nn.Module:
     """The module a training forward pass goes through: DDP(model) when distributed (gradients
-    are averaged over ranks in backward), compiled when --compile is on (device.set_compile), the
-    model itself otherwise. Sampling and checkpoints use bare(wrapped)."""
+    are averaged over ranks in backward), then torch.compile'd when compile=True (--compile: worth
+    it on GPUs for long runs; on a CPU the first steps take tens of seconds to compile and small
+    models gain nothing), the model itself otherwise. Sampling stays eager (its shapes change at
+    every token), and sampling and checkpoints use bare(wrapped)."""
     if active():
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    return maybe_compile(model)
+    if compile and not hasattr(torch, "compile"):
+        raise ValueError("--compile needs PyTorch 2.0 or newer")
+    return torch.compile(model) if compile else model
 
 
 def bare(model: torch.nn.Module) -> torch.nn.Module:

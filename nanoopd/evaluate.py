@@ -1,17 +1,31 @@
 """
-Task accuracy: sample a response for every held-out problem and ask the verifier.
+Evaluations that sample from the models and ask the verifier.
 
-    acc = (1/N) sum_i verify(y_i, problem_i),   y_i ~ pi(. | x_i)  (greedy: y_i = argmax decoding)
+  accuracy                        acc = (1/N) sum_i verify(y_i, problem_i),  y_i ~ pi(. | x_i)
+                                  (greedy: y_i = argmax decoding)
+  student prefixes                the student's own sampled responses cut at a fraction of their
+                                  length (the contexts an RLVR-adapted teacher trains on)
+  teacher-continuation accuracy   cut the student's sampled responses at a fraction f of their
+                                  length, let the teacher finish them greedily, verify prefix +
+                                  continuation; compared with the teacher's own from-scratch greedy
+                                  accuracy on the same problems (a teacher can be far worse from
+                                  student prefixes than from its own; DESIGN.md section 5)
 """
 
 from collections.abc import Callable
 
 import torch
 
+from nanoopd.metrics import accuracy
 from nanoopd.rollout import generate
-from nanoopd.sft import encode_example
-from nanoopd.tasks import Problem, verify
+from nanoopd.tasks import Problem, encode_example, verify
 from nanoopd.tokenizer import Tokenizer
+
+
+def response_texts(tok: Tokenizer, rollout) -> list[str]:
+    """The decoded response of every rollout row, without padding and <|eos|>."""
+    return [tok.decode([t for t, k in zip(row, keep) if k and t != tok.eos_id])
+            for row, keep in zip(rollout.response.tolist(), rollout.response_mask.tolist())]
 
 
 @torch.no_grad()
@@ -30,9 +44,72 @@ def evaluate(model, tok: Tokenizer, problems: list[Problem], temperature: float 
                    for p in chunk]
         ro = generate(model, prompts, max_new_tokens, tok.eos_id, tok.pad_id,
                       temperature=temperature, generator=gen)
-        for p, resp, m in zip(chunk, ro.response.tolist(), ro.response_mask.tolist()):
-            text = tok.decode([t for t, k in zip(resp, m) if k and t != tok.eos_id])
+        for p, text in zip(chunk, response_texts(tok, ro)):
             rewards.append(verify(text, p))
             texts.append(text)
     acc = sum(rewards) / max(1, len(rewards))
     return (acc, texts) if return_texts else acc
+
+
+def _response_ids(row: list[int], keep: list[bool], eos_id: int) -> list[int]:
+    """The generated ids of one rollout row, without padding and without the final <|eos|>."""
+    ids = [t for t, k in zip(row, keep) if k]
+    return ids[:-1] if ids and ids[-1] == eos_id else ids
+
+
+@torch.no_grad()
+def student_prefixes(student, tok, problems: list[Problem], frac: float | list[float], max_new_tokens: int,
+                     generator: torch.Generator | None = None,
+                     temperature: float = 1.0) -> tuple[list[list[int]], list[str]]:
+    """Sample one response y per problem from the student and cut it after floor(frac * |y|)
+    tokens (|y| without <|eos|>; frac: one for all, or one per problem). Returns the contexts
+    [bos] x y_<cut (token ids) and the cut prefixes as text."""
+    prompts = [encode_example(tok, p)[0] for p in problems]
+    fracs = frac if isinstance(frac, (list, tuple)) else [frac] * len(problems)
+    ro = generate(student, prompts, max_new_tokens, tok.eos_id, tok.pad_id, temperature=temperature,
+                  generator=generator)
+    contexts, done = [], []
+    for prompt, f, row, keep in zip(prompts, fracs, ro.response.tolist(), ro.response_mask.tolist()):
+        ids = _response_ids(row, keep, tok.eos_id)
+        cut = ids[:int(f * len(ids))]
+        contexts.append(prompt + cut)
+        done.append(tok.decode(cut))
+    return contexts, done
+
+
+@torch.no_grad()
+def teacher_continuation(teacher, student, tok, problems: list[Problem], frac: float = 0.5,
+                         max_new_tokens: int = 64, seed: int = 0, temperature: float = 1.0,
+                         batch_size: int = 256) -> dict[str, float]:
+    """Teacher-continuation accuracy (DESIGN.md section 5).
+
+      continuation_acc  (1/n) sum_i verify(y_i,<cut + argmax-decode q(.| x_i, y_i,<cut), problem_i),
+                        y_i ~ pi(.|x_i) at `temperature`, cut = floor(frac * |y_i|); the teacher
+                        writes at most max_new_tokens - cut tokens (the prefix uses the rest)
+      teacher_acc       the teacher's greedy from-scratch accuracy on the same problems
+      student_acc       the accuracy of the student's uncut samples y_i
+    """
+    if not 0.0 <= frac <= 1.0:
+        raise ValueError(f"frac must lie in [0, 1], got {frac}")
+    device = next(student.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    cont, own, stud = [], [], []
+    for i in range(0, len(problems), batch_size):
+        chunk = problems[i:i + batch_size]
+        full_ctx, full_text = student_prefixes(student, tok, chunk, 1.0, max_new_tokens, gen, temperature)
+        stud += [verify(t, p) for t, p in zip(full_text, chunk)]
+        prompts = [encode_example(tok, p)[0] for p in chunk]
+        contexts, done, room = [], [], []
+        for prompt, ctx in zip(prompts, full_ctx):  # the same samples, cut at frac
+            keep = int(frac * (len(ctx) - len(prompt)))
+            contexts.append(ctx[:len(prompt) + keep])
+            done.append(tok.decode(ctx[len(prompt):len(prompt) + keep]))
+            room.append(max_new_tokens - keep)  # prefix + continuation share the response budget
+        for ctxs, prefix_texts, budget, out in ((contexts, done, room, cont),
+                                                (prompts, [""] * len(chunk), [max_new_tokens] * len(chunk), own)):
+            ro = generate(teacher, ctxs, max_new_tokens, tok.eos_id, tok.pad_id, temperature=0.0)
+            for p, d, n, row, keep in zip(chunk, prefix_texts, budget, ro.response.tolist(),
+                                          ro.response_mask.tolist()):
+                out.append(verify(d + tok.decode(_response_ids(row[:n], keep[:n], tok.eos_id)), p))
+    return {"continuation_acc": accuracy(cont), "teacher_acc": accuracy(own),
+            "student_acc": accuracy(stud), "frac": frac}

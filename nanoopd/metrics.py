@@ -13,23 +13,17 @@ masked (response) positions; k = 16 by default, clipped to the vocabulary size.
   |r_t| max       the largest log-ratio, which special-token mismatches blow up
 plus the mean response length, the total gradient norm and the task accuracy.
 
-  teacher-continuation accuracy   cut the student's sampled responses at a fraction f of their
-                  length, let the teacher finish them greedily, verify prefix + continuation;
-                  compared with the teacher's own from-scratch greedy accuracy on the same problems
-                  (a teacher can be far worse from student prefixes than from its own)
+(Teacher-continuation accuracy samples from models, so it lives with the evaluations in evaluate.py.)
 
 Everything runs under torch.no_grad(): the diagnostics never hold on to the autograd graph.
 """
 
-import math
 from collections.abc import Iterable
 
 import torch
 
-from nanoopd.rollout import generate
+from nanoopd.logprobs import sampled_logratio
 from nanoopd.sequence_kl import token_kl
-from nanoopd.sft import encode_example
-from nanoopd.tasks import Problem, verify
 from nanoopd.topk import in_topk
 
 
@@ -42,13 +36,6 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
 def token_entropy(logp: torch.Tensor) -> torch.Tensor:
     """H(p(.|c_t)) = -sum_v p(v) log p(v) from log-probs (B, T, V). Returns (B, T)."""
     return -(logp.exp() * logp).sum(-1)  # (B, T)
-
-
-def sampled_logratio(student_logp: torch.Tensor, teacher_logp: torch.Tensor,
-                     tokens: torch.Tensor) -> torch.Tensor:
-    """r_t = log pi(y_t|c_t) - log q(y_t|c_t) from full log-probs (B, T, V). Returns (B, T)."""
-    index = tokens.unsqueeze(-1)  # (B, T, 1)
-    return (student_logp.gather(-1, index) - teacher_logp.gather(-1, index)).squeeze(-1)  # (B, T)
 
 
 def topk_overlap(student_logp: torch.Tensor, teacher_logp: torch.Tensor,
@@ -83,12 +70,6 @@ def mean_response_length(mask: torch.Tensor) -> float:
     return mask.float().sum(1).mean().item()
 
 
-def grad_norm(params: Iterable[torch.Tensor]) -> float:
-    """Total L2 norm of the .grad of `params` (parameters without a gradient are skipped)."""
-    total = sum(p.grad.detach().float().pow(2).sum().item() for p in params if p.grad is not None)
-    return math.sqrt(total)
-
-
 def accuracy(rewards: Iterable[float]) -> float:
     """Mean of a list of 0/1 verifier rewards."""
     rewards = [float(x) for x in rewards]
@@ -120,67 +101,3 @@ def opd_diagnostics(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
         "entropy_gap": masked_mean((h_q - h_pi).abs(), mask),
         "response_length": mean_response_length(mask),
     }
-
-
-def _response_ids(row: list[int], keep: list[bool], eos_id: int) -> list[int]:
-    """The generated ids of one rollout row, without padding and without the final <|eos|>."""
-    ids = [t for t, k in zip(row, keep) if k]
-    return ids[:-1] if ids and ids[-1] == eos_id else ids
-
-
-@torch.no_grad()
-def student_prefixes(student, tok, problems: list[Problem], frac: float | list[float], max_new_tokens: int,
-                     generator: torch.Generator | None = None,
-                     temperature: float = 1.0) -> tuple[list[list[int]], list[str]]:
-    """Sample one response y per problem from the student and cut it after floor(frac * |y|)
-    tokens (|y| without <|eos|>; frac: one for all, or one per problem). Returns the contexts
-    [bos] x y_<cut (token ids) and the cut prefixes as text."""
-    prompts = [encode_example(tok, p)[0] for p in problems]
-    fracs = frac if isinstance(frac, (list, tuple)) else [frac] * len(problems)
-    ro = generate(student, prompts, max_new_tokens, tok.eos_id, tok.pad_id, temperature=temperature,
-                  generator=generator)
-    contexts, done = [], []
-    for prompt, f, row, keep in zip(prompts, fracs, ro.response.tolist(), ro.response_mask.tolist()):
-        ids = _response_ids(row, keep, tok.eos_id)
-        cut = ids[:int(f * len(ids))]
-        contexts.append(prompt + cut)
-        done.append(tok.decode(cut))
-    return contexts, done
-
-
-@torch.no_grad()
-def teacher_continuation(teacher, student, tok, problems: list[Problem], frac: float = 0.5,
-                         max_new_tokens: int = 64, seed: int = 0, temperature: float = 1.0,
-                         batch_size: int = 256) -> dict[str, float]:
-    """Teacher-continuation accuracy (DESIGN.md section 5).
-
-      continuation_acc  (1/n) sum_i verify(y_i,<cut + argmax-decode q(.| x_i, y_i,<cut), problem_i),
-                        y_i ~ pi(.|x_i) at `temperature`, cut = floor(frac * |y_i|); the teacher
-                        writes at most max_new_tokens - cut tokens (the prefix uses the rest)
-      teacher_acc       the teacher's greedy from-scratch accuracy on the same problems
-      student_acc       the accuracy of the student's uncut samples y_i
-    """
-    if not 0.0 <= frac <= 1.0:
-        raise ValueError(f"frac must lie in [0, 1], got {frac}")
-    device = next(student.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(seed)
-    cont, own, stud = [], [], []
-    for i in range(0, len(problems), batch_size):
-        chunk = problems[i:i + batch_size]
-        full_ctx, full_text = student_prefixes(student, tok, chunk, 1.0, max_new_tokens, gen, temperature)
-        stud += [verify(t, p) for t, p in zip(full_text, chunk)]
-        prompts = [encode_example(tok, p)[0] for p in chunk]
-        contexts, done, room = [], [], []
-        for prompt, ctx in zip(prompts, full_ctx):  # the same samples, cut at frac
-            keep = int(frac * (len(ctx) - len(prompt)))
-            contexts.append(ctx[:len(prompt) + keep])
-            done.append(tok.decode(ctx[len(prompt):len(prompt) + keep]))
-            room.append(max_new_tokens - keep)  # prefix + continuation share the response budget
-        for ctxs, prefix_texts, budget, out in ((contexts, done, room, cont),
-                                                (prompts, [""] * len(chunk), [max_new_tokens] * len(chunk), own)):
-            ro = generate(teacher, ctxs, max_new_tokens, tok.eos_id, tok.pad_id, temperature=0.0)
-            for p, d, n, row, keep in zip(chunk, prefix_texts, budget, ro.response.tolist(),
-                                          ro.response_mask.tolist()):
-                out.append(verify(d + tok.decode(_response_ids(row[:n], keep[:n], tok.eos_id)), p))
-    return {"continuation_acc": accuracy(cont), "teacher_acc": accuracy(own),
-            "student_acc": accuracy(stud), "frac": frac}

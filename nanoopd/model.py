@@ -192,13 +192,3 @@ class GPT(nn.Module):
             cache.length = start + T
         x = self.ln_f(x)  # (B, T, C)
         return F.linear(x, self.wte.weight)  # (B, T, V), tied embeddings
-
-    def token_logprobs(self, idx: torch.Tensor, valid: torch.Tensor | None = None,
-                       return_logits: bool = False):
-        """log p(idx[:, t+1] | idx[:, :t+1]) for t = 0..T-2, in float32.
-
-        Returns logp (B, T-1) and, when asked, the float32 logits (B, T-1, V) that produced them.
-        """
-        logits = self(idx[:, :-1], None if valid is None else valid[:, :-1]).float()  # (B, T-1, V)
-        logp = torch.log_softmax(logits, dim=-1).gather(-1, idx[:, 1:].unsqueeze(-1)).squeeze(-1)  # (B, T-1)
-        return (logp, logits) if return_logits else logp

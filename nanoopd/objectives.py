@@ -58,6 +58,14 @@ def get_objective(name: str) -> Callable:
     return OBJECTIVES[name]
 
 
+def check_objective(name: str, options: dict, vocab_size: int) -> None:
+    """Run objective `name` once on a dummy batch so that a bad option fails now, with the
+    objective's own message, rather than after the first rollout. Raises ValueError."""
+    logits = torch.zeros(1, 2, vocab_size)  # (B=1, T=2, V)
+    get_objective(name)(logits, logits, torch.zeros(1, 2, dtype=torch.long),
+                        torch.ones(1, 2, dtype=torch.bool), **options)
+
+
 # ----------------------------------------------------------------------------------------------
 # shared plumbing: options, input checks, masking, normalisation, stats
 

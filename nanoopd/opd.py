@@ -11,9 +11,12 @@ r_t = log pi(y_t|c_t) - log q(y_t|c_t). One step:
     3. pi_theta(.|c_t) at the same positions, with gradient
     4. loss, stats = OBJECTIVES[name](pi logits, q logits, y, mask, **options)
                      (DESIGN.md section 3; mask = the response mask, EOS included)
-    5. theta <- AdamW(theta, g / max(1, ||g|| / clip)),   g = grad loss
-       (learning rate: linear warm-up, then cosine to 10 %; without the warm-up Adam's first,
-       sign-like steps move every weight by the full lr and can undo a cold-started student)
+    5. theta <- AdamW(theta, g / max(1, ||g|| / clip)),   g = grad loss      (loop.update;
+       learning rate: linear warm-up, then cosine to 10 %, loop.lr_at)
+
+Sampled-token OPD and g_gamma estimate grad KL(pi || q) only when y ~ pi itself: temperature 1,
+no top-p, no top-k. Other sampling settings draw y from another distribution, and the same
+estimators then follow the gradient under that distribution (the run says so when it starts).
 
 A non-finite loss or gradient norm stops the run with a FloatingPointError that names the step,
 before the optimizer touches the weights; the checkpoint on disk is the last one written (at an
@@ -34,13 +37,10 @@ Every step appends one JSON object to <run>.jsonl. Its keys:
   budget_share         share of responses that hit the budget N without an EOS
   grad_norm            total gradient norm before clipping
   n_loss_tokens        response tokens the loss saw (after mask_tokens)
-  track_logratio_mean, track_share, track_rows   r_t on the `track_tokens` (e.g. a format
-                       token): mean r_t there, their share of sum_t |r_t|, share of responses
-                       containing one (0 when none is tracked or none was sampled)
-  track_other_kl       mean reverse KL at the response positions whose token is not tracked
   t_rollout, t_teacher, t_student   seconds in sampling, teacher scoring, student fwd+bwd+step
   eval_acc             held-out greedy accuracy (only on steps where it was evaluated)
-plus the objective's own extra stats (e.g. support_mass_student for the top-K forms).
+plus the objective's own extra stats (e.g. support_mass_student for the top-K forms) and those of
+an extra_stats hook (e.g. special_tokens.TrackedTokens: track_logratio_mean, track_share, ...).
 """
 
 import json
@@ -52,15 +52,16 @@ import torch
 
 from nanoopd import distributed
 from nanoopd.checkpoint import can_resume, resume_run_state, save_run_state
+from nanoopd.config import ConfigError
 from nanoopd.device import autocast, synchronize
-from nanoopd.evaluate import evaluate
-from nanoopd.metrics import masked_mean, opd_diagnostics, sampled_logratio
+from nanoopd.evaluate import evaluate, response_texts
+from nanoopd.loop import JsonlLog, adamw, lr_at, set_lr, update
+from nanoopd.metrics import opd_diagnostics
 from nanoopd.model import GPT
-from nanoopd.sequence_kl import token_kl
 from nanoopd.objectives import get_objective
+from nanoopd.report import format_record, summarize_records
 from nanoopd.rollout import Rollout, check_sampling_args, generate, response_logits
-from nanoopd.sft import encode_example, lr_at
-from nanoopd.tasks import Problem, sample_problems, verify
+from nanoopd.tasks import Problem, encode_example, sample_problems, verify
 from nanoopd.tokenizer import Tokenizer
 
 # the per-objective stats that opd_diagnostics already reports (over the full response mask)
@@ -84,8 +85,6 @@ class OPDConfig:
     seed: int = 0                    # seeds the prompts and the rollout sampler
     digits: int = 3                  # training prompts: operands of 1..digits digits
     ops: str = "+-"                  # training prompts: operators
-    track_tokens: tuple = ()         # token ids whose log-ratios are reported on their own
-    hide_tokens: tuple = ()          # token ids the teacher never sees in its contexts (teacher_scores)
     diag_k: int = 16                 # k of the overlap diagnostics
 
     def __post_init__(self):
@@ -93,24 +92,16 @@ class OPDConfig:
         get_objective(self.loss)  # unknown names fail here, with the list of valid ones
         check_sampling_args(self.temperature, self.top_k, self.top_p, self.max_new_tokens)
         if self.temperature == 0:
-            raise ValueError("temperature must be > 0: OPD trains on the student's samples")
+            raise ConfigError("temperature", "must be > 0: OPD trains on the student's samples")
         for name in ("steps", "batch_size", "diag_k"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
         for name in ("eval_every", "warmup"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
         for name in ("lr", "grad_clip"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-
-
-def check_objective(name: str, options: dict, vocab_size: int) -> None:
-    """Run objective `name` once on a dummy batch so that a bad option fails now, with the
-    objective's own message, rather than after the first rollout. Raises ValueError."""
-    logits = torch.zeros(1, 2, vocab_size)  # (B=1, T=2, V)
-    get_objective(name)(logits, logits, torch.zeros(1, 2, dtype=torch.long),
-                        torch.ones(1, 2, dtype=torch.bool), **options)
+                raise ConfigError(name, f"must be > 0, got {getattr(self, name)}")
 
 
 def freeze(model: GPT) -> GPT:
@@ -120,65 +111,22 @@ def freeze(model: GPT) -> GPT:
     return model
 
 
-def rollout_rewards(tok: Tokenizer, rollout: Rollout, problems: list[Problem]) -> list[int]:
-    """Verifier reward (0/1) of every sampled response."""
-    out = []
-    for p, resp, m in zip(problems, rollout.response.tolist(), rollout.response_mask.tolist()):
-        out.append(verify(tok.decode([t for t, k in zip(resp, m) if k and t != tok.eos_id]), p))
-    return out
-
-
-@torch.no_grad()
-def tracked_stats(student_logits: torch.Tensor, teacher_logits: torch.Tensor, rollout: Rollout,
-                  track_tokens) -> dict[str, float]:
-    """r_t on the tracked token ids: mean r_t there, their share of sum_t |r_t| over the response,
-    the share of responses that contain one, and the reverse KL at the other response positions."""
-    mask = rollout.response_mask  # (B, N)
-    tokens = rollout.response.masked_fill(~mask, 0)  # (B, N)
-    ids = torch.as_tensor(list(track_tokens), dtype=tokens.dtype, device=tokens.device)
-    on = torch.isin(tokens, ids) & mask  # (B, N)
-    logp = torch.log_softmax(student_logits.float(), -1)  # (B, N, V)
-    logq = torch.log_softmax(teacher_logits.float(), -1)  # (B, N, V)
-    r = sampled_logratio(logp, logq, tokens)  # (B, N)
-    return {
-        "track_logratio_mean": masked_mean(r, on),
-        "track_share": (r.abs() * on).sum().item() / max((r.abs() * mask).sum().item(), 1e-12),
-        "track_rows": on.any(1).float().mean().item(),
-        "track_other_kl": masked_mean(token_kl(logp, logq), mask & ~on),
-    }
-
-
-def teacher_scores(teacher: GPT, rollout: Rollout, hide_tokens=()) -> torch.Tensor:
-    """Teacher logits (B, N, V) at the positions that predict each response token.
-
-    With hide_tokens, every response token of those ids is removed from the teacher's contexts:
-    the teacher scores y_t under c_t minus the hidden tokens, q(y_t | x, y_<t without them). The
-    hidden tokens are marked not-valid, so no query attends to them and position ids skip them
-    (model.py), and the prediction of the token after a hidden one is read at the last visible
-    position before it. Without hidden tokens this is response_logits(teacher, rollout).
-    """
-    if not hide_tokens:
-        return response_logits(teacher, rollout)  # (B, N, V)
-    P = rollout.prompt_len
-    tokens, valid = rollout.tokens[:, :-1], rollout.valid[:, :-1]  # (B, L) each, L = P+N-1
-    B, L = tokens.shape
-    ids = torch.as_tensor(list(hide_tokens), dtype=tokens.dtype, device=tokens.device)
-    position = torch.arange(L, device=tokens.device).expand(B, L)  # (B, L)
-    visible = valid & ~(torch.isin(tokens, ids) & (position >= P))  # (B, L) prompts are never hidden
-    logits = teacher(tokens, visible)  # (B, L, V)
-    last_visible = position.masked_fill(~visible, -1).cummax(1).values.clamp(min=0)  # (B, L)
-    logits = logits.gather(1, last_visible.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))  # (B, L, V)
-    return logits[:, P - 1:]  # (B, N, V)
+def plain_scores(teacher: GPT, rollout: Rollout, problems=None) -> torch.Tensor:
+    """The teacher's logits (B, N, V) at the positions that predict each response token."""
+    return response_logits(teacher, rollout)
 
 
 def opd_step(student: GPT, teacher: GPT, optimizer: torch.optim.Optimizer, tok: Tokenizer,
              problems: list[Problem], cfg: OPDConfig, generator: torch.Generator,
-             step: int, teacher_score=None) -> dict:
-    """One on-policy distillation step on `problems` (one rollout each). Returns the step record
-    (the JSONL keys of the module docstring, without eval_acc). The teacher must be frozen (or be
-    the student itself, scored without gradient). teacher_score(teacher, rollout, problems) ->
-    logits (B, N, V), if given, replaces the plain scoring, e.g. to give the teacher a different
-    context for the same response tokens (self_distill.PrivilegedTeacher).
+             step: int, teacher_score=None, extra_stats=None) -> dict:
+    """One on-policy distillation step on `problems` (one rollout each): the five steps of the
+    module docstring. Returns the step record (its JSONL keys, without eval_acc). The teacher
+    must be frozen (or be the student itself, scored without gradient).
+
+    Hooks: teacher_score(teacher, rollout, problems) -> logits (B, N, V) replaces plain_scores,
+    e.g. to give the teacher another context for the same response tokens
+    (self_distill.PrivilegedTeacher, special_tokens.HiddenTokens); extra_stats(student_logits,
+    teacher_logits, rollout) -> dict adds figures to the record (special_tokens.TrackedTokens).
 
     Under torchrun `student` is the DDP-wrapped model and `problems` this rank's share of the
     global batch. The loss each rank differentiates is scaled so that DDP's gradient average is
@@ -190,38 +138,31 @@ def opd_step(student: GPT, teacher: GPT, optimizer: torch.optim.Optimizer, tok: 
     model = distributed.bare(student)  # the GPT itself: sampling needs no gradient sync
     device = next(model.parameters()).device
     objective = get_objective(cfg.loss)
+    # 1. the student samples its own responses
     t0 = time.perf_counter()
     prompts = [encode_example(tok, p)[0] for p in problems]
     ro = generate(model, prompts, cfg.max_new_tokens, tok.eos_id, tok.pad_id,
-                  temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                  generator=generator)
+                  temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=generator)
     synchronize(device)
     t1 = time.perf_counter()
+    # 2. the teacher scores every response token, without gradient
     with torch.no_grad(), autocast(device):
-        if teacher_score is None:
-            teacher_logits = teacher_scores(teacher, ro, cfg.hide_tokens).float()  # (B, N, V)
-        else:
-            teacher_logits = teacher_score(teacher, ro, problems).float()  # (B, N, V)
+        teacher_logits = (teacher_score or plain_scores)(teacher, ro, problems).float()  # (B, N, V)
     synchronize(device)
     t2 = time.perf_counter()
+    # 3. the student scores the same positions, with gradient
     student.train()
     with autocast(device):
         student_logits = response_logits(student, ro).float()  # (B, N, V)
-    loss, stats = objective(student_logits, teacher_logits, ro.response, ro.response_mask,
-                            **cfg.options)
+    # 4. the objective
+    loss, stats = objective(student_logits, teacher_logits, ro.response, ro.response_mask, **cfg.options)
     scale = distributed.global_token_scale(loss, stats["n_tokens"])  # 1.0 in one process
     if scale is None:
         value = "on some rank" if distributed.active() else f"({loss.item()})"
         raise FloatingPointError(f"OPD step {step}: non-finite loss {value} with objective "
                                  f"{cfg.loss!r}; weights left as they were before this step")
-    optimizer.zero_grad(set_to_none=True)
-    (loss * scale).backward()
-    gnorm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip))
-    if not torch.isfinite(torch.tensor(gnorm)):
-        optimizer.zero_grad(set_to_none=True)
-        raise FloatingPointError(f"OPD step {step}: non-finite gradient norm ({gnorm}) with objective "
-                                 f"{cfg.loss!r}; weights left as they were before this step")
-    optimizer.step()
+    # 5. the update
+    gnorm = update(student, optimizer, loss * scale, cfg.grad_clip, f"OPD step {step} ({cfg.loss!r})")
     synchronize(device)
     t3 = time.perf_counter()
 
@@ -230,15 +171,14 @@ def opd_step(student: GPT, teacher: GPT, optimizer: torch.optim.Optimizer, tok: 
     lengths = ro.lengths  # (B,)
     last = ro.response.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)  # (B,)
     hit_budget = (lengths == cfg.max_new_tokens) & (last != tok.eos_id)  # (B,)
-    rewards = rollout_rewards(tok, ro, problems)
+    rewards = [verify(text, p) for text, p in zip(response_texts(tok, ro), problems)]
     n_new = int(lengths.sum())
     record = {
         "step": step, "loss": loss.item(), "kl": diag["kl"], "acc": sum(rewards) / len(rewards),
         "tok_s": n_new / (t3 - t0), **{k: v for k, v in diag.items() if k != "kl"},
         "budget_share": hit_budget.float().mean().item(), "grad_norm": gnorm,
         "n_loss_tokens": stats["n_tokens"],
-        **(tracked_stats(student_logits, teacher_logits, ro, cfg.track_tokens) if cfg.track_tokens
-           else {"track_logratio_mean": 0.0, "track_share": 0.0, "track_rows": 0.0, "track_other_kl": diag["kl"]}),
+        **(extra_stats(student_logits, teacher_logits, ro) if extra_stats else {}),
         "t_rollout": t1 - t0, "t_teacher": t2 - t1, "t_student": t3 - t2,
         **{k: v for k, v in stats.items() if k not in _COMMON_STATS},
     }
@@ -251,47 +191,25 @@ def opd_step(student: GPT, teacher: GPT, optimizer: torch.optim.Optimizer, tok: 
     return record
 
 
-def format_record(name: str, rec: dict) -> str:
-    """`step | loss | kl | acc | tok/s | overlap | length` (+ held-out accuracy when evaluated)."""
-    line = (f"opd {name} step {rec['step']:4d} | loss {rec['loss']:+.4f} | kl {rec['kl']:.4f} | "
-            f"acc {rec['acc']:6.1%} | tok/s {rec['tok_s']:7,.0f} | overlap {rec['overlap_ratio']:6.1%} | "
-            f"len {rec['response_length']:5.1f}")
-    return line + (f" | held-out {rec['eval_acc']:.1%}" if "eval_acc" in rec else "")
-
-
-def tail_mean(records: list[dict], key: str, frac: float = 0.1) -> float:
-    """Mean of `key` over the last 10 % of the records (at least one): an end-of-run value that
-    one noisy batch cannot decide."""
-    tail = records[-max(1, int(len(records) * frac)):]
-    return sum(r[key] for r in tail) / len(tail)
-
-
-def degradation(summary: dict, budget_share_limit: float = 0.5, collapse_drop: float = 0.10) -> str:
-    """Why a run counts as degraded, '' if it does not:
-      'non-finite'   the loss or gradient became NaN/inf;
-      'length'       responses blew up to the budget: over the last 10 % of steps at least half
-                     of the rollouts (and 25 points more than at step 0) hit max_new_tokens
-                     without an EOS;
-      'collapse'     final held-out greedy accuracy more than 10 points below the start."""
-    reasons = []
-    if summary.get("error"):
-        reasons.append("non-finite")
-    final_hits = summary.get("final_budget_share", 0.0)
-    if final_hits >= max(budget_share_limit, summary.get("first_budget_share", 0.0) + 0.25):
-        reasons.append("length")
-    if summary.get("final_acc") is not None and summary["final_acc"] < summary["start_acc"] - collapse_drop:
-        reasons.append("collapse")
-    return "+".join(reasons)
+def sampling_note(cfg: OPDConfig) -> str:
+    """One line for the start of a run whose rollouts are not drawn from pi itself ('' if they are)."""
+    if cfg.temperature == 1.0 and cfg.top_p == 1.0 and cfg.top_k == 0:
+        return ""
+    return (f"note: rollouts are drawn at T={cfg.temperature} top_p={cfg.top_p} top_k={cfg.top_k}, not from pi "
+            f"itself: sampled-token OPD and g_gamma then follow the gradient under that sampling distribution, "
+            f"not grad KL(pi || q)")
 
 
 def train_opd(student: GPT, teacher: GPT, tok: Tokenizer, cfg: OPDConfig, run_prefix: str,
               eval_problems: list[Problem], log=print, name: str | None = None,
-              start_acc: float | None = None, print_every: int = 1, teacher_score=None,
-              save_every: int = 0, resume: bool = False, settings: dict | None = None) -> dict:
+              start_acc: float | None = None, print_every: int = 1, teacher_score=None, extra_stats=None,
+              save_every: int = 0, resume: bool = False, settings: dict | None = None,
+              compile: bool = False) -> dict:
     """Distil `teacher` into `student` (in place) for cfg.steps steps.
 
     teacher may be `student` itself (self-distillation with live weights: it scores without
-    gradient and is not frozen); teacher_score is passed on to opd_step.
+    gradient and is not frozen); teacher_score and extra_stats are passed on to opd_step;
+    compile=True runs the student's training forward passes through torch.compile.
 
     Writes <run_prefix>.jsonl (one record per step), <run_prefix>.pt and <run_prefix>.json (the
     summary, also returned). Held-out greedy accuracy is measured on `eval_problems` at the start
@@ -327,13 +245,12 @@ def train_opd(student: GPT, teacher: GPT, tok: Tokenizer, cfg: OPDConfig, run_pr
     device = next(student.parameters()).device
     if teacher is not student:
         freeze(teacher)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.0)
+    optimizer = adamw(student, cfg.lr)
     problems = sample_problems(cfg.steps * cfg.batch_size, "train", cfg.seed, cfg.digits, cfg.ops)
     generator = torch.Generator(device=device).manual_seed(distributed.rank_seed(cfg.seed))
-    is_main = rank == 0
-    if is_main:
+    if rank == 0:
         os.makedirs(os.path.dirname(os.path.abspath(run_prefix)), exist_ok=True)
-    jsonl_path, ckpt_path = run_prefix + ".jsonl", run_prefix + ".pt"
+    ckpt_path = run_prefix + ".pt"
     run_settings = {**asdict(cfg), **(settings or {})}  # what a resume must match
 
     held_out = lambda: distributed.from_main(lambda: evaluate(student, tok, eval_problems, 0.0, cfg.max_new_tokens))
@@ -352,7 +269,9 @@ def train_opd(student: GPT, teacher: GPT, tok: Tokenizer, cfg: OPDConfig, run_pr
         f"batch {cfg.batch_size}{f' over {world} processes' if world > 1 else ''} | T={cfg.temperature} "
         f"top_p={cfg.top_p} top_k={cfg.top_k} | held-out greedy accuracy at start {summary['start_acc']:.1%} "
         f"(n={len(eval_problems)})")
-    ddp_student = distributed.wrap(student, device)  # the student itself in one process without --compile
+    if sampling_note(cfg):
+        log(sampling_note(cfg))
+    ddp_student = distributed.wrap(student, device, compile)  # the student itself in one process, uncompiled
     t_start = time.time()
 
     def save(step: int) -> None:  # every rank takes part: their RNG states are gathered
@@ -360,16 +279,13 @@ def train_opd(student: GPT, teacher: GPT, tok: Tokenizer, cfg: OPDConfig, run_pr
         save_run_state(ckpt_path, student, step, optimizer, generator, {"role": "opd", "name": name, "opd": run_settings},
                        {"records": records, "summary": summary, "elapsed": elapsed + time.time() - t_start})
 
-    f = open(jsonl_path, "w") if is_main else None
-    try:
-        for rec in records if f else ():  # a resumed run rewrites the steps it keeps
-            f.write(json.dumps(rec) + "\n")
+    with JsonlLog(run_prefix + ".jsonl", kept=records) as jsonl:  # a resumed run rewrites the steps it keeps
         for step in range(first, cfg.steps):
             batch = distributed.shard(problems[step * cfg.batch_size:(step + 1) * cfg.batch_size])
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
+            set_lr(optimizer, lr_at(step, cfg.steps, cfg.lr, cfg.warmup))
             try:
-                rec = opd_step(ddp_student, teacher, optimizer, tok, batch, cfg, generator, step, teacher_score)
+                rec = opd_step(ddp_student, teacher, optimizer, tok, batch, cfg, generator, step, teacher_score,
+                               extra_stats)
             except FloatingPointError as e:
                 summary["error"] = str(e)
                 log(f"opd {name}: stopped: {e}; last good checkpoint: {summary['last_good_checkpoint']}")
@@ -380,29 +296,16 @@ def train_opd(student: GPT, teacher: GPT, tok: Tokenizer, cfg: OPDConfig, run_pr
                 rec["eval_acc"] = held_out()
                 summary["evals"].append([step + 1, rec["eval_acc"]])
             records.append(rec)
-            if f:
-                f.write(json.dumps(rec) + "\n")
-                f.flush()
+            jsonl.write(rec)
             if evaluate_now or (save_every and (step + 1) % save_every == 0):
                 save(step + 1)
             if print_every and (step % print_every == 0 or last or "eval_acc" in rec):
                 log(format_record(name, rec))
-    finally:
-        if f:
-            f.close()
 
     summary.update(steps_done=len(records), seconds=round(elapsed + time.time() - t_start, 1),
                    final_acc=summary["evals"][-1][1] if len(summary["evals"]) > 1 else None)
-    if records:
-        for key in ("kl", "response_length", "overlap_ratio", "overlap_mass_student", "budget_share",
-                    "grad_norm", "logratio_max_abs", "track_logratio_mean", "track_rows", "track_other_kl"):
-            summary[f"final_{key}"] = tail_mean(records, key)
-        summary["final_rollout_acc"] = tail_mean(records, "acc")  # final_acc is the held-out one
-        summary["first_kl"], summary["first_budget_share"] = records[0]["kl"], records[0]["budget_share"]
-        summary["first_step"] = records[0]
-        summary["max_logratio_abs"] = max(r["logratio_max_abs"] for r in records)
-    summary["degraded"] = degradation(summary)
-    if is_main:
+    summarize_records(summary, records)
+    if rank == 0:
         with open(run_prefix + ".json", "w") as out:
             json.dump(summary, out, indent=2)
     if summary["error"]:

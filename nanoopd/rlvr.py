@@ -16,7 +16,6 @@ fraction (uniform in [0, cut]) of their length, and the reward judges the cut pr
 continuation.
 """
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -24,12 +23,13 @@ from dataclasses import asdict, dataclass
 import torch
 
 from nanoopd import distributed
+from nanoopd.config import ConfigError
 from nanoopd.checkpoint import can_resume, resume_run_state, save_run_state
-from nanoopd.metrics import student_prefixes
+from nanoopd.evaluate import student_prefixes
+from nanoopd.loop import JsonlLog, adamw, lr_at, set_lr, update
 from nanoopd.model import GPT
 from nanoopd.rollout import check_sampling_args, generate, response_logits
-from nanoopd.sft import encode_example, lr_at
-from nanoopd.tasks import Problem, sample_problems, verify
+from nanoopd.tasks import Problem, encode_example, sample_problems, verify
 from nanoopd.tokenizer import Tokenizer
 
 
@@ -54,19 +54,19 @@ class RLVRConfig:
         """Each message starts with the field's name, so that a command line can name its flag."""
         check_sampling_args(self.temperature, 0, 1.0, self.max_new_tokens)
         if self.temperature == 0:
-            raise ValueError("temperature must be > 0: RLVR samples a group per prompt")
+            raise ConfigError("temperature", "must be > 0: RLVR samples a group per prompt")
         for name in ("steps", "prompts"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
         if self.warmup < 0:
-            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+            raise ConfigError("warmup", f"must be >= 0, got {self.warmup}")
         if self.group < 2:
-            raise ValueError(f"group must be >= 2 (a group of one always has zero advantage), got {self.group}")
+            raise ConfigError("group", f"must be >= 2 (a group of one always has zero advantage), got {self.group}")
         if not 0.0 <= self.cut < 1.0:
-            raise ValueError(f"cut must lie in [0, 1) (0 = from prompts), got {self.cut}")
+            raise ConfigError("cut", f"must lie in [0, 1) (0 = from prompts), got {self.cut}")
         for name in ("lr", "grad_clip", "eps"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+                raise ConfigError(name, f"must be > 0, got {getattr(self, name)}")
 
 
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -115,15 +115,9 @@ def rlvr_step(model: GPT, optimizer: torch.optim.Optimizer, contexts: list[list[
     if scale is None:
         value = "on some rank" if distributed.active() else f"{loss.item()}"
         raise FloatingPointError(f"RLVR: non-finite loss {value}; lower the learning rate")
-    optimizer.zero_grad(set_to_none=True)
     gnorm = 0.0
     if distributed.any_rank(zero_var < 1.0):  # at least one group carries signal
-        (loss * scale).backward()
-        gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
-        if not torch.isfinite(torch.tensor(gnorm)):
-            optimizer.zero_grad(set_to_none=True)
-            raise FloatingPointError(f"RLVR: non-finite gradient norm {gnorm}; weights left unchanged")
-        optimizer.step()
+        gnorm = update(model, optimizer, loss * scale, cfg.grad_clip, "RLVR")
     record = {"loss": loss.item(), "reward": rewards.mean().item(), "zero_var_groups": zero_var,
               "grad_norm": gnorm, "response_length": ro.lengths.float().mean().item(),
               "seconds": time.perf_counter() - t0}
@@ -145,7 +139,7 @@ def math_reward(tok: Tokenizer, problems: list[Problem], done: list[str]) -> Cal
 def train_rlvr(model: GPT, tok: Tokenizer, cfg: RLVRConfig, student: GPT | None = None, log=print,
                jsonl_path: str | None = None, name: str = "rlvr", ckpt_path: str | None = None,
                save_every: int = 0, resume: bool = False, extra: dict | None = None,
-               settings: dict | None = None) -> list[dict]:
+               settings: dict | None = None, compile: bool = False) -> list[dict]:
     """cfg.steps RLVR steps on `model` (in place) with the math verifier as reward. With cfg.cut > 0
     each step's contexts are `student`'s sampled responses cut at fractions uniform in [0, cut]
     (the student's kind of prefixes). Returns the per-step records (also written to jsonl_path when given).
@@ -155,7 +149,8 @@ def train_rlvr(model: GPT, tok: Tokenizer, cfg: RLVRConfig, student: GPT | None 
     checkpoint there from a run with the same RLVRConfig and `settings` (what else defines the run
     for the caller), training continues from its step.
     Under torchrun each rank takes its share of every step's problems (and their groups) and
-    samples with its own generator; rank 0 logs and writes."""
+    samples with its own generator; rank 0 logs and writes. compile=True runs the training forward
+    passes through torch.compile."""
     if cfg.cut > 0 and student is None:
         raise ValueError("RLVR from student prefixes (cut > 0) needs the student model")
     rank, world = distributed.rank_and_world()
@@ -163,7 +158,7 @@ def train_rlvr(model: GPT, tok: Tokenizer, cfg: RLVRConfig, student: GPT | None 
         raise ValueError(f"{cfg.prompts} RLVR problems per step cannot be shared by {world} processes: raise "
                          f"the number of problems or lower --nproc_per_node")
     device = next(model.parameters()).device
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.0)
+    optimizer = adamw(model, cfg.lr)
     problems = sample_problems(cfg.steps * cfg.prompts, "train", cfg.seed, cfg.digits, cfg.ops)
     gen = torch.Generator(device=device).manual_seed(distributed.rank_seed(cfg.seed))
     run_settings = {**asdict(cfg), **(settings or {})}  # what a resume must match
@@ -172,14 +167,10 @@ def train_rlvr(model: GPT, tok: Tokenizer, cfg: RLVRConfig, student: GPT | None 
         first, state = resume_run_state(ckpt_path, model, optimizer, gen, "rlvr", run_settings)
         records, saved = state["records"], first
         log(f"{name}: resuming from '{ckpt_path}' at step {first}/{cfg.steps}")
-    ddp_model = distributed.wrap(model, device)  # the model itself in one process without --compile
-    out = open(jsonl_path, "w") if jsonl_path and rank == 0 else None
-    try:
-        for rec in records if out else ():  # a resumed run rewrites the steps it keeps
-            out.write(json.dumps(rec) + "\n")
+    ddp_model = distributed.wrap(model, device, compile)  # the model itself in one process, uncompiled
+    with JsonlLog(jsonl_path, kept=records) as jsonl:  # a resumed run rewrites the steps it keeps
         for step in range(first, cfg.steps):
-            for group in optimizer.param_groups:  # without a warm-up, Adam's first sign-like steps
-                group["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup)  # can undo an SFT model
+            set_lr(optimizer, lr_at(step, cfg.steps, cfg.lr, cfg.warmup))
             batch = distributed.shard(problems[step * cfg.prompts:(step + 1) * cfg.prompts])
             if cfg.cut > 0:
                 fracs = (torch.rand(len(batch), generator=gen, device=device) * cfg.cut).tolist()
@@ -194,9 +185,7 @@ def train_rlvr(model: GPT, tok: Tokenizer, cfg: RLVRConfig, student: GPT | None 
                         else "no checkpoint of this run was written yet")
                 raise FloatingPointError(f"{name} step {step}: {e}; {kept}") from None
             records.append(rec)
-            if out:
-                out.write(json.dumps(rec) + "\n")
-                out.flush()
+            jsonl.write(rec)
             if ckpt_path and (step == cfg.steps - 1 or (save_every and (step + 1) % save_every == 0)):
                 save_run_state(ckpt_path, model, step + 1, optimizer, gen,
                                {**(extra or {}), "rlvr": run_settings}, {"records": records})
@@ -205,7 +194,4 @@ def train_rlvr(model: GPT, tok: Tokenizer, cfg: RLVRConfig, student: GPT | None 
                 log(f"{name} step {step:4d} | reward {rec['reward']:6.1%} | zero-variance groups "
                     f"{rec['zero_var_groups']:5.1%} | loss {rec['loss']:+.4f} | len {rec['response_length']:5.1f} | "
                     f"{rec['seconds']:.2f}s")
-    finally:
-        if out:
-            out.close()
     return records

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nanoopd.config import ConfigError
 from nanoopd.device import autocast
 from nanoopd.model import GPT, KVCache
 
@@ -72,13 +73,13 @@ def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0
 
 def check_sampling_args(temperature: float, top_k: int, top_p: float, max_new_tokens: int):
     if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        raise ConfigError("temperature", f"must be >= 0 (0 = greedy), got {temperature}")
     if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+        raise ConfigError("top_k", f"must be >= 0 (0 = off), got {top_k}")
     if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must lie in (0, 1] (1 = off), got {top_p}")
+        raise ConfigError("top_p", f"must lie in (0, 1] (1 = off), got {top_p}")
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        raise ConfigError("max_new_tokens", f"must be >= 1, got {max_new_tokens}")
 
 
 @torch.no_grad()

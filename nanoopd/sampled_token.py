@@ -25,6 +25,8 @@ gradient is unchanged and the variance is lower.
 
 import torch
 
+from nanoopd.logprobs import gather_logprobs
+
 
 def returns_to_go(r: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
     """R_t = sum_{t' >= t} gamma^(t'-t) r_t' * mask_t', zero where mask_t == 0.
@@ -67,17 +69,6 @@ def g_gamma_surrogate(logp: torch.Tensor, logq: torch.Tensor, mask: torch.Tensor
 
 # ----------------------------------------------------------------------------------------------
 # The same estimators on logits: what the GPT training loop calls (through objectives.py).
-
-
-def gather_logprobs(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits) read at the columns `index`, without a full (B, T, V) log-softmax.
-
-    logits: (B, T, V) float; index: (B, T, K) int64. Returns (B, T, K):
-    log p(v) = logit(v) - logsumexp_v' logit(v'). Gradients flow into every logit through the
-    normaliser, exactly as for the full log-softmax.
-    """
-    log_z = torch.logsumexp(logits, dim=-1, keepdim=True)  # (B, T, 1)
-    return logits.gather(-1, index) - log_z  # (B, T, K)
 
 
 def sampled_logprobs(student_logits: torch.Tensor, teacher_logits: torch.Tensor,

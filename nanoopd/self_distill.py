@@ -35,10 +35,10 @@ import re
 
 import torch
 
+from nanoopd.evaluate import evaluate
 from nanoopd.model import GPT
 from nanoopd.rollout import Rollout, left_pad, response_logits
-from nanoopd.sft import encode_example
-from nanoopd.tasks import Problem, trace_text
+from nanoopd.tasks import Problem, encode_example, trace_text
 from nanoopd.tokenizer import Tokenizer
 
 PI_KINDS = ("answer", "solution", "rule")   # what the teacher may be told
@@ -152,6 +152,15 @@ def self_teacher(model: GPT, live: bool = False) -> GPT:
     teacher.eval()
     teacher.requires_grad_(False)
     return teacher
+
+
+def pi_scores(model: GPT, tok: Tokenizer, problems: list[Problem], max_new_tokens: int,
+              kind: str | None = None) -> tuple[float, float]:
+    """(accuracy, rule-following) of the greedy answers, with PI `kind` before each prompt (None:
+    without PI). Rule-following = the share of answers that spell the true answer reversed."""
+    prefix = "" if kind is None else (lambda p: pi_text(p, kind))
+    acc, texts = evaluate(model, tok, problems, 0.0, max_new_tokens, prefix=prefix, return_texts=True)
+    return acc, sum(verify_rule(t, p) for t, p in zip(texts, problems)) / len(problems)
 
 
 def rule_visible(problem: Problem) -> bool:

@@ -10,7 +10,6 @@ normalised by the global token count (nanoopd/distributed.py), so N ranks take t
 one process would on the whole batch.
 """
 
-import math
 import time
 
 import torch
@@ -20,17 +19,7 @@ from tqdm import tqdm
 from nanoopd import distributed
 from nanoopd.checkpoint import can_resume, restore_training_state, save_checkpoint
 from nanoopd.device import autocast, synchronize
-from nanoopd.tasks import Problem, prompt_text, trace_text
-from nanoopd.tokenizer import Tokenizer
-
-
-def encode_example(tok: Tokenizer, problem: Problem, prefix: str = "", response: str | None = None,
-                   prefix_special: bool = False) -> tuple[list[int], list[int]]:
-    """(prompt ids, response ids): <|bos|> prefix+prompt | response <|eos|>. response defaults to
-    the gold trace. prefix_special lets the prefix contain special tokens (e.g. <|pi|>)."""
-    prompt = [tok.bos_id] + tok.encode(prompt_text(problem, prefix), allow_special=prefix_special)
-    resp = tok.encode(trace_text(problem) if response is None else response) + [tok.eos_id]
-    return prompt, resp
+from nanoopd.loop import adamw, lr_at, set_lr, update
 
 
 def make_batch(examples: list[tuple[list[int], list[int]]], pad_id: int, device):
@@ -53,17 +42,9 @@ def sft_loss(model, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -
     return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, reduction=reduction)
 
 
-def lr_at(step: int, total: int, lr: float, warmup: int) -> float:
-    """Linear warm-up, then cosine decay to 10 % of lr."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    frac = (step - warmup) / max(1, total - warmup)
-    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
-
-
-def train_sft(model, next_examples, steps: int, lr: float, pad_id: int, weight_decay: float = 0.0,
-              warmup: int = 50, log_every: int = 50, desc: str = "sft", log=print, grad_clip: float = 1.0,
-              ckpt_path: str | None = None, save_every: int = 0, resume: bool = False, extra: dict | None = None):
+def train_sft(model, next_examples, steps: int, lr: float, pad_id: int, warmup: int = 50, log_every: int = 50,
+              desc: str = "sft", log=print, grad_clip: float = 1.0, ckpt_path: str | None = None,
+              save_every: int = 0, resume: bool = False, extra: dict | None = None, compile: bool = False):
     """Run `steps` AdamW steps on batches from next_examples(step) -> list of (prompt, response).
 
     next_examples must be a pure function of the step index, so that a resumed run sees exactly the
@@ -72,15 +53,16 @@ def train_sft(model, next_examples, steps: int, lr: float, pad_id: int, weight_d
     there, training continues from its step. Under torchrun every rank calls this with the same
     next_examples; each trains on its shard of the global batch. Returns the per-step (global)
     losses of the steps run here. A non-finite loss stops with an error naming the step; the last
-    checkpoint written stays the good one.
+    checkpoint written stays the good one. compile=True runs the training forward passes through
+    torch.compile.
     """
     device = next(model.parameters()).device
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=weight_decay)
+    opt = adamw(model, lr)
     start = 0
     if can_resume(resume, ckpt_path):
         start = int(restore_training_state(ckpt_path, model, opt)["step"])
         log(f"{desc}: resuming from '{ckpt_path}' at step {start}/{steps}")
-    ddp_model = distributed.wrap(model, device)  # the model itself unless distributed or compiled
+    ddp_model = distributed.wrap(model, device, compile)  # the model itself unless distributed or compiled
     world = distributed.rank_and_world()[1]
     is_main = distributed.is_main()  # logs, progress and checkpoints on rank 0 only
     model.train()
@@ -88,8 +70,7 @@ def train_sft(model, next_examples, steps: int, lr: float, pad_id: int, weight_d
     bar = tqdm(range(start, steps), desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0,
                disable=None if is_main else True)  # off when not a terminal, and off on ranks > 0
     for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr, warmup)
+        set_lr(opt, lr_at(step, steps, lr, warmup))
         x, y = make_batch(distributed.shard(next_examples(step)), pad_id, device)
         n_global = distributed.all_reduce_sum((y != -1).sum().float())  # loss tokens on all ranks
         loss_sum = sft_loss(ddp_model, x, y, reduction="sum")
@@ -98,12 +79,7 @@ def train_sft(model, next_examples, steps: int, lr: float, pad_id: int, weight_d
         if not torch.isfinite(global_loss):
             raise FloatingPointError(f"{desc}: non-finite loss at step {step}; lower the learning rate "
                                      f"(the last checkpoint written, if any, is intact)")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        if not torch.isfinite(grad_norm):
-            raise FloatingPointError(f"{desc}: non-finite gradient at step {step}; lower the learning rate")
-        opt.step()
+        update(model, opt, loss, grad_clip, f"{desc} step {step}")
         losses.append(global_loss.item())
         ntok += int((y != -1).sum()) + int((x != pad_id).sum())
         bar.set_postfix(loss=f"{losses[-1]:.4f}")

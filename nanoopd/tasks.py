@@ -15,7 +15,8 @@ Subtraction (a >= b) writes a borrowed column as `13-8-1=4`; multiplication take
 multiplier, `7*6+4=46`. The difficulty knob is the number of digits and the set of operators.
 
 Train and test splits are a pure function of the problem (a CRC32 of its text), so no problem can
-ever be in both, whatever the seeds. `verify` reads the last `A:<int>` and returns 1 or 0; it never
+ever be in both, whatever the seeds. `encode_example` turns a problem into token ids:
+`<|bos|> prompt` and `response <|eos|>`. `verify` reads the last `A:<int>` and returns 1 or 0; it never
 raises, whatever the text.
 """
 
@@ -23,6 +24,8 @@ import random
 import re
 import zlib
 from dataclasses import dataclass
+
+from nanoopd.tokenizer import Tokenizer
 
 OPS = "+-*"
 TEST_FRACTION_PER_MILLE = 100  # 10 % of all problems belong to the held-out split
@@ -114,6 +117,16 @@ def trace_text(problem: Problem) -> str:
                     carry = 0
     lines.append(f"A:{problem.answer}")
     return "\n".join(lines)
+
+
+def encode_example(tok: Tokenizer, problem: Problem, prefix: str = "", response: str | None = None,
+                   prefix_special: bool = False) -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids): <|bos|> prefix+prompt | response <|eos|>. response defaults to
+    the gold trace. prefix_special lets the prefix contain special tokens (e.g. <|pi|>)."""
+    prompt = [tok.bos_id] + tok.encode(prompt_text(problem, prefix), allow_special=prefix_special)
+    resp = tok.encode(trace_text(problem) if response is None else response) + [tok.eos_id]
+    return prompt, resp
+
 
 
 _ANSWER = re.compile(r"A:(-?\d+)")

@@ -28,7 +28,7 @@ reverse KL, in value and gradient.
 
 import torch
 
-from nanoopd.sampled_token import gather_logprobs
+from nanoopd.logprobs import gather_logprobs
 
 SUPPORTS = ("teacher", "student", "intersection")
 

@@ -40,14 +40,8 @@ def run(*args, timeout=120):
     (["--opd_eval_every", "-1"], "--opd_eval_every"),
     (["--opd_batch", "0"], "--opd_batch"),
     (["--opd_warmup", "-1"], "--opd_warmup"),
-    (["--fmt_steps", "0"], "--fmt_steps"),
     (["--run_name", "../x"], "--run_name"),
-    (["--seeds", "one"], "--seeds"),
-    (["--compare", "--loss", "topk_renorm"], "--loss"),
     # OPSD and RLVR flags
-    (["--m3", "--m4"], "one experiment per command"),
-    (["--m4", "--stages", "opd"], "drop --stages"),
-    (["--m3", "--pi", "rule"], "drop --pi"),
     (["--pi", "answer"], "--mode opsd"),
     (["--live_teacher"], "--mode opsd"),
     (["--mode", "opsd", "--teacher", "rlvr"], "--teacher"),
@@ -59,13 +53,30 @@ def run(*args, timeout=120):
     (["--rlvr_steps", "0"], "--rlvr_steps"),
     (["--rlvr_lr", "0"], "--rlvr_lr"),
     (["--rlvr_cut", "1"], "--rlvr_cut"),
-    (["--cont_frac", "-0.1"], "--cont_frac"),
     (["--pi_steps", "0"], "--pi_steps"),
 ])
 def test_train_math_rejects_bad_flags(argv, message, capsys):
     import train_math
     with pytest.raises(SystemExit) as e:
         train_math.parse_args(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("m2_special_tokens", ["--fmt_steps", "0"], "--fmt_steps"),
+    ("m1_objectives", ["--seeds", "one"], "--seeds"),
+    ("m1_objectives", ["--loss", "topk_renorm"], "unrecognized arguments: --loss"),  # M1 runs its own objectives
+    ("m4_rlvr_teacher", ["--stages", "opd"], "unrecognized arguments: --stages"),  # an experiment's stages are its own
+    ("m3_opsd", ["--pi", "rule"], "unrecognized arguments: --pi"),  # M3 runs every kind of PI
+    ("m4_rlvr_teacher", ["--cont_frac", "-0.1"], "--cont_frac"),
+    ("m4_rlvr_teacher", ["--rlvr_group", "1"], "--rlvr_group"),
+    ("m5_cold_start", ["--opd_steps", "0"], "--opd_steps"),
+])
+def test_experiments_reject_bad_flags(script, argv, message, capsys):
+    import importlib
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(f"experiments.{script}").main(argv)
     assert e.value.code == 2
     assert message in capsys.readouterr().err
 
@@ -161,7 +172,6 @@ def test_compile_flag_routes_every_training_forward_through_torch_compile(tmp_pa
     (real compiling takes tens of seconds on a CPU)."""
     import torch
     import train_math
-    from nanoopd import device as device_policy
 
     class Compiled(torch.nn.Module):  # what torch.compile returns: the original under _orig_mod
         def __init__(self, module):
@@ -177,16 +187,13 @@ def test_compile_flag_routes_every_training_forward_through_torch_compile(tmp_pa
     tiny = ["--out_dir", str(tmp_path), "--t_layer", "1", "--t_embd", "16", "--t_head", "2", "--t_steps", "2",
             "--s_layer", "1", "--s_embd", "16", "--s_head", "2", "--batch_size", "4", "--digits", "1", "--log_every", "0",
             "--eval_n", "2", "--opd_steps", "2", "--opd_batch", "2", "--max_new_tokens", "8", "--device", "cpu"]
-    try:
-        tiny_checkpoint(tmp_path / "student.pt")
-        train_math.main([*tiny, "--stages", "teacher,opd", "--compile"])
-        assert calls.count("GPT") == 2 + 2  # 2 SFT steps of the teacher, 2 OPD steps of the student
-        from nanoopd.distributed import bare
-        from nanoopd.model import GPT
-        model = GPT(train_math.GPTConfig(vocab_size=8, n_layer=1, n_head=2, n_embd=16))
-        assert bare(Compiled(model)) is model and bare(model) is model
-        calls.clear()
-        train_math.main([*tiny, "--stages", "teacher"])  # without the flag nothing is compiled
-        assert calls == []
-    finally:
-        device_policy.set_compile(False)
+    tiny_checkpoint(tmp_path / "student.pt")
+    train_math.main([*tiny, "--stages", "teacher,opd", "--compile"])
+    assert calls.count("GPT") == 2 + 2  # 2 SFT steps of the teacher, 2 OPD steps of the student
+    from nanoopd.distributed import bare
+    from nanoopd.model import GPT
+    model = GPT(train_math.GPTConfig(vocab_size=8, n_layer=1, n_head=2, n_embd=16))
+    assert bare(Compiled(model)) is model and bare(model) is model
+    calls.clear()
+    train_math.main([*tiny, "--stages", "teacher"])  # without the flag nothing is compiled
+    assert calls == []

@@ -11,7 +11,8 @@ import torch.multiprocessing as mp
 from nanoopd import distributed
 from nanoopd.model import GPT, GPTConfig
 from nanoopd.opd import OPDConfig, train_opd
-from nanoopd.sft import encode_example, train_sft
+from nanoopd.sft import train_sft
+from nanoopd.tasks import encode_example
 from nanoopd.tasks import sample_problems
 from nanoopd.tokenizer import get_tokenizer
 

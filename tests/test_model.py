@@ -52,12 +52,13 @@ def test_left_padding_does_not_change_a_row():
     assert torch.allclose(out, alone, atol=1e-5, rtol=0)
 
 
-def test_token_logprobs_match_log_softmax_and_tied_embeddings():
+def test_the_lm_head_is_the_tied_embedding_and_gives_log_probs():
     model = tiny()
-    assert model.wte.weight.data_ptr() == model.wte.weight.data_ptr()
     seq = torch.randint(0, 50, (2, 10))
-    logp, logits = model.token_logprobs(seq, return_logits=True)
-    assert logp.shape == (2, 9) and logits.shape == (2, 9, 50)
-    ref = torch.log_softmax(model(seq[:, :-1]).float(), -1).gather(-1, seq[:, 1:, None]).squeeze(-1)
-    assert torch.allclose(logp, ref, atol=1e-6)
-    assert (logp <= 0).all()
+    final = {}
+    model.ln_f.register_forward_hook(lambda module, inputs, output: final.setdefault("x", output))
+    logits = model(seq[:, :-1])  # (2, 9, 50)
+    assert logits.shape == (2, 9, 50)
+    assert torch.allclose(logits, final["x"] @ model.wte.weight.T, atol=1e-6)  # logits = LN(x_L) @ wte^T
+    logp = torch.log_softmax(logits.float(), -1).gather(-1, seq[:, 1:, None]).squeeze(-1)  # (2, 9)
+    assert logp.shape == (2, 9) and (logp <= 0).all()

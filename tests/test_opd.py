@@ -12,13 +12,16 @@ import torch
 from nanoopd import OBJECTIVES
 from nanoopd.checkpoint import save_checkpoint
 from nanoopd.model import GPT, GPTConfig
-from nanoopd.opd import OPDConfig, degradation, freeze, opd_step, teacher_scores, train_opd
+from nanoopd.opd import OPDConfig, freeze, opd_step, plain_scores, train_opd
+from nanoopd.report import degradation
 from nanoopd.rollout import Rollout, response_logits
+from nanoopd.special_tokens import HiddenTokens, TrackedTokens
 from nanoopd.tasks import sample_problems
 from nanoopd.tokenizer import get_tokenizer
 
 TOK = get_tokenizer()
-# every key the opd.py docstring documents for a step record
+# every key the opd.py docstring documents for a step record, with the track_* keys of
+# special_tokens.TrackedTokens
 STEP_KEYS = {"step", "loss", "kl", "acc", "tok_s", "overlap_ratio", "overlap_mass_student",
              "overlap_mass_teacher", "entropy_student", "entropy_teacher", "entropy_gap",
              "logratio_max_abs", "logratio_pos_share", "response_length", "budget_share",
@@ -106,10 +109,9 @@ def test_a_non_finite_loss_stops_with_the_step_and_keeps_the_good_checkpoint(tmp
 
 def test_jsonl_has_one_line_per_step_with_the_documented_keys(tmp_path):
     teacher, student = tiny(0, 48), tiny(1)
-    cfg = config(loss="topk_renorm", options={"k": 8, "mask_tokens": [TOK.fmt_id]}, steps=3, eval_every=2,
-                 track_tokens=(TOK.fmt_id,))
+    cfg = config(loss="topk_renorm", options={"k": 8, "mask_tokens": [TOK.fmt_id]}, steps=3, eval_every=2)
     summary = train_opd(student, teacher, TOK, cfg, str(tmp_path / "run"), sample_problems(4, "test", 0, 1),
-                        log=lambda _: None)
+                        log=lambda _: None, extra_stats=TrackedTokens((TOK.fmt_id,)))
     records = [json.loads(line) for line in (tmp_path / "run.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1, 2]
     for r in records:
@@ -134,9 +136,9 @@ def test_a_token_hidden_from_the_teacher_is_as_if_it_were_not_there():
 
     with_x = rollout(resp[:2] + [X] + resp[2:])
     plain = response_logits(teacher, rollout(resp))[0]  # (N, V)
-    hidden = teacher_scores(teacher, with_x, (X,))[0]  # (N+1, V)
+    hidden = HiddenTokens((X,))(teacher, with_x)[0]  # (N+1, V)
     assert torch.allclose(hidden[[0, 1, 3, 4, 5, 6]], plain, atol=1e-5)  # every token but X itself
-    assert torch.equal(teacher_scores(teacher, with_x), response_logits(teacher, with_x))
+    assert torch.equal(plain_scores(teacher, with_x), response_logits(teacher, with_x))
 
 
 def test_vocabulary_mismatch_is_a_clear_error(tmp_path):
@@ -180,19 +182,20 @@ def test_opd_stage_loads_the_pair_and_writes_its_outputs(tmp_path):
     assert len((tmp_path / "opd_g05.jsonl").read_text().splitlines()) == 2
 
 
-def test_compare_and_m2_write_their_tables(tmp_path):
-    from train_math import M1_RUNS, M2_RUNS, main
+def test_m1_and_m2_write_their_tables(tmp_path):
+    from experiments import m1_objectives, m2_special_tokens
     teacher = tiny(0, 48)
     with torch.no_grad():  # a teacher that answers <|eos|> at once, so M2 has traces to fine-tune on
         teacher.ln_f.weight.zero_()
         teacher.ln_f.bias.copy_(10 * teacher.wte.weight[TOK.eos_id] / teacher.wte.weight[TOK.eos_id].norm())
     save_checkpoint(str(tmp_path / "teacher.pt"), teacher, 0)
     save_checkpoint(str(tmp_path / "student.pt"), tiny(1), 0)
-    for experiment in ("--compare", "--m2"):
-        main(["--out_dir", str(tmp_path), experiment, "--seeds", "3", "--opd_steps", "1", "--opd_batch", "2",
-              "--max_new_tokens", "8", "--digits", "1", "--eval_n", "2", "--s_pool", "4", "--fmt_steps", "1",
-              "--batch_size", "2", "--threads", "1"])
-    for name, runs in (("m1", M1_RUNS), ("m2", M2_RUNS)):
+    tiny_flags = ["--out_dir", str(tmp_path), "--seeds", "3", "--opd_steps", "1", "--opd_batch", "2",
+                  "--max_new_tokens", "8", "--digits", "1", "--eval_n", "2", "--s_pool", "4", "--batch_size", "2",
+                  "--threads", "1"]
+    m1_objectives.main(tiny_flags)
+    m2_special_tokens.main([*tiny_flags, "--fmt_steps", "1"])
+    for name, runs in (("m1", m1_objectives.RUNS), ("m2", m2_special_tokens.RUNS)):
         table = (tmp_path / name / f"{name}.txt").read_text()
         assert all(label in table for label, _, _ in runs)
         rows = (tmp_path / name / f"{name}.csv").read_text().splitlines()

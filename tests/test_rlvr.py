@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
-from nanoopd.metrics import student_prefixes, teacher_continuation
+from nanoopd.evaluate import student_prefixes, teacher_continuation
 from nanoopd.model import GPT, GPTConfig
 from nanoopd.rlvr import (RLVRConfig, group_advantages, math_reward, policy_gradient_loss, rlvr_step,
                           train_rlvr)
 from nanoopd.rollout import generate
-from nanoopd.sft import encode_example
+from nanoopd.tasks import encode_example
 from nanoopd.tasks import sample_problems
 from nanoopd.tokenizer import get_tokenizer
 
@@ -121,12 +121,12 @@ def test_teacher_continuing_its_own_greedy_prefix_rewrites_the_same_answer(monke
     """student = teacher, greedy: the cut prefix + the teacher's greedy continuation is the
     teacher's own from-scratch response, whatever the cut, so every text the verifier sees
     for a problem is the same."""
-    import nanoopd.metrics as metrics
+    import nanoopd.evaluate as evaluate
     model = tiny_lm(0)
     problems = sample_problems(6, "test", 0, digits=1)
     for frac in (0.0, 0.3, 0.7, 1.0):
         seen = {}
-        monkeypatch.setattr(metrics, "verify", lambda text, p: seen.setdefault(p.text, set()).add(text) or 0)
+        monkeypatch.setattr(evaluate, "verify", lambda text, p: seen.setdefault(p.text, set()).add(text) or 0)
         out = teacher_continuation(model, model, TOK, problems, frac=frac, max_new_tokens=10, temperature=0.0)
         assert set(seen) == {p.text for p in problems}
         assert all(len(texts) == 1 for texts in seen.values()), frac

@@ -9,7 +9,7 @@ from nanoopd.model import GPT, GPTConfig
 from nanoopd.rollout import generate
 from nanoopd.self_distill import (PI_KINDS, RULE, PrivilegedTeacher, mixture_kinds, pi_example, pi_text,
                                   rule_trace, self_teacher, verify_rule, with_privileged_context)
-from nanoopd.sft import encode_example
+from nanoopd.tasks import encode_example
 from nanoopd.tasks import Problem, sample_problems, trace_text, verify
 from nanoopd.tokenizer import get_tokenizer
 
@@ -39,7 +39,8 @@ def test_teacher_logprobs_under_pi_equal_a_manual_pass_on_the_concatenation(kind
         n = int(ro.response_mask[i].sum())
         seq = ([TOK.bos_id] + TOK.encode(pi_text(p, kind), allow_special=True)
                + TOK.encode(f"{p.text}=\n") + ro.response[i, :n].tolist())
-        manual = model.token_logprobs(torch.tensor([seq]))[0, -n:]  # (n,) no padding, no mask
+        seq = torch.tensor([seq])  # (1, L)
+        manual = torch.log_softmax(model(seq[:, :-1]), -1).gather(-1, seq[:, 1:, None])[0, -n:, 0]  # (n,) no padding
         assert torch.allclose(logq[i, :n], manual, atol=1e-5), (kind, i)
 
 

@@ -7,7 +7,8 @@ import torch
 
 from nanoopd.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from nanoopd.model import GPT, GPTConfig
-from nanoopd.sft import encode_example, make_batch, sft_loss, train_sft
+from nanoopd.sft import make_batch, sft_loss, train_sft
+from nanoopd.tasks import encode_example
 from nanoopd.tasks import sample_problems
 from nanoopd.tokenizer import get_tokenizer
 

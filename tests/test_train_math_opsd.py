@@ -1,5 +1,5 @@
-"""train_math.py: the OPSD / RLVR flags are checked, and --m3, --m4, --m5 and the stages rlvr and
-opd --mode opsd run end to end on tiny checkpoints and write their tables."""
+"""train_math.py: the OPSD / RLVR flags are checked, and the experiments M3, M4, M5 and the stages
+rlvr and opd --mode opsd run end to end on tiny checkpoints and write their tables."""
 
 import csv
 
@@ -12,20 +12,24 @@ from nanoopd.tokenizer import get_tokenizer
 
 TOK = get_tokenizer()
 # tiny, fast runs: 1-digit problems, short budgets, one seed
-TINY = ["--digits", "1", "--max_new_tokens", "8", "--eval_n", "6", "--seeds", "1", "--opd_steps", "2",
-        "--opd_batch", "4", "--rlvr_steps", "2", "--rlvr_prompts", "2", "--rlvr_group", "2", "--log_every", "0"]
+TINY = ["--digits", "1", "--max_new_tokens", "8", "--eval_n", "6", "--opd_steps", "2", "--opd_batch", "4",
+        "--log_every", "0"]
+RLVR = ["--rlvr_steps", "2", "--rlvr_prompts", "2", "--rlvr_group", "2"]
 
 
 
 def test_every_new_flag_is_explained_in_help(capsys):
+    from experiments import m4_rlvr_teacher
     from train_math import parse_args
     with pytest.raises(SystemExit):
         parse_args(["--help"])
     text = capsys.readouterr().out
-    for flag in ("--m3", "--m4", "--m5", "--mode", "--pi", "--live_teacher", "--pi_steps", "--teacher",
-                 "--rlvr_init", "--rlvr_steps", "--rlvr_lr", "--rlvr_prompts", "--rlvr_group", "--rlvr_cut",
-                 "--cont_frac"):
+    for flag in ("--mode", "--pi", "--live_teacher", "--pi_steps", "--teacher", "--rlvr_init", "--rlvr_steps",
+                 "--rlvr_lr", "--rlvr_prompts", "--rlvr_group", "--rlvr_cut"):
         assert flag in text
+    with pytest.raises(SystemExit):
+        m4_rlvr_teacher.main(["--help"])
+    assert "--cont_frac" in capsys.readouterr().out
 
 
 def tiny(seed: int, n_embd: int = 32) -> GPT:
@@ -47,16 +51,16 @@ def rows(path) -> list[dict]:
 
 
 def test_m3_runs_every_kind_of_pi_and_writes_its_table(pair, capsys):
-    from train_math import main
-    main(["--m3", "--out_dir", str(pair), *TINY])
+    from experiments.m3_opsd import main
+    main(["--out_dir", str(pair), "--seeds", "1", *TINY])
     table = (pair / "m3" / "m3.txt").read_text()
     assert "M3" in table and table.strip() in capsys.readouterr().out
     assert sorted(r["pi"] for r in rows(pair / "m3" / "m3.csv")) == ["answer", "rule", "solution"]
 
 
 def test_m4_compares_the_sft_and_the_rlvr_teacher(pair):
-    from train_math import main
-    main(["--m4", "--out_dir", str(pair), *TINY])
+    from experiments.m4_rlvr_teacher import main
+    main(["--out_dir", str(pair), "--seeds", "1", *TINY, *RLVR])
     got = rows(pair / "m4" / "m4.csv")
     assert [r["label"] for r in got] == ["sft", "rlvr"]
     assert all(0 <= float(r["continuation_acc"]) <= 1 and 0 <= float(r["first_overlap_ratio"]) <= 1 for r in got)
@@ -64,8 +68,8 @@ def test_m4_compares_the_sft_and_the_rlvr_teacher(pair):
 
 
 def test_m5_distils_the_cold_started_and_the_random_student(pair):
-    from train_math import main
-    main(["--m5", "--out_dir", str(pair), *TINY])
+    from experiments.m5_cold_start import main
+    main(["--out_dir", str(pair), "--seeds", "1", *TINY])
     got = rows(pair / "m5" / "m5.csv")
     assert len(got) == 2 and got[0]["label"].startswith("cold start") and got[1]["label"].startswith("no cold")
 
@@ -73,8 +77,8 @@ def test_m5_distils_the_cold_started_and_the_random_student(pair):
 def test_stage_rlvr_then_opd_from_the_rlvr_teacher_and_an_opsd_stage(pair):
     from train_math import main
     summary = main(["--out_dir", str(pair), "--stages", "rlvr,opd", "--teacher", "rlvr", "--run_name", "from_rlvr",
-                    "--rlvr_cut", "0.5", *TINY])
+                    "--rlvr_cut", "0.5", *TINY, *RLVR])
     assert (pair / "teacher_rlvr.pt").exists() and summary["opd_from_rlvr"]["final_acc"] is not None
     summary = main(["--out_dir", str(pair), "--stages", "opd", "--mode", "opsd", "--pi", "answer", "--live_teacher",
-                    *TINY])
+                    *TINY, *RLVR])
     assert set(summary["opd_opsd_answer"]) >= {"start_acc", "final_acc", "start_rule", "final_rule"}
