@@ -5,10 +5,9 @@ distillation (OPD) of the one into the other. The pipeline, stage by stage (--st
   teacher   SFT of a GPT on gold step-by-step traces                              -> teacher.pt
   student   cold start: a short SFT of a smaller GPT on the teacher's own traces   -> student.pt
   eval      greedy and sampled held-out accuracy of both                           -> summary.json
-  opd       the student samples, the teacher scores every token, the student
-            descends the chosen objective (--loss)                                 -> opd_<name>.{pt,jsonl,json}
-            with --mode opsd: self-distillation, the OPSD base is the student and,
-            with privileged information (--pi) in its context, its own teacher    -> opd_opsd_<pi>.*
+  opd       the student samples, the teacher scores every token, the student descends
+            the objective (--loss); --mode opsd: the OPSD base is the student and, with
+            privileged information (--pi) in its context, its own teacher          -> opd_<name>.{pt,jsonl,json}
   pibase    the OPSD base: SFT on a mix of examples with and without PI            -> pibase.pt
   rlvr      an RLVR-adapted teacher: REINFORCE with group-normalised advantages
             and the verifier as reward, from the student (--rlvr_init)             -> teacher_rlvr.pt
@@ -179,8 +178,8 @@ PRESETS = {
 }
 
 
-def parse_args(argv=None, cls=TrainConfig, **kw) -> TrainConfig:
-    return parse_config(cls, argv, description=__doc__, presets=PRESETS, **kw)
+def parse_args(argv=None) -> TrainConfig:
+    return parse_config(TrainConfig, argv, description=__doc__, presets=PRESETS)
 
 
 def token_list(cfg: TrainConfig, name: str, tok) -> list[int]:
@@ -219,9 +218,8 @@ def test_problems(cfg: TrainConfig) -> list:
 
 def new_model(cfg: TrainConfig, who: str, tok, device) -> GPT:
     """A fresh GPT of the teacher's (who='t') or the student's ('s') shape."""
-    shape = {k: getattr(cfg, f"{who}_{k}") for k in ("layer", "embd", "head")}
-    return GPT(GPTConfig(vocab_size=tok.n_vocab, n_layer=shape["layer"], n_embd=shape["embd"],
-                         n_head=shape["head"])).to(device)
+    return GPT(GPTConfig(vocab_size=tok.n_vocab, n_layer=getattr(cfg, f"{who}_layer"), n_embd=getattr(cfg, f"{who}_embd"),
+                         n_head=getattr(cfg, f"{who}_head"))).to(device)
 
 
 def load_role(cfg: TrainConfig, role: str, tok, device, log=None, train=None) -> GPT:
