@@ -72,7 +72,7 @@ class RLVRConfig:
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """A = (R - mean_group) / (std_group + eps) for rewards (n_groups, G); population std.
     A group of identical rewards gives exactly zero advantage."""
-    rewards = rewards.double()  # (n, G)
+    rewards = rewards.to(torch.promote_types(rewards.dtype, torch.float32))  # (n, G) MPS has no float64
     centred = rewards - rewards.mean(1, keepdim=True)  # (n, G)
     std = rewards.std(1, unbiased=False, keepdim=True)  # (n, 1)
     return (centred / (std + eps)).float()  # (n, G)
@@ -103,9 +103,9 @@ def rlvr_step(model: GPT, optimizer: torch.optim.Optimizer, contexts: list[list[
                   temperature=cfg.temperature, generator=generator)
     rewards = torch.tensor([reward_fn(i // G, [t for t, k in zip(row, m) if k])
                             for i, (row, m) in enumerate(zip(ro.response.tolist(), ro.response_mask.tolist()))],
-                           dtype=torch.float64).view(len(contexts), G)  # (n, G)
+                           dtype=torch.float32).view(len(contexts), G)  # (n, G) verifier rewards, 0/1
     adv = group_advantages(rewards, cfg.eps).flatten().to(ro.tokens.device)  # (n*G,)
-    zero_var = (rewards.std(1, unbiased=False) == 0).double().mean().item()
+    zero_var = (rewards.std(1, unbiased=False) == 0).float().mean().item()
     model.train()
     logits = response_logits(model, ro).float()  # (n*G, N, V)
     logp = torch.log_softmax(logits, -1).gather(-1, ro.response.unsqueeze(-1)).squeeze(-1)  # (n*G, N)
