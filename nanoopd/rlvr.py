@@ -25,6 +25,7 @@ import torch
 
 from nanoopd import distributed
 from nanoopd.checkpoint import can_resume, resume_run_state, save_run_state
+from nanoopd.device import autocast
 from nanoopd.metrics import student_prefixes
 from nanoopd.model import GPT
 from nanoopd.rollout import check_sampling_args, generate, response_logits
@@ -107,7 +108,8 @@ def rlvr_step(model: GPT, optimizer: torch.optim.Optimizer, contexts: list[list[
     adv = group_advantages(rewards, cfg.eps).flatten().to(ro.tokens.device)  # (n*G,)
     zero_var = (rewards.std(1, unbiased=False) == 0).float().mean().item()
     model.train()
-    logits = response_logits(model, ro).float()  # (n*G, N, V)
+    with autocast(next(policy.parameters()).device):  # the same precision policy as the OPD step
+        logits = response_logits(model, ro).float()  # (n*G, N, V)
     logp = torch.log_softmax(logits, -1).gather(-1, ro.response.unsqueeze(-1)).squeeze(-1)  # (n*G, N)
     loss = policy_gradient_loss(logp, adv, ro.response_mask)
     n_local = float(ro.response_mask.sum())
