@@ -112,7 +112,7 @@ def _prepare(student_logits, teacher_logits, tokens, mask, mask_tokens) -> Batch
     mask = mask.bool()  # (B, T)
     if mask_tokens is not None:
         ids = torch.as_tensor(list(mask_tokens), dtype=tokens.dtype, device=tokens.device)
-        mask = mask & ~torch.isin(tokens, ids)  # (B, T)
+        mask = mask & ~(tokens.unsqueeze(-1) == ids).any(-1)  # (B, T) = torch.isin, which older torch lacks on MPS
     vocab = student_logits.shape[-1]
     kept = tokens[mask]
     if kept.numel() and (kept.min() < 0 or kept.max() >= vocab):
