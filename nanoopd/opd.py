@@ -353,6 +353,10 @@ def train_opd(student: GPT, teacher: GPT, tok: Tokenizer, cfg: OPDConfig, run_pr
         f"batch {cfg.batch_size}{f' over {world} processes' if world > 1 else ''} | T={cfg.temperature} "
         f"top_p={cfg.top_p} top_k={cfg.top_k} | held-out greedy accuracy at start {summary['start_acc']:.1%} "
         f"(n={len(eval_problems)})")
+    if cfg.temperature != 1.0 or cfg.top_p < 1.0 or 0 < cfg.top_k < student.config.vocab_size:
+        log(f"opd {name}: note: rollouts are sampled at T={cfg.temperature} top_p={cfg.top_p} top_k={cfg.top_k}, not "
+            f"from pi itself: sampled-token OPD and g_gamma then estimate the gradient under that sampling "
+            f"distribution, not grad KL(pi || q); every objective sees that sampler's prefixes")
     ddp_student = distributed.wrap(student, device)  # the student itself in one process without --compile
     t_start = time.time()
 
