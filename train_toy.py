@@ -18,6 +18,7 @@ Commands:
     python train_toy.py                      # everything, about 20-30 s on 2 CPU cores
     python train_toy.py --device cuda        # the same on one GPU (the toy is tiny: CPU is fine)
     python train_toy.py --quick              # a smaller run in a few seconds (used by the tests)
+    python train_toy.py --dtype float32      # the Mac (MPS) precision on any device: no float64
     python train_toy.py --parts exact        # only the exact bias/variance tables
     python train_toy.py --help               # every flag
 
@@ -80,6 +81,7 @@ class ToyConfig:
     # run
     out: str = "out/toy"                           # folder for CSV files and figures
     device: str = "auto"                           # auto = cuda -> mps -> cpu
+    dtype: str = "auto"                            # exact toy: auto = float64, float32 on MPS (no float64 there)
     threads: int = 1                               # CPU threads; one is fastest for tensors this small
     plots: bool = True                             # write PNG figures when matplotlib is installed
     quick: bool = False                            # smaller sizes, for tests and a first look
@@ -155,6 +157,9 @@ def parse_args(argv=None) -> ToyConfig:
     g.add_argument("--out", default=d.out, help="output folder for CSV files and figures (default %(default)s)")
     g.add_argument("--device", default=d.device,
                    help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps (default %(default)s)")
+    g.add_argument("--dtype", choices=("auto", "float32", "float64"), default=d.dtype,
+                   help="precision of the exact toy: auto = float64, except float32 on MPS, which has no float64; "
+                        "float32 runs the MPS path on any device (default %(default)s)")
     g.add_argument("--threads", type=int, default=d.threads, help="CPU threads for torch (default %(default)s)")
     g.add_argument("--no-plots", dest="plots", action="store_false", help="do not write PNG figures")
     g.add_argument("--quick", action="store_true",
@@ -464,7 +469,9 @@ def main(argv=None) -> dict:
         device = pick_device(cfg.device)  # auto: cuda -> mps -> cpu
     except ValueError as e:
         sys.exit(f"error: {e}")
-    dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+    if cfg.dtype == "float64" and device.type == "mps":
+        sys.exit("error: --dtype float64: MPS has no float64; use --dtype auto or float32 (or --device cpu)")
+    dtype = torch.float32 if cfg.dtype == "float32" or (cfg.dtype == "auto" and device.type == "mps") else torch.float64
     if device.type == "cpu":
         torch.set_num_threads(cfg.threads)
     if cfg.train_coupling is None:

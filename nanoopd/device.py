@@ -2,9 +2,15 @@
 Device and dtype policy, decided here and nowhere else.
 
 - device: cuda -> mps -> cpu, unless the user names one (`--device`).
-- matmuls: bf16 autocast on CUDA when the GPU supports bf16, float32 everywhere else (CPU autocast
-  is slower than float32 for models this small, and MPS bf16 autocast is not reliable).
-- log-softmax and every loss: float32, always (callers do `logits.float()`).
+- matmuls: bf16 autocast on CUDA GPUs with native bf16 (compute capability >= 8.0: A100, RTX 30xx
+  and newer); float32 everywhere else: T4 and V100 (they only emulate bf16, slower than float32),
+  the CPU (autocast is slower than float32 for models this small) and MPS (bf16 autocast there is
+  recent and not reliable). amp_dtype() decides, autocast() applies it.
+- the LM head and everything after it: float32, always, even under autocast (fp32_region() in
+  GPT.forward; bf16 keeps 8 significant bits, so it rounds a logit of 8-16 by up to 1/32 and one
+  of 16-32 by up to 1/16, and r_t, a difference of two log-softmaxes, by up to 4x that). Log-softmax
+  and every loss: float32 (callers do `logits.float()`).
+- no float64 on any training, evaluation or sampling path: MPS has none (tests/emulation.py).
 """
 
 import contextlib
@@ -33,10 +39,28 @@ def pick_device(name: str = "auto") -> torch.device:
     return dev
 
 
+def amp_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of forward passes on `device`: torch.bfloat16 on CUDA GPUs of compute
+    capability >= 8.0, None (plain float32) everywhere else. torch.cuda.is_bf16_supported() is not
+    the test: it also says yes on T4 (7.5) and V100 (7.0), which emulate bf16 slower than float32."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
+        return torch.bfloat16
+    return None
+
+
 def autocast(device: torch.device):
-    """Context manager for the forward pass: bf16 autocast on capable CUDA GPUs, else a no-op."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    """Context manager for the forward pass: autocast to amp_dtype(device), or a no-op."""
+    dtype = amp_dtype(device)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def fp32_region(device: torch.device):
+    """Context manager: float32 inside, even within autocast (for the LM head). A no-op on device
+    types where autocast is never on (MPS: older torch releases reject torch.autocast('mps'))."""
+    if device.type in ("cuda", "cpu"):
+        return torch.autocast(device_type=device.type, enabled=False)
     return contextlib.nullcontext()
 
 

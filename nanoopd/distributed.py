@@ -98,7 +98,11 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
 
 
 def _comm_device() -> torch.device:
-    """Where small tensors must live for a collective: the GPU under NCCL, else the CPU."""
+    """Where small tensors must live for a collective: the GPU under NCCL, else the CPU.
+
+    The collectives below use float64 on purpose (token counts and weighted sums stay exact past
+    2^24): these tensors live on the CPU (gloo) or a CUDA GPU (NCCL), which both have float64; MPS,
+    which has none, never holds them (torch has no MPS backend for collectives)."""
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 

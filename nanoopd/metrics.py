@@ -28,9 +28,10 @@ from nanoopd.topk import in_topk
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
-    """Mean of x (B, T) over mask (B, T); 0.0 when nothing is masked in."""
+    """Mean of x (B, T) over mask (B, T); 0.0 when nothing is masked in. Accumulated in float32 at
+    least (MPS has no float64; a float64 x stays float64)."""
     mask = mask.bool()
-    return x[mask].double().mean().item() if mask.any() else 0.0
+    return x[mask].to(torch.promote_types(x.dtype, torch.float32)).mean().item() if mask.any() else 0.0
 
 
 def token_entropy(logp: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanoopd.device import fp32_region
+
 
 @dataclass
 class GPTConfig:
@@ -190,5 +192,7 @@ class GPT(nn.Module):
             x = block(x, mask, cache, layer)  # (B, T, C)
         if cache is not None:
             cache.length = start + T
-        x = self.ln_f(x)  # (B, T, C)
-        return F.linear(x, self.wte.weight)  # (B, T, V), tied embeddings
+        with fp32_region(x.device):  # the head in float32 even under autocast: bf16 logits are too coarse for r_t
+            x = self.ln_f(x.float())  # (B, T, C)  (.float() is a no-op on float32)
+            return F.linear(x, self.wte.weight.float())  # (B, T, V), tied embeddings, float32
+

@@ -24,6 +24,11 @@ log-softmaxes and losses are computed in float32 at least (float64 inputs stay f
 (top-K: k defaults to 16, or V if the vocabulary is smaller; support is 'teacher', 'student' or
 'intersection'; add_sampled also puts the sampled token y_t in S_t.)
 
+Every estimator assumes the response was sampled from pi itself (temperature 1, no top-k or top-p):
+sampled at other settings, sampled_token and sequence_kl estimate the gradient under that sampling
+distribution, not grad KL(pi || q), and every objective sees that sampler's prefixes
+(sampled_token.py; train_opd prints a note).
+
 Every objective also takes mask_tokens, an iterable of token ids: positions whose sampled token
 is one of them are removed from the mask (special-token masking, DESIGN.md section 3), so that a
 token the teacher never saw cannot carry a log-ratio of tens of nats into the batch.
@@ -120,7 +125,7 @@ def _prepare(student_logits, teacher_logits, tokens, mask, mask_tokens) -> Batch
     mask = mask.bool()  # (B, T)
     if mask_tokens is not None:
         ids = torch.as_tensor(list(mask_tokens), dtype=tokens.dtype, device=tokens.device)
-        mask = mask & ~torch.isin(tokens, ids)  # (B, T)
+        mask = mask & ~(tokens.unsqueeze(-1) == ids).any(-1)  # (B, T) = torch.isin, which older torch lacks on MPS
     vocab = student_logits.shape[-1]
     kept = tokens[mask]
     if kept.numel() and (kept.min() < 0 or kept.max() >= vocab):
@@ -153,7 +158,8 @@ def _token_sum(per_token: torch.Tensor, batch: Batch) -> torch.Tensor:
 @register("sampled_token")
 def sampled_token_loss(student_logits, teacher_logits, tokens, mask, **options):
     """Sampled-token OPD. clamp: clip r_t to [-clamp, clamp]; baseline: vOPD, subtract
-    KL(pi(.|c_t) || q(.|c_t)) from r_t (unbiased, lower variance)."""
+    KL(pi(.|c_t) || q(.|c_t)) from r_t (unbiased, lower variance). Unbiased for the token-level
+    reverse KL only when y ~ pi (T = 1, no top-k/top-p)."""
     opt = _options("sampled_token", options, clamp=None, baseline=False)
     _check_bool("baseline", opt["baseline"])
     batch = _prepare(student_logits, teacher_logits, tokens, mask, opt["mask_tokens"])
@@ -168,7 +174,8 @@ def sampled_token_loss(student_logits, teacher_logits, tokens, mask, **options):
 
 @register("sequence_kl")
 def sequence_kl_loss(student_logits, teacher_logits, tokens, mask, **options):
-    """The g_gamma family: gamma = 1 (default) is REINFORCE on the sequence reverse KL."""
+    """The g_gamma family: gamma = 1 (default) is REINFORCE on the sequence reverse KL, unbiased
+    only when y ~ pi (T = 1, no top-k/top-p)."""
     opt = _options("sequence_kl", options, gamma=1.0)
     if not 0.0 <= opt["gamma"] <= 1.0:
         raise ValueError(f"gamma must lie in [0, 1] (0: sampled-token OPD, 1: sequence KL), "

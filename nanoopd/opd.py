@@ -191,15 +191,6 @@ def opd_step(student: GPT, teacher: GPT, optimizer: torch.optim.Optimizer, tok: 
     return record
 
 
-def sampling_note(cfg: OPDConfig) -> str:
-    """One line for the start of a run whose rollouts are not drawn from pi itself ('' if they are)."""
-    if cfg.temperature == 1.0 and cfg.top_p == 1.0 and cfg.top_k == 0:
-        return ""
-    return (f"note: rollouts are drawn at T={cfg.temperature} top_p={cfg.top_p} top_k={cfg.top_k}, not from pi "
-            f"itself: sampled-token OPD and g_gamma then follow the gradient under that sampling distribution, "
-            f"not grad KL(pi || q)")
-
-
 def train_opd(student: GPT, teacher: GPT, tok: Tokenizer, cfg: OPDConfig, run_prefix: str,
               eval_problems: list[Problem], log=print, name: str | None = None,
               start_acc: float | None = None, print_every: int = 1, teacher_score=None, extra_stats=None,
@@ -269,8 +260,10 @@ def train_opd(student: GPT, teacher: GPT, tok: Tokenizer, cfg: OPDConfig, run_pr
         f"batch {cfg.batch_size}{f' over {world} processes' if world > 1 else ''} | T={cfg.temperature} "
         f"top_p={cfg.top_p} top_k={cfg.top_k} | held-out greedy accuracy at start {summary['start_acc']:.1%} "
         f"(n={len(eval_problems)})")
-    if sampling_note(cfg):
-        log(sampling_note(cfg))
+    if cfg.temperature != 1.0 or cfg.top_p < 1.0 or 0 < cfg.top_k < student.config.vocab_size:
+        log(f"opd {name}: note: rollouts are sampled at T={cfg.temperature} top_p={cfg.top_p} top_k={cfg.top_k}, not "
+            f"from pi itself: sampled-token OPD and g_gamma then estimate the gradient under that sampling "
+            f"distribution, not grad KL(pi || q); every objective sees that sampler's prefixes")
     ddp_student = distributed.wrap(student, device, compile)  # the student itself in one process, uncompiled
     t_start = time.time()
 

@@ -25,6 +25,7 @@ import torch
 from nanoopd import distributed
 from nanoopd.config import ConfigError
 from nanoopd.checkpoint import can_resume, resume_run_state, save_run_state
+from nanoopd.device import autocast
 from nanoopd.evaluate import student_prefixes
 from nanoopd.loop import JsonlLog, adamw, lr_at, set_lr, update
 from nanoopd.model import GPT
@@ -72,7 +73,7 @@ class RLVRConfig:
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """A = (R - mean_group) / (std_group + eps) for rewards (n_groups, G); population std.
     A group of identical rewards gives exactly zero advantage."""
-    rewards = rewards.double()  # (n, G)
+    rewards = rewards.to(torch.promote_types(rewards.dtype, torch.float32))  # (n, G) MPS has no float64
     centred = rewards - rewards.mean(1, keepdim=True)  # (n, G)
     std = rewards.std(1, unbiased=False, keepdim=True)  # (n, 1)
     return (centred / (std + eps)).float()  # (n, G)
@@ -103,11 +104,12 @@ def rlvr_step(model: GPT, optimizer: torch.optim.Optimizer, contexts: list[list[
                   temperature=cfg.temperature, generator=generator)
     rewards = torch.tensor([reward_fn(i // G, [t for t, k in zip(row, m) if k])
                             for i, (row, m) in enumerate(zip(ro.response.tolist(), ro.response_mask.tolist()))],
-                           dtype=torch.float64).view(len(contexts), G)  # (n, G)
+                           dtype=torch.float32).view(len(contexts), G)  # (n, G) verifier rewards, 0/1
     adv = group_advantages(rewards, cfg.eps).flatten().to(ro.tokens.device)  # (n*G,)
-    zero_var = (rewards.std(1, unbiased=False) == 0).double().mean().item()
+    zero_var = (rewards.std(1, unbiased=False) == 0).float().mean().item()
     model.train()
-    logits = response_logits(model, ro).float()  # (n*G, N, V)
+    with autocast(next(policy.parameters()).device):  # the same precision policy as the OPD step
+        logits = response_logits(model, ro).float()  # (n*G, N, V)
     logp = torch.log_softmax(logits, -1).gather(-1, ro.response.unsqueeze(-1)).squeeze(-1)  # (n*G, N)
     loss = policy_gradient_loss(logp, adv, ro.response_mask)
     n_local = float(ro.response_mask.sum())

@@ -21,6 +21,13 @@ Sampled-token OPD, the common default in practice, written as an advantage on th
 optionally with r_t clamped to [-c, c], and optionally with the vOPD control variate
 A_t = sg(-r_t + KL(pi(.|c_t) || q(.|c_t))): the baseline depends on c_t only, so the expected
 gradient is unchanged and the variance is lower.
+
+Sampling distribution. All of this assumes y ~ pi itself: rollouts at temperature 1 with no top-k
+or top-p truncation. Drawn at T != 1, top_p < 1 or top_k > 0, y comes from another distribution s
+while r_t and s_t remain those of pi, so E_{y~s}[g_gamma] is not grad J and E_{y~s}[g_0] is not the
+token-level reverse-KL gradient (top-p, say, never samples the tail tokens, so their costs never
+push pi's tail down). tests/test_sampling_distribution.py shows both by enumeration; train_opd
+prints a note at the start of such a run.
 """
 
 import torch

@@ -42,6 +42,14 @@ def sft_loss(model, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -
     return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, reduction=reduction)
 
 
+def check_shardable(n_examples: int, world: int, desc: str = "sft") -> None:
+    """Every one of `world` ranks needs at least one example of a global batch of n_examples: a rank
+    with an empty shard would fail on its own and leave the others waiting in the all-reduce."""
+    if n_examples < world:
+        raise ValueError(f"{desc}: a batch of {n_examples} examples cannot be shared by {world} processes: "
+                         f"raise --batch_size to at least {world} or lower --nproc_per_node")
+
+
 def train_sft(model, next_examples, steps: int, lr: float, pad_id: int, warmup: int = 50, log_every: int = 50,
               desc: str = "sft", log=print, grad_clip: float = 1.0, ckpt_path: str | None = None,
               save_every: int = 0, resume: bool = False, extra: dict | None = None, compile: bool = False):
@@ -71,7 +79,9 @@ def train_sft(model, next_examples, steps: int, lr: float, pad_id: int, warmup: 
                disable=None if is_main else True)  # off when not a terminal, and off on ranks > 0
     for step in bar:
         set_lr(opt, lr_at(step, steps, lr, warmup))
-        x, y = make_batch(distributed.shard(next_examples(step)), pad_id, device)
+        examples = next_examples(step)
+        check_shardable(len(examples), world, desc)  # on every rank alike, before any collective
+        x, y = make_batch(distributed.shard(examples), pad_id, device)
         n_global = distributed.all_reduce_sum((y != -1).sum().float())  # loss tokens on all ranks
         loss_sum = sft_loss(ddp_model, x, y, reduction="sum")
         loss = loss_sum * world / n_global.clamp(min=1)  # DDP's gradient average undoes the * world

@@ -59,7 +59,8 @@ class HiddenTokens:
         B, L = tokens.shape
         ids = torch.as_tensor(self.ids, dtype=tokens.dtype, device=tokens.device)
         position = torch.arange(L, device=tokens.device).expand(B, L)  # (B, L)
-        visible = valid & ~(torch.isin(tokens, ids) & (position >= P))  # (B, L)
+        hidden = (tokens.unsqueeze(-1) == ids).any(-1)  # (B, L) = torch.isin(tokens, ids), which older torch lacks on MPS
+        visible = valid & ~(hidden & (position >= P))  # (B, L)
         logits = teacher(tokens, visible)  # (B, L, V)
         last_visible = position.masked_fill(~visible, -1).cummax(1).values.clamp(min=0)  # (B, L)
         logits = logits.gather(1, last_visible.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))  # (B, L, V)
@@ -79,7 +80,7 @@ class TrackedTokens:
         mask = rollout.response_mask  # (B, N)
         tokens = rollout.response.masked_fill(~mask, 0)  # (B, N)
         ids = torch.as_tensor(self.ids, dtype=tokens.dtype, device=tokens.device)
-        on = torch.isin(tokens, ids) & mask  # (B, N)
+        on = (tokens.unsqueeze(-1) == ids).any(-1) & mask  # (B, N)  = torch.isin, which older torch lacks on MPS
         logp = torch.log_softmax(student_logits.float(), -1)  # (B, N, V)
         logq = torch.log_softmax(teacher_logits.float(), -1)  # (B, N, V)
         r = sampled_logratio(logp, logq, tokens)  # (B, N)

@@ -1,6 +1,5 @@
 """The OPD diagnostics on hand-built distributions whose values are known."""
 
-import math
 
 import pytest
 import torch

@@ -156,12 +156,14 @@ def make_problem(vocab: int, horizon: int, coupling: float, seed: int, student_o
 
     Parameters are drawn table by table and position by position from two seeded streams, so the
     same seed at another coupling gives the same tables (only scaled differently), and at a longer
-    horizon the same first positions (the shorter problem is a prefix of the longer one).
+    horizon the same first positions (the shorter problem is a prefix of the longer one). They are
+    drawn in `dtype` itself, so that float32 (MPS) never touches float64: a float32 problem is of
+    the same kind as the float64 one of its seed, not always the same numbers rounded.
     """
     def draw(model: TabularAR, gen: torch.Generator) -> torch.Tensor:
         V = model.vocab
-        tables = [torch.randn(V * V, generator=gen, dtype=torch.float64) for _ in range(model.order)]
-        base = [torch.randn(V, generator=gen, dtype=torch.float64) for _ in range(model.horizon)]
+        tables = [torch.randn(V * V, generator=gen, dtype=dtype) for _ in range(model.order)]
+        base = [torch.randn(V, generator=gen, dtype=dtype) for _ in range(model.horizon)]
         return (torch.cat(base + tables) * scale).to(device=device, dtype=dtype)  # (P,)
 
     teacher = TabularAR(vocab, horizon, teacher_order, coupling)
