@@ -3,16 +3,21 @@ bench.py: throughput of the pieces that dominate on-policy distillation, so chan
 
   rollout   new tokens/s at batch 64, 64 new tokens, with the KV cache and with full recomputation
   training  SFT tokens/s (forward + backward + AdamW step) at batch 64
-  OPD step  steps/s of one on-policy distillation step (nanoopd/opd.py) for every objective, and
-            its split: student rollout | teacher scoring | student forward + backward + AdamW |
-            the rest (diagnostics, verifier)
+  OPD step  steps/s of one on-policy distillation step (nanoopd/opd.py) for every objective, its
+            split: student rollout | teacher scoring | student forward + backward + AdamW | the
+            rest (diagnostics, verifier), and its matmul FLOPs against a matmul peak measured here
+  --vs trl  the same OPD step in nanoopd and in Hugging Face TRL's GKDTrainer, side by side: fully
+            on-policy (lmbda 1) with the reverse KL (beta 1, nanoopd's full_reverse_kl), GPT-2 models
+            of the same shapes and vocabulary, float32, KV cache on, EOS suppressed on both sides
+            so that both generate the same number of tokens; at two sizes (4x128 student / 6x256
+            teacher, batch 16, 32 new tokens; 2x64 / 4x128, batch 64, 64 new tokens)
 
 for the default teacher and student architectures of train_math.py (random weights: speed does not
-depend on them; EOS is disabled so every row generates the full budget; an OPD rollout of a random
-student almost never samples EOS either, so it too runs to the budget: the slowest case).
+depend on them; EOS is disabled so every row generates the full budget).
 
   python bench.py                    # CPU or the GPU picked automatically
   python bench.py --device cpu --threads 2
+  python bench.py --vs trl           # needs: pip install trl transformers datasets
 Quote ratios from one run; absolute numbers only together with the machine they came from.
 """
 
@@ -29,7 +34,7 @@ from nanoopd.objectives import OBJECTIVES
 from nanoopd.opd import OPDConfig, freeze, opd_step
 from nanoopd.rollout import generate
 from nanoopd.sft import sft_loss
-from nanoopd.tasks import sample_problems
+from nanoopd.tasks import encode_example, sample_problems
 from nanoopd.tokenizer import get_tokenizer
 from train_math import TrainConfig
 
@@ -44,6 +49,9 @@ p.add_argument("--new_tokens", type=int, default=64, help="tokens generated per 
 p.add_argument("--prompt_len", type=int, default=12, help="prompt tokens per row (default 12, a math prompt)")
 p.add_argument("--train_len", type=int, default=64, help="tokens per training sequence (default 64)")
 p.add_argument("--repeats", type=int, default=3, help="timed repeats; the best is reported (default 3)")
+p.add_argument("--vs", choices=("trl",), default=None,
+               help="time the OPD step side by side with another implementation (trl: TRL's GKDTrainer); "
+                    "only that comparison runs")
 args = p.parse_args()
 for name in ("batch", "new_tokens", "prompt_len", "train_len", "repeats"):
     if getattr(args, name) < 1:
@@ -58,9 +66,18 @@ try:
     device = pick_device(args.device)
 except ValueError as e:
     p.error(str(e))
+if args.vs == "trl":
+    try:
+        import transformers  # noqa: F401
+        import trl  # noqa: F401
+    except ImportError:
+        p.exit(1, "bench.py --vs trl needs TRL and transformers, which nanoopd itself does not: "
+                  "pip install trl transformers datasets\n")
 if args.threads:
     torch.set_num_threads(args.threads)
 tok = get_tokenizer()
+no_eos = copy.copy(tok)  # EOS never matches: every row generates the full budget
+no_eos.eos_id = -1
 cfg = TrainConfig()
 ARCH = {
     "teacher": GPTConfig(vocab_size=tok.n_vocab, n_layer=cfg.t_layer, n_embd=cfg.t_embd, n_head=cfg.t_head),
@@ -80,11 +97,147 @@ def best_time(fn, repeats: int) -> float:
     return min(times)
 
 
-# -----------------------------------------------------------------------------
-# measurements
+def forward_flops(c: GPTConfig, tokens: int, context: float) -> float:
+    """Matmul FLOPs of a forward pass over `tokens` tokens that attend to `context` keys on average:
+    2 * (12 L C^2 + C V) per token for the weights (attention and MLP projections, tied head) plus
+    4 L C per attended key (q k^T and the weighted sum of v)."""
+    L, C, V = c.n_layer, c.n_embd, c.vocab_size
+    return 2.0 * tokens * (12 * L * C * C + C * V) + 4.0 * tokens * L * context * C
+
+
+def opd_step_flops(student: GPTConfig, teacher: GPTConfig, B: int, P: int, N: int) -> float:
+    """Matmul FLOPs of one OPD step: the student's rollout (prefill, then N - 1 one-token decoding
+    steps over the KV cache), the teacher's forward over prompt + response, and the student's forward
+    and backward (3 forwards' worth) over the same tokens."""
+    rollout = forward_flops(student, B * P, P / 2) + sum(forward_flops(student, B, P + t) for t in range(1, N))
+    scored = B * (P + N - 1)
+    return rollout + forward_flops(teacher, scored, (P + N) / 2) + 3 * forward_flops(student, scored, (P + N) / 2)
+
+
+def matmul_peak() -> float:
+    """FLOP/s of a large float32 matrix product on this device: the ceiling the step is compared with."""
+    a = torch.randn(1024, 1024, device=device)
+    return 2 * 1024 ** 3 / best_time(lambda: a @ a, 10)
+
+
+def problems_for(B: int, steps: int):
+    return sample_problems(B * steps, "train", 0, cfg.digits, cfg.ops)
+
+
+def time_opd(student: GPT, teacher: GPT, loss: str, B: int, N: int, problems) -> tuple[float, dict]:
+    """Seconds of the fastest of --repeats OPD steps after a warm-up, and that step's record."""
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
+    ocfg = OPDConfig(loss=loss, batch_size=B, max_new_tokens=N, digits=cfg.digits, ops=cfg.ops)
+    gen = torch.Generator(device=device).manual_seed(0)
+    timed = []
+    for i in range(args.repeats + 1):
+        synchronize(device)
+        t0 = time.perf_counter()
+        rec = opd_step(student, teacher, opt, no_eos, problems[i * B:(i + 1) * B], ocfg, gen, i)
+        synchronize(device)
+        timed.append((time.perf_counter() - t0, rec))
+    return min(timed[1:], key=lambda x: x[0])  # the first step is the warm-up
+
 
 print(f"device {device} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
       f"{platform.processor() or platform.machine()} | batch {args.batch}")
+peak = matmul_peak()
+print(f"matmul peak (float32 1024 x 1024 x 1024): {peak / 1e9:,.0f} GFLOP/s")
+
+# -----------------------------------------------------------------------------
+# --vs trl: the same OPD step in nanoopd and in TRL's GKDTrainer
+
+
+def trl_step_time(s: GPTConfig, t: GPTConfig, B: int, N: int, problems) -> float:
+    """Seconds of the fastest of --repeats GKDTrainer steps (generate on-policy, student and teacher
+    forward, generalised JSD at beta 1 = reverse KL, backward, AdamW step) after a warm-up."""
+    import logging
+    import os
+    import tempfile
+    import warnings
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore")
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from transformers.utils import logging as hf_logging
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+    hf_logging.set_verbosity_error()
+    logging.getLogger("trl").setLevel(logging.ERROR)
+
+    def gpt2(c: GPTConfig):  # the same shapes: layers, width, heads, vocabulary, positions, tied head
+        m = GPT2LMHeadModel(GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd,
+                                       n_layer=c.n_layer, n_head=c.n_head, resid_pdrop=0.0, embd_pdrop=0.0,
+                                       attn_pdrop=0.0, bos_token_id=tok.bos_id, eos_token_id=None,
+                                       pad_token_id=tok.pad_id))
+        m.generation_config.eos_token_id = None  # EOS suppressed: every row generates N tokens
+        return m
+
+    vocab = {str(i): i for i in range(tok.n_vocab)}  # a stand-in tokenizer: only its pad id is used
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="0")),
+                                     pad_token=str(tok.pad_id))
+    with tempfile.TemporaryDirectory() as out:
+        gkd = GKDConfig(output_dir=out, lmbda=1.0, beta=1.0, temperature=1.0, max_new_tokens=N,
+                        per_device_train_batch_size=B, learning_rate=1e-4, use_cpu=device.type == "cpu",
+                        bf16=False, fp16=False, gradient_checkpointing=False, disable_dropout=True,
+                        report_to=[], logging_strategy="no", save_strategy="no")
+        data = Dataset.from_dict({"messages": [[{"role": "user", "content": "1+1="}]]})
+        trainer = GKDTrainer(model=gpt2(s), teacher_model=gpt2(t), args=gkd, train_dataset=data,
+                             processing_class=hf_tok)
+        trainer.create_optimizer()
+        trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train(), which is not run here
+        model = trainer.model.train()
+
+        def batch(i):  # the same prompts as nanoopd's, left-padded
+            prompts = [encode_example(tok, q)[0] for q in problems[i * B:(i + 1) * B]]
+            P = max(len(q) for q in prompts)
+            ids = torch.tensor([[tok.pad_id] * (P - len(q)) + q for q in prompts], device=trainer.args.device)
+            mask = torch.tensor([[0] * (P - len(q)) + [1] * len(q) for q in prompts], device=trainer.args.device)
+            return {"prompts": ids, "prompt_attention_mask": mask, "input_ids": ids, "attention_mask": mask,
+                    "labels": ids}
+
+        times = []
+        for i in range(args.repeats + 1):
+            inputs = batch(i)
+            synchronize(device)
+            t0 = time.perf_counter()
+            trainer.training_step(model, inputs)
+            trainer.optimizer.step()
+            trainer.optimizer.zero_grad()
+            synchronize(device)
+            times.append(time.perf_counter() - t0)
+            new = inputs["input_ids"].shape[1] - inputs["prompts"].shape[1]
+            assert new == N, f"TRL generated {new} tokens instead of {N}: EOS was not suppressed"
+    return min(times[1:])
+
+
+if args.vs == "trl":
+    sizes = (("4x128 / 6x256", (4, 128, 4), (6, 256, 8), 16, 32),
+             ("2x64 / 4x128", (cfg.s_layer, cfg.s_embd, cfg.s_head), (cfg.t_layer, cfg.t_embd, cfg.t_head), 64, 64))
+    print(f"\nOPD step, nanoopd vs TRL GKDTrainer (lmbda 1, beta 1 = full_reverse_kl), float32, KV cache, EOS "
+          f"suppressed; seconds of the fastest of {args.repeats} steps after a warm-up")
+    print(f"{'student / teacher':17s} {'batch':>5s} {'new':>4s} | {'nanoopd':>8s} {'TRL':>8s} {'ratio':>6s} | "
+          f"{'GFLOP':>6s} | {'nanoopd GFLOP/s':>15s} {'TRL GFLOP/s':>15s}   (steps/s; % of the matmul peak)")
+    for label, (sl, sc, sh), (tl, tc, th), B, N in sizes:
+        s_cfg = GPTConfig(vocab_size=tok.n_vocab, n_layer=sl, n_embd=sc, n_head=sh)
+        t_cfg = GPTConfig(vocab_size=tok.n_vocab, n_layer=tl, n_embd=tc, n_head=th)
+        problems = problems_for(B, args.repeats + 1)
+        torch.manual_seed(0)
+        teacher, student = freeze(GPT(t_cfg).to(device)), GPT(s_cfg).to(device)
+        ours, rec = time_opd(student, teacher, "full_reverse_kl", B, N, problems)
+        theirs = trl_step_time(s_cfg, t_cfg, B, N, problems)
+        P = sum(len(encode_example(tok, q)[0]) for q in problems[B:2 * B]) / B
+        flops = opd_step_flops(s_cfg, t_cfg, B, round(P), N)
+        print(f"{label:17s} {B:5d} {N:4d} | {1 / ours:8.2f} {1 / theirs:8.2f} {theirs / ours:5.1f}x | "
+              f"{flops / 1e9:6.2f} | {flops / ours / 1e9:7.1f} ({flops / ours / peak:4.0%}) "
+              f"{flops / theirs / 1e9:7.1f} ({flops / theirs / peak:4.0%})")
+        print(f"{'':17s} nanoopd split: rollout {rec['t_rollout']:.3f}s, teacher {rec['t_teacher']:.3f}s, "
+              f"student {rec['t_student']:.3f}s, rest {ours - rec['t_rollout'] - rec['t_teacher'] - rec['t_student']:.3f}s")
+    raise SystemExit(0)
+
+# -----------------------------------------------------------------------------
+# rollout (cached vs recomputed) and SFT training throughput
+
 g = torch.Generator(device=device).manual_seed(0)
 prompts = [[tok.bos_id] + torch.randint(0, 256, (args.prompt_len - 1,), generator=torch.Generator().manual_seed(i)).tolist()
            for i in range(args.batch)]
@@ -114,28 +267,22 @@ for name, arch in ARCH.items():
     train = args.batch * args.train_len / best_time(train_step, args.repeats)
     print(f"{name:8s} {model.num_params():9,d} | {cached:20,.0f} {recompute:16,.0f} {cached / recompute:7.1f}x | {train:11,.0f}")
 
+# -----------------------------------------------------------------------------
 # one OPD step per objective: the student samples, the teacher scores, the student learns
+
 torch.manual_seed(0)
 teacher, student0 = freeze(GPT(ARCH["teacher"]).to(device)), GPT(ARCH["student"]).to(device)
-problems = sample_problems(args.batch * (args.repeats + 1), "train", 0, cfg.digits, cfg.ops)
-print(f"\nOPD step, batch {args.batch}, up to {args.new_tokens} new tokens (seconds of the fastest of "
-      f"{args.repeats} steps after a warm-up)")
+problems = problems_for(args.batch, args.repeats + 1)
+P = round(sum(len(encode_example(tok, q)[0]) for q in problems[:args.batch]) / args.batch)
+flops = opd_step_flops(ARCH["student"], ARCH["teacher"], args.batch, P, args.new_tokens)
+print(f"\nOPD step, batch {args.batch}, {args.new_tokens} new tokens (seconds of the fastest of {args.repeats} steps "
+      f"after a warm-up); {flops / 1e9:.2f} GFLOP of matmuls per step")
 print(f"{'objective':18s} {'steps/s':>7s} | {'rollout':>13s} {'teacher':>13s} {'student':>13s} {'rest':>13s} | "
-      f"{'resp. tok/s':>11s}")
+      f"{'resp. tok/s':>11s} | {'GFLOP/s':>7s} {'of peak':>7s}")
 for name in sorted(OBJECTIVES):
-    student = copy.deepcopy(student0)
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
-    ocfg = OPDConfig(loss=name, batch_size=args.batch, max_new_tokens=args.new_tokens, digits=cfg.digits, ops=cfg.ops)
-    gen = torch.Generator(device=device).manual_seed(0)
-    timed = []
-    for i in range(args.repeats + 1):
-        synchronize(device)
-        t0 = time.perf_counter()
-        rec = opd_step(student, teacher, opt, tok, problems[i * args.batch:(i + 1) * args.batch], ocfg, gen, i)
-        synchronize(device)
-        timed.append((time.perf_counter() - t0, rec))
-    dt, rec = min(timed[1:], key=lambda x: x[0])  # the first step is the warm-up
+    dt, rec = time_opd(copy.deepcopy(student0), teacher, name, args.batch, args.new_tokens, problems)
     parts = [rec["t_rollout"], rec["t_teacher"], rec["t_student"]]
     parts.append(dt - sum(parts))
     split = " ".join(f"{t:6.3f} ({t / dt:3.0%})" for t in parts)
-    print(f"{name:18s} {1 / dt:7.2f} | {split} | {rec['response_length'] * args.batch / dt:11,.0f}")
+    print(f"{name:18s} {1 / dt:7.2f} | {split} | {rec['response_length'] * args.batch / dt:11,.0f} | "
+          f"{flops / dt / 1e9:7.1f} {flops / dt / peak:7.0%}")

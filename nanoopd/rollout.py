@@ -98,39 +98,45 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, eos_id: 
         raise ValueError(
             f"prompt ({P} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
             f"block_size={model.config.block_size}; lower max_new_tokens")
-    cache = KVCache(model.config, B, P + max_new_tokens, device) if use_cache else None
+    N = max_new_tokens
+    cache = KVCache(model.config, B, P + N, device) if use_cache else None
+    # preallocated: prompts, then the responses written one column per step
+    tokens = torch.cat([tokens, torch.full((B, N), pad_id, dtype=torch.long, device=device)], 1)  # (B, P+N)
+    valid = torch.cat([valid, torch.zeros(B, N, dtype=torch.bool, device=device)], 1)  # (B, P+N)
+    logprobs = torch.zeros(B, N, device=device)  # (B, N)
+    sampler_logprobs = torch.zeros(B, N, device=device)  # (B, N)
     alive = torch.ones(B, dtype=torch.bool, device=device)  # (B,) rows still generating
-    out_tok, out_mask, out_lp, out_slp = [], [], [], []
+    # temperature 1 without truncation samples from pi itself: its log-probs need no second pass
+    plain = temperature == 1.0 and not (top_k and top_k < model.config.vocab_size) and top_p == 1.0
     with autocast(device):
-        logits = model(tokens, valid, cache)[:, -1]  # (B, V)
-    for _ in range(max_new_tokens):
+        logits = model(tokens[:, :P], valid[:, :P], cache)[:, -1]  # (B, V)
+    for t in range(N):
         logp = torch.log_softmax(logits.float(), dim=-1)  # (B, V)
         if temperature == 0:
             nxt = logp.argmax(-1)  # (B,)
             slp = torch.zeros(B, device=device)  # a point mass
         else:
-            slogp = torch.log_softmax(filter_logits(logits, temperature, top_k, top_p), dim=-1)  # (B, V)
+            slogp = logp if plain else torch.log_softmax(filter_logits(logits, temperature, top_k, top_p), dim=-1)
             nxt = torch.multinomial(slogp.exp(), 1, generator=generator).squeeze(1)  # (B,)
             slp = slogp.gather(1, nxt[:, None]).squeeze(1)  # (B,)
-        nxt = torch.where(alive, nxt, torch.full_like(nxt, pad_id))  # (B,)
-        out_tok.append(nxt)
-        out_mask.append(alive.clone())
-        out_lp.append(torch.where(alive, logp.gather(1, nxt[:, None]).squeeze(1), 0.0))
-        out_slp.append(torch.where(alive, slp, 0.0))
-        tokens = torch.cat([tokens, nxt[:, None]], 1)  # (B, P+t+1)
-        valid = torch.cat([valid, alive[:, None]], 1)  # (B, P+t+1)
+        nxt = torch.where(alive, nxt, pad_id)  # (B,)
+        tokens[:, P + t] = nxt
+        valid[:, P + t] = alive
+        logprobs[:, t] = torch.where(alive, logp.gather(1, nxt[:, None]).squeeze(1), 0.0)
+        sampler_logprobs[:, t] = torch.where(alive, slp, 0.0)
         alive = alive & (nxt != eos_id)
-        if not bool(alive.any()) or len(out_tok) == max_new_tokens:
+        if t == N - 1 or not bool(alive.any()):
             break
         with autocast(device):
             if use_cache:
-                logits = model(nxt[:, None], out_mask[-1][:, None], cache)[:, -1]  # (B, V)
+                logits = model(tokens[:, P + t:P + t + 1], valid[:, P + t:P + t + 1], cache)[:, -1]  # (B, V)
             else:
-                logits = model(tokens, valid)[:, -1]  # (B, V)
+                logits = model(tokens[:, :P + t + 1], valid[:, :P + t + 1])[:, -1]  # (B, V)
     model.train(was_training)
-    return Rollout(tokens=tokens, valid=valid, prompt_len=P,
-                   response=torch.stack(out_tok, 1), response_mask=torch.stack(out_mask, 1),
-                   logprobs=torch.stack(out_lp, 1), sampler_logprobs=torch.stack(out_slp, 1))
+    n = t + 1  # response columns generated
+    return Rollout(tokens=tokens[:, :P + n].contiguous(), valid=valid[:, :P + n].contiguous(), prompt_len=P,
+                   response=tokens[:, P:P + n].contiguous(), response_mask=valid[:, P:P + n].contiguous(),
+                   logprobs=logprobs[:, :n].contiguous(), sampler_logprobs=sampler_logprobs[:, :n].contiguous())
 
 
 def response_logits(model: GPT, rollout: Rollout) -> torch.Tensor:
