@@ -1,9 +1,9 @@
 """
 Checkpoints: weights + model config + step (+ optional optimizer / RNG state and metadata).
 
-A resumable run (OPD, RLVR) stores in extra["resume"] what it needs to go on exactly where it
-stopped: every rank's RNG states and the run's own records; extra[<kind>] holds the run's settings,
-which a resume must match (save_run_state / resume_run_state).
+A resumable run stores in the same file what it needs to go on exactly where it stopped (the
+optimizer, and for OPD and RLVR every rank's RNG states and the run's records): loop.py writes and
+reads that state.
 
 Loading needs no flags: the config stored in the file rebuilds the model. Writes are atomic (write
 a temporary file in the same folder, flush it to disk, then rename over the target), so a crash in
@@ -16,7 +16,6 @@ from dataclasses import asdict
 import torch
 
 from nanoopd import distributed
-from nanoopd.device import rng_restore, rng_snapshot
 from nanoopd.model import GPT, GPTConfig
 
 FORMAT = "nanoopd-gpt-v1"
@@ -93,62 +92,3 @@ def load_checkpoint(path: str, device="cpu", expect_vocab: int | None = None) ->
         raise CheckpointError(f"checkpoint '{path}': weights do not match its config ({e}); the file is "
                               f"damaged or was edited: retrain it") from e
     return model.to(device), payload
-
-
-def restore_training_state(path: str, model, optimizer) -> dict:
-    """Load weights and optimizer state from a checkpoint into model/optimizer (in place) and
-    return its payload (step, extra). The checkpoint's model config must equal the model's, and it
-    must hold an optimizer state (else a CheckpointError says so)."""
-    payload = read_checkpoint(path)
-    raw = distributed.bare(model)
-    if payload["config"] != asdict(raw.config):
-        raise CheckpointError(f"cannot resume from '{path}': it holds a model with config {payload['config']}, "
-                              f"this run builds {asdict(raw.config)}; use the same flags or another --out_dir")
-    if "optimizer" not in payload:
-        raise CheckpointError(f"cannot resume from '{path}': it holds no optimizer state (a final export?)")
-    raw.load_state_dict(payload["model"])
-    optimizer.load_state_dict(payload["optimizer"])
-    return payload
-
-
-def can_resume(resume: bool, path: str | None) -> bool:
-    """True when --resume is asked and a checkpoint exists at `path`. Decided on rank 0, which
-    writes the checkpoints, and handed to every rank, so that all ranks take the same branch."""
-    return bool(resume and path) and distributed.from_main(lambda: os.path.exists(path))
-
-
-def save_run_state(path: str, model, step: int, optimizer, generator: torch.Generator, extra: dict,
-                   state: dict) -> None:
-    """Checkpoint a resumable run: weights, optimizer, step, `extra` (the run's settings), and in
-    extra["resume"] the dict `state` plus every rank's RNG states. Under torchrun every rank must
-    call it (the RNG states are gathered); rank 0 writes."""
-    rngs = distributed.gather_objects(rng_snapshot(generator))
-    if distributed.is_main():
-        save_checkpoint(path, model, step, optimizer=optimizer, extra={**extra, "resume": {**state, "rng": rngs}})
-
-
-def resume_run_state(path: str, model, optimizer, generator: torch.Generator, kind: str,
-                     settings: dict) -> tuple[int, dict]:
-    """Undo save_run_state: weights and optimizer state into model/optimizer, this rank's RNG states
-    into `generator` and torch; returns (step, the saved state). The checkpoint must hold a `kind`
-    run ('opd', 'rlvr') with these settings, written by as many processes as this run has."""
-    payload = restore_training_state(path, model, optimizer)
-    extra = payload.get("extra", {})
-    state = extra.get("resume")
-    if state is None or kind not in extra:
-        raise CheckpointError(f"cannot resume from '{path}': it holds no {kind} run state (another kind of "
-                              f"checkpoint, or one from an older version); start again without --resume")
-    if extra[kind] != settings:
-        diff = ", ".join(f"{k}: {extra[kind].get(k)!r} -> {v!r}" for k, v in settings.items() if extra[kind].get(k) != v)
-        raise CheckpointError(f"cannot resume from '{path}': it was written by a run with other {kind} settings "
-                              f"({diff}); use the same flags, or another output name for a new run")
-    rank, world = distributed.rank_and_world()
-    if len(state["rng"]) != world:
-        raise CheckpointError(f"cannot resume from '{path}': it was written by {len(state['rng'])} process(es), "
-                              f"this run has {world}; resume with the same number of processes")
-    try:
-        rng_restore(state["rng"][rank], generator)
-    except (RuntimeError, ValueError, TypeError) as e:
-        raise CheckpointError(f"cannot resume from '{path}': its random-generator states do not fit this run's "
-                              f"device ({e}); resume on the kind of device (cpu, cuda, mps) it was written on") from e
-    return int(payload["step"]), state

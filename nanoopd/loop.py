@@ -6,17 +6,22 @@ of them reads as its own algorithm:
     schedule      lr(step) = linear warm-up over `warmup` steps, then cosine decay to 10 % of the peak
     update        g = grad loss;  theta <- AdamW(theta, g / max(1, ||g|| / clip)); a non-finite ||g||
                   stops the run before the optimizer touches the weights
+    resume        a checkpoint (checkpoint.py's format) that also holds the optimizer state and,
+                  for OPD and RLVR, every rank's RNG states, the run's records and settings
+                  (extra["resume"], extra[<kind>]): a resumed run ends where an uninterrupted one ends
     JSONL         one JSON object per step, written by rank 0 only
-
-Checkpoints and resume live in checkpoint.py (save_checkpoint, save_run_state, resume_run_state).
 """
 
 import json
 import math
+import os
+from dataclasses import asdict
 
 import torch
 
 from nanoopd import distributed
+from nanoopd.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+from nanoopd.device import rng_restore, rng_snapshot
 
 
 def adamw(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -75,3 +80,66 @@ class JsonlLog:
     def __exit__(self, *exc):
         if self.file:
             self.file.close()
+
+
+# -----------------------------------------------------------------------------
+# resume
+
+
+def restore_training_state(path: str, model, optimizer) -> dict:
+    """Load weights and optimizer state from a checkpoint into model/optimizer (in place) and
+    return its payload (step, extra). The checkpoint's model config must equal the model's, and it
+    must hold an optimizer state (else a CheckpointError says so)."""
+    payload = read_checkpoint(path)
+    raw = distributed.bare(model)
+    if payload["config"] != asdict(raw.config):
+        raise CheckpointError(f"cannot resume from '{path}': it holds a model with config {payload['config']}, "
+                              f"this run builds {asdict(raw.config)}; use the same flags or another --out_dir")
+    if "optimizer" not in payload:
+        raise CheckpointError(f"cannot resume from '{path}': it holds no optimizer state (a final export?)")
+    raw.load_state_dict(payload["model"])
+    optimizer.load_state_dict(payload["optimizer"])
+    return payload
+
+
+def can_resume(resume: bool, path: str | None) -> bool:
+    """True when --resume is asked and a checkpoint exists at `path`. Decided on rank 0, which
+    writes the checkpoints, and handed to every rank, so that all ranks take the same branch."""
+    return bool(resume and path) and distributed.from_main(lambda: os.path.exists(path))
+
+
+def save_run_state(path: str, model, step: int, optimizer, generator: torch.Generator, extra: dict,
+                   state: dict) -> None:
+    """Checkpoint a resumable run: weights, optimizer, step, `extra` (the run's settings), and in
+    extra["resume"] the dict `state` plus every rank's RNG states. Under torchrun every rank must
+    call it (the RNG states are gathered); rank 0 writes."""
+    rngs = distributed.gather_objects(rng_snapshot(generator))
+    if distributed.is_main():
+        save_checkpoint(path, model, step, optimizer=optimizer, extra={**extra, "resume": {**state, "rng": rngs}})
+
+
+def resume_run_state(path: str, model, optimizer, generator: torch.Generator, kind: str,
+                     settings: dict) -> tuple[int, dict]:
+    """Undo save_run_state: weights and optimizer state into model/optimizer, this rank's RNG states
+    into `generator` and torch; returns (step, the saved state). The checkpoint must hold a `kind`
+    run ('opd', 'rlvr') with these settings, written by as many processes as this run has."""
+    payload = restore_training_state(path, model, optimizer)
+    extra = payload.get("extra", {})
+    state = extra.get("resume")
+    if state is None or kind not in extra:
+        raise CheckpointError(f"cannot resume from '{path}': it holds no {kind} run state (another kind of "
+                              f"checkpoint, or one from an older version); start again without --resume")
+    if extra[kind] != settings:
+        diff = ", ".join(f"{k}: {extra[kind].get(k)!r} -> {v!r}" for k, v in settings.items() if extra[kind].get(k) != v)
+        raise CheckpointError(f"cannot resume from '{path}': it was written by a run with other {kind} settings "
+                              f"({diff}); use the same flags, or another output name for a new run")
+    rank, world = distributed.rank_and_world()
+    if len(state["rng"]) != world:
+        raise CheckpointError(f"cannot resume from '{path}': it was written by {len(state['rng'])} process(es), "
+                              f"this run has {world}; resume with the same number of processes")
+    try:
+        rng_restore(state["rng"][rank], generator)
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise CheckpointError(f"cannot resume from '{path}': its random-generator states do not fit this run's "
+                              f"device ({e}); resume on the kind of device (cpu, cuda, mps) it was written on") from e
+    return int(payload["step"]), state

@@ -51,11 +51,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from nanoopd import distributed
-from nanoopd.checkpoint import can_resume, resume_run_state, save_run_state
 from nanoopd.config import ConfigError
 from nanoopd.device import autocast, synchronize
 from nanoopd.evaluate import evaluate, response_texts
-from nanoopd.loop import JsonlLog, adamw, lr_at, set_lr, update
+from nanoopd.loop import JsonlLog, adamw, can_resume, lr_at, resume_run_state, save_run_state, set_lr, update
 from nanoopd.metrics import opd_diagnostics
 from nanoopd.model import GPT
 from nanoopd.objectives import get_objective

@@ -24,10 +24,10 @@ import torch
 
 from nanoopd import distributed
 from nanoopd.config import ConfigError
-from nanoopd.checkpoint import can_resume, resume_run_state, save_run_state
 from nanoopd.device import autocast
 from nanoopd.evaluate import student_prefixes
-from nanoopd.loop import JsonlLog, adamw, lr_at, set_lr, update
+from nanoopd.loop import (JsonlLog, adamw, can_resume, lr_at, resume_run_state, save_run_state, set_lr,
+                          update)
 from nanoopd.model import GPT
 from nanoopd.rollout import check_sampling_args, generate, response_logits
 from nanoopd.tasks import Problem, encode_example, sample_problems, verify

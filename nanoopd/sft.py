@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from nanoopd import distributed
-from nanoopd.checkpoint import can_resume, restore_training_state, save_checkpoint
+from nanoopd.checkpoint import save_checkpoint
 from nanoopd.device import autocast, synchronize
-from nanoopd.loop import adamw, lr_at, set_lr, update
+from nanoopd.loop import adamw, can_resume, lr_at, restore_training_state, set_lr, update
 
 
 def make_batch(examples: list[tuple[list[int], list[int]]], pad_id: int, device):
