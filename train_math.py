@@ -43,8 +43,8 @@ from nanoopd.model import GPT, GPTConfig
 from nanoopd.objectives import OBJECTIVES, check_objective
 from nanoopd.opd import OPDConfig, train_opd
 from nanoopd.rlvr import RLVRConfig, train_rlvr
-from nanoopd.script import cli, finish, start
 from nanoopd.rollout import generate
+from nanoopd.script import cli, finish, start
 from nanoopd.self_distill import PI_KINDS, PrivilegedTeacher, mixture_kinds, pi_example, pi_scores, rule_visible, self_teacher
 from nanoopd.sft import train_sft
 from nanoopd.special_tokens import HiddenTokens, TrackedTokens, token_ids
@@ -55,9 +55,9 @@ from nanoopd.topk import SUPPORTS
 STAGES = ("teacher", "student", "eval", "opd", "pibase", "rlvr")
 PI_MIX = {"none": 0.3, "answer": 0.3, "solution": 0.1, "rule": 0.3}  # the OPSD base's SFT mixture (kind -> weight)
 # OPDConfig's and RLVRConfig's fields that TrainConfig names otherwise (the rest share the name)
-OPD_FIELDS = {"steps": "opd_steps", "lr": "opd_lr", "warmup": "opd_warmup", "batch_size": "opd_batch",
-              "eval_every": "opd_eval_every"}
-RLVR_FIELDS = {f: f"rlvr_{f}" for f in ("steps", "prompts", "group", "lr", "cut")}
+FIELD_OF_OPD = {"steps": "opd_steps", "lr": "opd_lr", "warmup": "opd_warmup", "batch_size": "opd_batch",
+                "eval_every": "opd_eval_every"}
+FIELD_OF_RLVR = {f: f"rlvr_{f}" for f in ("steps", "prompts", "group", "lr", "cut")}
 OBJECTIVE_FLAGS = ("k", "support", "add_sampled", "gamma", "clamp", "baseline")  # objective options, when set
 
 # -----------------------------------------------------------------------------
@@ -68,7 +68,7 @@ OBJECTIVE_FLAGS = ("k", "support", "add_sampled", "gamma", "clamp", "baseline") 
 class TrainConfig:
     # --- run
     out_dir: str = "out/math"        # checkpoints, logs and summary.json go here
-    stages: str = "teacher,student,eval"  # comma-separated stages to run, in this order: teacher, student, eval, opd, pibase, rlvr
+    stages: str = "teacher,student,eval"  # comma-separated stages, run in the order given: teacher, student, eval, opd, pibase, rlvr
     seed: int = 1337                 # seeds data order, init and sampling
     device: str = "auto"             # auto (cuda -> mps -> cpu) | cpu | cuda | cuda:N | mps
     threads: int = 0                 # torch CPU threads (0 = torch's default)
@@ -145,26 +145,37 @@ class TrainConfig:
             if not getattr(self, name) > 0:
                 raise ConfigError(name, "must be > 0")
         for who in ("t", "s"):
-            try:
-                GPTConfig(n_layer=getattr(self, f"{who}_layer"), n_embd=getattr(self, f"{who}_embd"),
-                          n_head=getattr(self, f"{who}_head"))
-            except ValueError as e:
-                raise ConfigError(f"{who}_embd", f"/ --{who}_head / --{who}_layer: {e}") from None
+            for part in ("layer", "embd", "head"):
+                if getattr(self, f"{who}_{part}") < 1:
+                    raise ConfigError(f"{who}_{part}", f"must be >= 1, got {getattr(self, f'{who}_{part}')}")
+            if getattr(self, f"{who}_embd") % getattr(self, f"{who}_head"):
+                raise ConfigError(f"{who}_embd", f"{getattr(self, f'{who}_embd')} is not divisible by --{who}_head "
+                                  f"{getattr(self, f'{who}_head')}: pick a width that is a multiple of the heads")
+        if self.max_new_tokens + 2 * self.digits + 4 > GPTConfig().block_size:  # <|bos|> a op b = \n, then the answer
+            raise ConfigError("max_new_tokens", f"{self.max_new_tokens} and a {self.digits}-digit prompt do not fit "
+                              f"the models' {GPTConfig().block_size} positions")
         if any(c in self.run_name for c in "/\\ ") or self.run_name.startswith("."):
             raise ConfigError("run_name", f"becomes a file name: no '/', '\\', spaces or leading '.', got {self.run_name!r}")
         if (self.pi != "rule" or self.live_teacher) and self.mode != "opsd":
             raise ConfigError("pi" if self.pi != "rule" else "live_teacher", "configures self-distillation: add --mode opsd")
         if self.mode == "opsd" and self.teacher != "sft":
             raise ConfigError("teacher", "picks the OPD teacher model; with --mode opsd the teacher is the model itself with PI")
+        if self.mode == "opsd" and self.hide_from_teacher:
+            raise ConfigError("hide_from_teacher", "works with --mode opd; with --mode opsd the teacher's context is the PI")
         tok = get_tokenizer()
         options = objective_options(self, tok)
         token_list(self, "hide_from_teacher", tok)
+        for name, value in options.items():  # each option alone first, so that the message names its flag
+            try:
+                check_objective(self.loss, {name: value}, tok.n_vocab)
+            except ValueError as e:
+                raise ConfigError(name, f"(with --loss {self.loss}): {e}") from None
         try:
             check_objective(self.loss, options, tok.n_vocab)
         except ValueError as e:
             raise ConfigError("loss", f"{self.loss}: {e}") from None
-        for make, field_of in ((lambda: opd_config(self, self.loss, options, self.seed), OPD_FIELDS),
-                               (lambda: rlvr_config(self, self.seed), RLVR_FIELDS)):
+        for make, field_of in ((lambda: opd_config(self, self.loss, options, self.seed), FIELD_OF_OPD),
+                               (lambda: rlvr_config(self, self.seed), FIELD_OF_RLVR)):
             try:
                 make()
             except ConfigError as e:  # a field of OPDConfig / RLVRConfig -> its field here
@@ -304,14 +315,9 @@ def train_pi_base(cfg: TrainConfig, tok, device, log) -> GPT:
     return sft(cfg, model, "pibase", batch, cfg.pi_steps, cfg.t_lr, log)
 
 
-def pair(cfg: TrainConfig, tok, device, log) -> tuple[GPT, GPT]:
-    """The teacher and cold-start student of out_dir; the missing ones are trained first."""
-    teacher = load_role(cfg, "teacher", tok, device, log, lambda: train_teacher(cfg, tok, device, log))
-    return teacher, load_role(cfg, "student", tok, device, log, lambda: train_student(cfg, tok, device, teacher, log))
-
-
-def run_opd(cfg: TrainConfig, tok, teacher: GPT, student: GPT, log) -> dict:
-    """Stage opd: one OPD run of the student (in place) with the objective the flags chose."""
+def run_opd(cfg: TrainConfig, tok, teacher: GPT, student: GPT, log) -> tuple[str, dict]:
+    """Stage opd: one OPD run of the student (in place) with the objective the flags chose.
+    Returns the run's name and its summary's main figures."""
     name = cfg.run_name or cfg.loss
     options = objective_options(cfg, tok)
     hide = token_list(cfg, "hide_from_teacher", tok)
@@ -323,8 +329,8 @@ def run_opd(cfg: TrainConfig, tok, teacher: GPT, student: GPT, log) -> dict:
                   settings={"mode": "opd", "teacher": cfg.teacher, "eval_n": cfg.eval_n, "hide": hide})
     log(f"opd {name}: held-out greedy accuracy {s['start_acc']:.1%} -> {s['final_acc']:.1%} | reverse KL "
         f"{s['first_kl']:.3f} -> {s['final_kl']:.3f} | degraded: {s['degraded'] or 'no'}")
-    return {k: s[k] for k in ("start_acc", "final_acc", "first_kl", "final_kl", "final_response_length",
-                              "final_overlap_ratio", "degraded", "seconds")}
+    return name, {k: s[k] for k in ("start_acc", "final_acc", "first_kl", "final_kl", "final_response_length",
+                                    "final_overlap_ratio", "degraded", "seconds")}
 
 
 def rule_problems(cfg: TrainConfig) -> list:
@@ -403,7 +409,8 @@ def main(argv=None) -> dict:
         elif stage == "opd":
             teacher = get({"sft": "teacher", "rlvr": "teacher_rlvr"}[cfg.teacher])
             student = copy.deepcopy(models["student"]) if "student" in models else get("student")
-            summary[f"opd_{cfg.run_name or cfg.loss}"] = run_opd(cfg, tok, teacher, student, log)
+            name, result = run_opd(cfg, tok, teacher, student, log)
+            summary[f"opd_{name}"] = result
         distributed.barrier()  # ranks start the next stage together (rank 0 may still be saving)
         summary[f"{stage}_seconds"] = round(time.time() - t0, 1)
         log(f"stage {stage} done in {summary[f'{stage}_seconds']:.1f}s")

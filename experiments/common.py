@@ -15,14 +15,15 @@ from nanoopd.evaluate import evaluate
 from nanoopd.opd import train_opd
 from nanoopd.script import finish, start
 from nanoopd.special_tokens import HiddenTokens, TrackedTokens, token_ids
-from train_math import PRESETS, TrainConfig, opd_config, test_problems
+from train_math import (OBJECTIVE_FLAGS, PRESETS, TrainConfig, load_role, opd_config, test_problems, train_student,
+                        train_teacher)
 
-# the flags that configure the single run of stage opd (an experiment runs its own list of them)
-OPD_RUN_FIELDS = ("loss", "k", "support", "add_sampled", "gamma", "clamp", "baseline", "mask_tokens",
-                  "hide_from_teacher", "run_name")
+# the flags that configure the single run of stage opd: M1 and M2 run their own list of objectives
+OPD_RUN_FIELDS = ("loss",) + OBJECTIVE_FLAGS + ("mask_tokens", "hide_from_teacher", "run_name")
 # what no experiment takes: its stages are its own, and it does not resume
 PIPELINE_FIELDS = ("stages", "resume")
 OPSD_FIELDS = ("mode", "pi", "live_teacher", "pi_steps")
+STUDENT_FIELDS = ("s_layer", "s_embd", "s_head", "s_steps", "s_lr", "s_pool")
 RLVR_FIELDS = ("teacher", "rlvr_init", "rlvr_steps", "rlvr_lr", "rlvr_prompts", "rlvr_group", "rlvr_cut")
 
 
@@ -58,6 +59,12 @@ def run_experiment(name: str, cfg: ExperimentConfig, body) -> dict:
     _, device, tok, log, summary = start(cfg, experiment=name)
     summary.update(body(cfg, tok, device, log) or {}, **{f"{name}_seconds": round(time.time() - t0, 1)})
     return finish(cfg, summary, device, log)
+
+
+def pair(cfg: TrainConfig, tok, device, log):
+    """The teacher and cold-start student of out_dir; the missing ones are trained first."""
+    teacher = load_role(cfg, "teacher", tok, device, log, lambda: train_teacher(cfg, tok, device, log))
+    return teacher, load_role(cfg, "student", tok, device, log, lambda: train_student(cfg, tok, device, teacher, log))
 
 
 def run_grid(cfg: ExperimentConfig, tok, teacher, student, runs, folder: str, log, track=(), after=None) -> list[dict]:

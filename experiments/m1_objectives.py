@@ -15,11 +15,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
-from experiments.common import OPD_RUN_FIELDS, OPSD_FIELDS, RLVR_FIELDS, ExperimentConfig, parse, run_experiment, run_grid
+from experiments.common import (OPD_RUN_FIELDS, OPSD_FIELDS, RLVR_FIELDS, ExperimentConfig, pair, parse,
+                                run_experiment, run_grid)
 from nanoopd.evaluate import evaluate
 from nanoopd.report import by_label, degraded_cell, header, mean, pct, write_results
 from nanoopd.script import cli
-from train_math import pair, test_problems
+from train_math import test_problems
 
 # (label, objective, options); mask_tokens holds token names, resolved with the tokenizer
 RUNS = (

@@ -13,20 +13,19 @@ import copy
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 import torch
 
-from experiments.common import OPD_RUN_FIELDS, OPSD_FIELDS, RLVR_FIELDS, ExperimentConfig, parse, run_experiment, run_grid
-from nanoopd.checkpoint import save_checkpoint
+from experiments.common import (OPD_RUN_FIELDS, OPSD_FIELDS, RLVR_FIELDS, ExperimentConfig, pair, parse,
+                                run_experiment, run_grid)
 from nanoopd.config import ConfigError
 from nanoopd.evaluate import evaluate
 from nanoopd.report import by_label, degraded_cell, header, mean, pct, write_results
 from nanoopd.script import cli
-from nanoopd.sft import train_sft
-from train_math import pair, teacher_traces, test_problems
+from train_math import sft, teacher_traces, test_problems
 
 RUNS = (  # (label, objective, options); token names are resolved with the tokenizer
     ("sampled_token", "sampled_token", {}),
@@ -55,14 +54,9 @@ def make_fmt_student(cfg: M2Config, tok, teacher, student, log):
     """A copy of the student fine-tuned to open every answer with <|fmt|>, a token the teacher was
     never trained on (so log q(<|fmt|> | c_t) is tens of nats below log pi)."""
     pairs = [(prompt, [tok.fmt_id] + resp) for prompt, resp in teacher_traces(teacher, tok, cfg)]
-    model = copy.deepcopy(student)
     g = torch.Generator().manual_seed(cfg.seed + 3)
     batch = lambda s: [pairs[i] for i in torch.randint(len(pairs), (cfg.batch_size,), generator=g).tolist()]
-    train_sft(model, batch, cfg.fmt_steps, cfg.s_lr, tok.pad_id, warmup=10, log_every=cfg.log_every,
-              desc="fmt-student", log=log)
-    save_checkpoint(os.path.join(cfg.out_dir, "student_fmt.pt"), model, cfg.fmt_steps,
-                    extra={"role": "student_fmt", "train": asdict(cfg)})
-    return model
+    return sft(cfg, copy.deepcopy(student), "student_fmt", batch, cfg.fmt_steps, cfg.s_lr, log, warmup=10)
 
 
 def m2(cfg: M2Config, tok, device, log) -> dict:

@@ -17,7 +17,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
-from experiments.common import RLVR_FIELDS, ExperimentConfig, parse, run_experiment
+from experiments.common import RLVR_FIELDS, STUDENT_FIELDS, ExperimentConfig, parse, run_experiment
 from nanoopd.report import mean, pct, write_results
 from nanoopd.script import cli
 from nanoopd.self_distill import PI_KINDS, pi_scores
@@ -62,7 +62,8 @@ def m3(cfg: ExperimentConfig, tok, device, log) -> dict:
 
 
 def main(argv=None) -> dict:
-    cfg = parse(ExperimentConfig, argv, __doc__, exclude=("run_name",) + RLVR_FIELDS, mode="opsd", pi="rule")
+    cfg = parse(ExperimentConfig, argv, __doc__, exclude=("run_name", "hide_from_teacher") + RLVR_FIELDS + STUDENT_FIELDS,
+                mode="opsd", pi="rule")
     return run_experiment("m3", cfg, m3)
 
 

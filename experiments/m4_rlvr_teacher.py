@@ -19,13 +19,13 @@ from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
-from experiments.common import OPSD_FIELDS, ExperimentConfig, parse, run_experiment
+from experiments.common import OPSD_FIELDS, ExperimentConfig, pair, parse, run_experiment
 from nanoopd.config import ConfigError
 from nanoopd.evaluate import evaluate, teacher_continuation
 from nanoopd.opd import train_opd
 from nanoopd.report import by_label, header, mean, pct, write_results
 from nanoopd.script import cli
-from train_math import objective_options, opd_config, pair, test_problems, train_rlvr_teacher
+from train_math import objective_options, opd_config, test_problems, train_rlvr_teacher
 
 CSV = ["label", "seed", "teacher_acc", "continuation_acc", "student_acc", "frac", "start_acc", "final_acc",
        "first_overlap_ratio", "final_overlap_ratio", "first_kl", "final_kl", "degraded", "seconds"]

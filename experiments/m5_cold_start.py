@@ -16,13 +16,13 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
-from experiments.common import OPSD_FIELDS, RLVR_FIELDS, ExperimentConfig, parse, run_experiment
+from experiments.common import OPSD_FIELDS, RLVR_FIELDS, ExperimentConfig, pair, parse, run_experiment
 from nanoopd.device import seed_everything
 from nanoopd.evaluate import evaluate
 from nanoopd.opd import train_opd
 from nanoopd.report import by_label, header, mean, write_results
 from nanoopd.script import cli
-from train_math import new_model, objective_options, opd_config, pair, test_problems
+from train_math import new_model, objective_options, opd_config, test_problems
 
 CSV = ["label", "seed", "start_acc", "final_acc", "first_kl", "final_kl", "first_overlap_ratio",
        "final_overlap_ratio", "first_response_length", "final_response_length", "final_budget_share",

@@ -89,6 +89,15 @@ def shard(items: list, rank: int | None = None, world_size: int | None = None) -
     return items[rank::world_size]
 
 
+def check_shardable(n: int, world: int, what: str = "a batch", unit: str = "examples",
+                    flag: str = "--batch_size") -> None:
+    """Every one of `world` ranks needs at least one of the n items of a global batch: a rank with
+    an empty share would fail on its own and leave the others waiting in the next all-reduce."""
+    if n < world:
+        raise ValueError(f"{what} of {n} {unit} cannot be shared by {world} processes: raise {flag} to at least "
+                         f"{world} or lower --nproc_per_node")
+
+
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     """Sum of x over ranks (x itself when not distributed)."""
     if active():
@@ -181,8 +190,6 @@ def wrap(model: torch.nn.Module, device: torch.device, compile: bool = False) ->
     if active():
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if compile and not hasattr(torch, "compile"):
-        raise ValueError("--compile needs PyTorch 2.0 or newer")
     return torch.compile(model) if compile else model
 
 

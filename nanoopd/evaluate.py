@@ -24,8 +24,7 @@ from nanoopd.tokenizer import Tokenizer
 
 def response_texts(tok: Tokenizer, rollout) -> list[str]:
     """The decoded response of every rollout row, without padding and <|eos|>."""
-    return [tok.decode([t for t, k in zip(row, keep) if k and t != tok.eos_id])
-            for row, keep in zip(rollout.response.tolist(), rollout.response_mask.tolist())]
+    return [tok.decode(_without_eos(ids, tok.eos_id)) for ids in rollout.rows()]
 
 
 @torch.no_grad()
@@ -51,9 +50,8 @@ def evaluate(model, tok: Tokenizer, problems: list[Problem], temperature: float 
     return (acc, texts) if return_texts else acc
 
 
-def _response_ids(row: list[int], keep: list[bool], eos_id: int) -> list[int]:
-    """The generated ids of one rollout row, without padding and without the final <|eos|>."""
-    ids = [t for t, k in zip(row, keep) if k]
+def _without_eos(ids: list[int], eos_id: int) -> list[int]:
+    """The ids of one response without its final <|eos|> (the only place one can be)."""
     return ids[:-1] if ids and ids[-1] == eos_id else ids
 
 
@@ -69,8 +67,8 @@ def student_prefixes(student, tok, problems: list[Problem], frac: float | list[f
     ro = generate(student, prompts, max_new_tokens, tok.eos_id, tok.pad_id, temperature=temperature,
                   generator=generator)
     contexts, done = [], []
-    for prompt, f, row, keep in zip(prompts, fracs, ro.response.tolist(), ro.response_mask.tolist()):
-        ids = _response_ids(row, keep, tok.eos_id)
+    for prompt, f, ids in zip(prompts, fracs, ro.rows()):
+        ids = _without_eos(ids, tok.eos_id)
         cut = ids[:int(f * len(ids))]
         contexts.append(prompt + cut)
         done.append(tok.decode(cut))
@@ -108,8 +106,7 @@ def teacher_continuation(teacher, student, tok, problems: list[Problem], frac: f
         for ctxs, prefix_texts, budget, out in ((contexts, done, room, cont),
                                                 (prompts, [""] * len(chunk), [max_new_tokens] * len(chunk), own)):
             ro = generate(teacher, ctxs, max_new_tokens, tok.eos_id, tok.pad_id, temperature=0.0)
-            for p, d, n, row, keep in zip(chunk, prefix_texts, budget, ro.response.tolist(),
-                                          ro.response_mask.tolist()):
-                out.append(verify(d + tok.decode(_response_ids(row[:n], keep[:n], tok.eos_id)), p))
+            for p, d, n, ids in zip(chunk, prefix_texts, budget, ro.rows()):
+                out.append(verify(d + tok.decode(_without_eos(ids[:n], tok.eos_id)), p))
     return {"continuation_acc": accuracy(cont), "teacher_acc": accuracy(own),
             "student_acc": accuracy(stud), "frac": frac}

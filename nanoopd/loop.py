@@ -43,6 +43,18 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
+def loss_scale(loss: torch.Tensor, n_tokens: float, what: str) -> float:
+    """The factor by which this rank scales its per-token loss before backward (1.0 in one process;
+    distributed.global_token_scale). A non-finite loss on any rank raises FloatingPointError on
+    every rank (its message starts with `what`) before anything is differentiated."""
+    scale = distributed.global_token_scale(loss, n_tokens)
+    if scale is None:
+        value = "on some rank" if distributed.active() else f"({loss.item()})"
+        raise FloatingPointError(f"{what}: non-finite loss {value}; weights left as they were before this step: "
+                                 f"lower the learning rate")
+    return scale
+
+
 def update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor, grad_clip: float,
            what: str) -> float:
     """One optimizer step on `loss`: backward, clip the total gradient norm to grad_clip, step.

@@ -11,7 +11,7 @@ masked (response) positions; k = 16 by default, clipped to the vocabulary size.
   reverse KL      KL(pi(.|c_t) || q(.|c_t))
   r_t > 0 share   the share of sampled tokens the student likes more than the teacher does
   |r_t| max       the largest log-ratio, which special-token mismatches blow up
-plus the mean response length, the total gradient norm and the task accuracy.
+plus the mean response length and the task accuracy (the gradient norm comes from loop.update).
 
 (Teacher-continuation accuracy samples from models, so it lives with the evaluations in evaluate.py.)
 

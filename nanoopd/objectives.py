@@ -42,6 +42,7 @@ import torch
 from nanoopd.metrics import logratio_stats, masked_mean
 from nanoopd.sampled_token import sampled_logprobs, sampled_token_surrogate
 from nanoopd.sequence_kl import full_reverse_kl, generalized_jsd, sequence_reverse_kl
+from nanoopd.special_tokens import contains
 from nanoopd.topk import (support_mass, topk_renormalized, topk_stopgrad, topk_support,
                           topk_unnormalized)
 
@@ -124,8 +125,7 @@ def _prepare(student_logits, teacher_logits, tokens, mask, mask_tokens) -> Batch
         raise ValueError("mask must be bool or hold only 0/1 values (1 = response token)")
     mask = mask.bool()  # (B, T)
     if mask_tokens is not None:
-        ids = torch.as_tensor(list(mask_tokens), dtype=tokens.dtype, device=tokens.device)
-        mask = mask & ~(tokens.unsqueeze(-1) == ids).any(-1)  # (B, T) = torch.isin, which older torch lacks on MPS
+        mask = mask & ~contains(tokens, mask_tokens)  # (B, T)
     vocab = student_logits.shape[-1]
     kept = tokens[mask]
     if kept.numel() and (kept.min() < 0 or kept.max() >= vocab):

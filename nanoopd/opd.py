@@ -54,7 +54,8 @@ from nanoopd import distributed
 from nanoopd.config import ConfigError
 from nanoopd.device import autocast, synchronize
 from nanoopd.evaluate import evaluate, response_texts
-from nanoopd.loop import JsonlLog, adamw, can_resume, lr_at, resume_run_state, save_run_state, set_lr, update
+from nanoopd.loop import (JsonlLog, adamw, can_resume, loss_scale, lr_at, resume_run_state, save_run_state,
+                          set_lr, update)
 from nanoopd.metrics import opd_diagnostics
 from nanoopd.model import GPT
 from nanoopd.objectives import get_objective
@@ -155,11 +156,7 @@ def opd_step(student: GPT, teacher: GPT, optimizer: torch.optim.Optimizer, tok: 
         student_logits = response_logits(student, ro).float()  # (B, N, V)
     # 4. the objective
     loss, stats = objective(student_logits, teacher_logits, ro.response, ro.response_mask, **cfg.options)
-    scale = distributed.global_token_scale(loss, stats["n_tokens"])  # 1.0 in one process
-    if scale is None:
-        value = "on some rank" if distributed.active() else f"({loss.item()})"
-        raise FloatingPointError(f"OPD step {step}: non-finite loss {value} with objective "
-                                 f"{cfg.loss!r}; weights left as they were before this step")
+    scale = loss_scale(loss, stats["n_tokens"], f"OPD step {step} ({cfg.loss!r})")  # 1.0 in one process
     # 5. the update
     gnorm = update(student, optimizer, loss * scale, cfg.grad_clip, f"OPD step {step} ({cfg.loss!r})")
     synchronize(device)
@@ -228,9 +225,7 @@ def train_opd(student: GPT, teacher: GPT, tok: Tokenizer, cfg: OPDConfig, run_pr
         raise ValueError(f"the models have {student.config.vocab_size} tokens, the tokenizer "
                          f"{tok.n_vocab}: retrain them with this tokenizer")
     rank, world = distributed.rank_and_world()
-    if cfg.batch_size < world:
-        raise ValueError(f"an OPD batch of {cfg.batch_size} prompts cannot be shared by {world} processes: "
-                         f"raise the batch size or lower --nproc_per_node")
+    distributed.check_shardable(cfg.batch_size, world, "an OPD batch", "prompts", "--opd_batch")
     name = name or cfg.loss
     device = next(student.parameters()).device
     if teacher is not student:

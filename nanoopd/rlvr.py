@@ -26,8 +26,8 @@ from nanoopd import distributed
 from nanoopd.config import ConfigError
 from nanoopd.device import autocast
 from nanoopd.evaluate import student_prefixes
-from nanoopd.loop import (JsonlLog, adamw, can_resume, lr_at, resume_run_state, save_run_state, set_lr,
-                          update)
+from nanoopd.loop import (JsonlLog, adamw, can_resume, loss_scale, lr_at, resume_run_state, save_run_state,
+                          set_lr, update)
 from nanoopd.model import GPT
 from nanoopd.rollout import check_sampling_args, generate, response_logits
 from nanoopd.tasks import Problem, encode_example, sample_problems, verify
@@ -102,8 +102,7 @@ def rlvr_step(model: GPT, optimizer: torch.optim.Optimizer, contexts: list[list[
     policy = distributed.bare(model)  # the GPT itself for sampling
     ro = generate(policy, [c for c in contexts for _ in range(G)], cfg.max_new_tokens, eos_id, pad_id,
                   temperature=cfg.temperature, generator=generator)
-    rewards = torch.tensor([reward_fn(i // G, [t for t, k in zip(row, m) if k])
-                            for i, (row, m) in enumerate(zip(ro.response.tolist(), ro.response_mask.tolist()))],
+    rewards = torch.tensor([reward_fn(i // G, ids) for i, ids in enumerate(ro.rows())],
                            dtype=torch.float32).view(len(contexts), G)  # (n, G) verifier rewards, 0/1
     adv = group_advantages(rewards, cfg.eps).flatten().to(ro.tokens.device)  # (n*G,)
     zero_var = (rewards.std(1, unbiased=False) == 0).float().mean().item()
@@ -113,10 +112,7 @@ def rlvr_step(model: GPT, optimizer: torch.optim.Optimizer, contexts: list[list[
     logp = torch.log_softmax(logits, -1).gather(-1, ro.response.unsqueeze(-1)).squeeze(-1)  # (n*G, N)
     loss = policy_gradient_loss(logp, adv, ro.response_mask)
     n_local = float(ro.response_mask.sum())
-    scale = distributed.global_token_scale(loss, n_local)  # 1.0 in one process
-    if scale is None:
-        value = "on some rank" if distributed.active() else f"{loss.item()}"
-        raise FloatingPointError(f"RLVR: non-finite loss {value}; lower the learning rate")
+    scale = loss_scale(loss, n_local, "RLVR")  # 1.0 in one process
     gnorm = 0.0
     if distributed.any_rank(zero_var < 1.0):  # at least one group carries signal
         gnorm = update(model, optimizer, loss * scale, cfg.grad_clip, "RLVR")
@@ -156,9 +152,7 @@ def train_rlvr(model: GPT, tok: Tokenizer, cfg: RLVRConfig, student: GPT | None 
     if cfg.cut > 0 and student is None:
         raise ValueError("RLVR from student prefixes (cut > 0) needs the student model")
     rank, world = distributed.rank_and_world()
-    if cfg.prompts < world:
-        raise ValueError(f"{cfg.prompts} RLVR problems per step cannot be shared by {world} processes: raise "
-                         f"the number of problems or lower --nproc_per_node")
+    distributed.check_shardable(cfg.prompts, world, "an RLVR step", "problems", "--rlvr_prompts")
     device = next(model.parameters()).device
     optimizer = adamw(model, cfg.lr)
     problems = sample_problems(cfg.steps * cfg.prompts, "train", cfg.seed, cfg.digits, cfg.ops)

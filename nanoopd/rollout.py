@@ -38,6 +38,11 @@ class Rollout:
     def lengths(self) -> torch.Tensor:
         return self.response_mask.sum(1)  # (B,)
 
+    def rows(self) -> list[list[int]]:
+        """The generated ids of every row, without padding (<|eos|> kept where it was sampled)."""
+        return [[t for t, k in zip(row, keep) if k]
+                for row, keep in zip(self.response.tolist(), self.response_mask.tolist())]
+
 
 def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Ragged prompts -> tokens (B, P) and valid (B, P), padding on the left."""

@@ -55,6 +55,6 @@ def cli(main) -> None:
     """Run a script's main(); expected failures end with a message and exit code 1, no traceback."""
     try:
         main()
-    except (CheckpointError, FloatingPointError, ValueError) as e:
+    except (CheckpointError, FloatingPointError, ValueError, OSError) as e:  # OSError: e.g. an unwritable --out_dir
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -37,6 +37,7 @@ import torch
 
 from nanoopd.evaluate import evaluate
 from nanoopd.model import GPT
+from nanoopd.opd import freeze
 from nanoopd.rollout import Rollout, left_pad, response_logits
 from nanoopd.tasks import Problem, encode_example, trace_text
 from nanoopd.tokenizer import Tokenizer
@@ -146,12 +147,7 @@ def self_teacher(model: GPT, live: bool = False) -> GPT:
     """The OPSD teacher's weights: a frozen copy of `model` as it is now (step 0, default), or with
     live=True the model itself (its current weights at every step; it is only ever run under
     torch.no_grad(), so no gradient flows through the teacher's side either way)."""
-    if live:
-        return model
-    teacher = copy.deepcopy(model)
-    teacher.eval()
-    teacher.requires_grad_(False)
-    return teacher
+    return model if live else freeze(copy.deepcopy(model))
 
 
 def pi_scores(model: GPT, tok: Tokenizer, problems: list[Problem], max_new_tokens: int,

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from nanoopd import distributed
+from nanoopd.distributed import check_shardable
 from nanoopd.checkpoint import save_checkpoint
 from nanoopd.device import autocast, synchronize
 from nanoopd.loop import adamw, can_resume, lr_at, restore_training_state, set_lr, update
@@ -40,14 +41,6 @@ def sft_loss(model, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -
     with autocast(x.device):
         logits = model(x)  # (B, L, V)
     return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, reduction=reduction)
-
-
-def check_shardable(n_examples: int, world: int, desc: str = "sft") -> None:
-    """Every one of `world` ranks needs at least one example of a global batch of n_examples: a rank
-    with an empty shard would fail on its own and leave the others waiting in the all-reduce."""
-    if n_examples < world:
-        raise ValueError(f"{desc}: a batch of {n_examples} examples cannot be shared by {world} processes: "
-                         f"raise --batch_size to at least {world} or lower --nproc_per_node")
 
 
 def train_sft(model, next_examples, steps: int, lr: float, pad_id: int, warmup: int = 50, log_every: int = 50,
@@ -80,7 +73,7 @@ def train_sft(model, next_examples, steps: int, lr: float, pad_id: int, warmup: 
     for step in bar:
         set_lr(opt, lr_at(step, steps, lr, warmup))
         examples = next_examples(step)
-        check_shardable(len(examples), world, desc)  # on every rank alike, before any collective
+        check_shardable(len(examples), world, f"{desc}: a batch")  # on every rank alike, before any collective
         x, y = make_batch(distributed.shard(examples), pad_id, device)
         n_global = distributed.all_reduce_sum((y != -1).sum().float())  # loss tokens on all ranks
         loss_sum = sft_loss(ddp_model, x, y, reduction="sum")

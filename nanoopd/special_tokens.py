@@ -26,6 +26,13 @@ from nanoopd.sequence_kl import token_kl
 from nanoopd.tokenizer import Tokenizer
 
 
+def contains(tokens: torch.Tensor, ids) -> torch.Tensor:
+    """tokens (...) -> bool (...): is each token one of `ids`? (torch.isin, which older torch
+    releases lack on MPS; the id lists here are a few tokens long.)"""
+    ids = torch.as_tensor(list(ids), dtype=tokens.dtype, device=tokens.device)  # (K,)
+    return (tokens.unsqueeze(-1) == ids).any(-1)
+
+
 def token_ids(text: str, tok: Tokenizer) -> list[int]:
     """'<|fmt|>,7' -> [260, 7]: comma-separated special-token names or integer token ids."""
     ids = []
@@ -57,10 +64,8 @@ class HiddenTokens:
         P = rollout.prompt_len
         tokens, valid = rollout.tokens[:, :-1], rollout.valid[:, :-1]  # (B, L) each, L = P+N-1
         B, L = tokens.shape
-        ids = torch.as_tensor(self.ids, dtype=tokens.dtype, device=tokens.device)
         position = torch.arange(L, device=tokens.device).expand(B, L)  # (B, L)
-        hidden = (tokens.unsqueeze(-1) == ids).any(-1)  # (B, L) = torch.isin(tokens, ids), which older torch lacks on MPS
-        visible = valid & ~(hidden & (position >= P))  # (B, L)
+        visible = valid & ~(contains(tokens, self.ids) & (position >= P))  # (B, L)
         logits = teacher(tokens, visible)  # (B, L, V)
         last_visible = position.masked_fill(~visible, -1).cummax(1).values.clamp(min=0)  # (B, L)
         logits = logits.gather(1, last_visible.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))  # (B, L, V)
@@ -79,8 +84,7 @@ class TrackedTokens:
                  rollout: Rollout) -> dict[str, float]:
         mask = rollout.response_mask  # (B, N)
         tokens = rollout.response.masked_fill(~mask, 0)  # (B, N)
-        ids = torch.as_tensor(self.ids, dtype=tokens.dtype, device=tokens.device)
-        on = (tokens.unsqueeze(-1) == ids).any(-1) & mask  # (B, N)  = torch.isin, which older torch lacks on MPS
+        on = contains(tokens, self.ids) & mask  # (B, N)
         logp = torch.log_softmax(student_logits.float(), -1)  # (B, N, V)
         logq = torch.log_softmax(teacher_logits.float(), -1)  # (B, N, V)
         r = sampled_logratio(logp, logq, tokens)  # (B, N)

@@ -128,7 +128,6 @@ def encode_example(tok: Tokenizer, problem: Problem, prefix: str = "", response:
     return prompt, resp
 
 
-
 _ANSWER = re.compile(r"A:(-?\d+)")
 
 
