@@ -124,8 +124,10 @@ def _prepare(student_logits, teacher_logits, tokens, mask, mask_tokens) -> Batch
         raise ValueError("mask must be bool or hold only 0/1 values (1 = response token)")
     mask = mask.bool()  # (B, T)
     if mask_tokens is not None:
+        # lab:masking begin
         ids = torch.as_tensor(list(mask_tokens), dtype=tokens.dtype, device=tokens.device)
         mask = mask & ~(tokens.unsqueeze(-1) == ids).any(-1)  # (B, T) = torch.isin, which older torch lacks on MPS
+        # lab:masking end
     vocab = student_logits.shape[-1]
     kept = tokens[mask]
     if kept.numel() and (kept.min() < 0 or kept.max() >= vocab):
