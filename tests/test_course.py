@@ -61,6 +61,10 @@ def test_every_lab_has_marked_code_a_handout_tasks_and_mutants():
         for mutant in MUTANTS[lab.name]:
             assert mutant.task in {task.name for task in lab.tasks}, (lab.name, mutant.mistake)
     assert set(MUTANTS) == set(NAMES)
+    page = (ROOT / "course" / "README.md").read_text().replace("\\|", "|")
+    missing = [m.mistake for mutants in MUTANTS.values() for m in mutants if m.mistake not in page]
+    assert not missing, f"course/README.md does not list these mutants: {missing}"
+    assert all(f"`{name}`" in page for name in NAMES)
     assert len(set(UNION)) == len(UNION), "a graded test belongs to one lab only"
     with pytest.raises(ValueError, match="unknown lab 'nope'.*kv_cache"):
         get_lab("nope")
