@@ -12,6 +12,7 @@ graded tests are tiny; one thread is the fastest on a laptop that is busy with o
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -36,11 +37,19 @@ def first_line(text: str | None) -> str:
     return lines[0] if lines else ""
 
 
-def error_line(text: str | None) -> str:
-    """The first 'E   ...' line of a pytest traceback, else its last line."""
+def error_line(text: str | None, root: Path | None = None) -> str:
+    """The exception of a pytest traceback ('E   SomeError: ...'), with the file and line it names
+    (a syntax error in the student's code, say), paths relative to `root`."""
     lines = [line for line in (text or "").splitlines() if line.strip()]
     errors = [line[1:].strip() for line in lines if line.startswith("E ")]
-    return errors[0] if errors else (lines[-1].strip() if lines else "")
+    if not errors:
+        return lines[-1].strip() if lines else ""
+    raised = [e for e in errors if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b", e)]
+    where = [e for e in errors if e.startswith('File "')]
+    why = raised[-1] if raised else errors[0]
+    if where:
+        why += f" ({where[0]})"
+    return why.replace(f"{root.resolve()}{os.sep}", "") if root else why
 
 
 def failure_line(message: str | None, text: str | None) -> str:
@@ -85,14 +94,15 @@ def run_tests(path: Path, node_ids: list[str] | tuple[str, ...], timeout: float 
             if "No module named pytest" in output:
                 return {}, "pytest is not installed: pip install -r requirements.txt"
             return {}, f"pytest could not run: {first_line(proc.stderr) or first_line(proc.stdout)}"
-        results, notes = {}, []
+        results, notes = {}, {}  # notes: {why a test file could not be imported: [those files]}
         for case in ET.parse(xml).getroot().iter("testcase"):
             classname, name = case.get("classname", ""), case.get("name", "")
             failure = case.find("failure")
             if failure is None:
                 failure = case.find("error")
-            if not classname:  # a file that could not even be imported
-                notes.append(f"{name}: {error_line(failure.text if failure is not None else '')}")
+            if not classname:  # a test file that could not even be imported
+                why = error_line(failure.text if failure is not None else "", path)
+                notes.setdefault(why, []).append(name.replace(".", "/") + ".py")
                 continue
             node = classname.replace(".", "/") + ".py::" + name
             if failure is not None:
@@ -101,9 +111,13 @@ def run_tests(path: Path, node_ids: list[str] | tuple[str, ...], timeout: float 
                 results[node] = Result(False, "skipped: " + first_line(case.find("skipped").get("message")))
             else:
                 results[node] = Result(True)
-        if not results and not notes:
-            notes.append(error_line(proc.stdout) or "no test ran")
-        return results, "; ".join(notes)
+        note = "; ".join(f"{', '.join(files)}: {why}" for why, files in notes.items())
+        if not results and not note:  # pytest ran nothing: a graded test that this copy lacks, say
+            output = (proc.stdout + proc.stderr).replace(f"{path.resolve()}{os.sep}", "")
+            missing = re.findall(r"ERROR: not found: (\S+)", output)
+            note = (f"not in this copy: {', '.join(missing)} (a copy of another version? make a fresh one)"
+                    if missing else first_line(output) or "no test ran")
+        return results, note
 
 
 def select(results: dict, node_id: str) -> dict:
@@ -119,7 +133,7 @@ def score(lab: Lab, results: dict, note: str = "") -> tuple[str, bool]:
         outcomes = {}
         for node_id in task.tests:
             found = select(results, node_id)
-            outcomes.update(found or {node_id: Result(False, f"did not run ({note or 'test not found'})")})
+            outcomes.update(found or {node_id: Result(False, "did not run" if note else "did not run: test not found")})
         passed = sum(r.passed for r in outcomes.values())
         n_passed, n_total = n_passed + passed, n_total + len(outcomes)
         tasks_passed += passed == len(outcomes)
@@ -128,6 +142,8 @@ def score(lab: Lab, results: dict, note: str = "") -> tuple[str, bool]:
             if not r.passed:
                 lines.append(f"    FAIL {node}")
                 lines.append(f"         {r.why}")
+    if note:
+        lines.insert(0, f"some tests could not run: {note}")
     ok = tasks_passed == len(lab.tasks)
     verdict = "every task passes" if ok else f"not done yet: see {lab.handout}"
     lines.append(f"score: {tasks_passed}/{len(lab.tasks)} tasks, {n_passed}/{n_total} tests; {verdict}")

@@ -3,7 +3,7 @@ behave as their pages say, the project passes every lab, a fresh copy of a lab f
 graded tests and only those, and every mutant (a classic mistake) is caught with its message.
 
 The graders run in subprocesses, one pytest process per copy, on the union of all labs' graded
-tests; about 30-40 s on 2 cores in all.
+tests: about 40 s on a quiet 2-core VM in all (70 s with other jobs running beside it).
 """
 
 import functools
@@ -149,6 +149,10 @@ def test_grade_on_the_project_and_on_a_fresh_copy(tmp_path):
     assert fresh.returncode == 1
     assert f"score: 0/{len(lab.tasks)} tasks, 0/{n_tests} tests" in fresh.stdout
     assert "NotImplementedError: lab opsd: write pi_text" in fresh.stdout
+    broken = tmp_path / "copy" / "nanoopd" / "self_distill.py"  # a student's syntax error: named, with its line
+    broken.write_text(broken.read_text().replace("raise NotImplementedError(", "raise NotImplementedError((", 1))
+    syntax = run_script("course/grade.py", lab.name, str(tmp_path / "copy"))
+    assert syntax.returncode == 1 and "SyntaxError" in syntax.stdout and "nanoopd/self_distill.py" in syntax.stdout
 
 
 # ----------------------------------------------------------------------------------------------
