@@ -102,22 +102,23 @@ def blank(text: str, lab: Lab, path: str = "<text>") -> tuple[str, list[str]]:
 
 
 def project_files(root: Path) -> list[str]:
-    """The project's files, as paths relative to root with '/' separators."""
+    """The project's files, as paths relative to root with '/' separators. A student copy made
+    inside the project (a folder holding its own course/make_lab.py) is not part of it."""
+    files = None
     if (root / ".git").exists():
         try:
             out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
                                  cwd=root, capture_output=True, check=True).stdout
-            files = sorted({p for p in out.decode().split("\0") if p})
-            return [p for p in files if (root / p).is_file()]  # tracked but deleted: skipped
+            files = sorted({p for p in out.decode().split("\0") if p and (root / p).is_file()})  # not deleted ones
         except (OSError, subprocess.CalledProcessError):
             pass  # no git on this machine: walk instead
-    files = []
-    for folder, dirs, names in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS)
-        for name in sorted(names):
-            if not name.endswith(SKIP_SUFFIXES):
-                files.append((Path(folder) / name).relative_to(root).as_posix())
-    return files
+    if files is None:
+        files = []
+        for folder, dirs, names in os.walk(root):
+            dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS)
+            files += [(Path(folder) / n).relative_to(root).as_posix() for n in sorted(names) if not n.endswith(SKIP_SUFFIXES)]
+    copies = tuple(p[:-len("course/make_lab.py")] for p in files if p.endswith("/course/make_lab.py"))
+    return [p for p in files if not p.startswith(copies)] if copies else files
 
 
 def lab_regions(root: Path, lab: Lab) -> dict[str, list[Region]]:

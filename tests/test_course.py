@@ -245,3 +245,11 @@ def test_the_demos_show_what_the_handouts_say(one_thread, capsys):
     before, after = demo["sft"]
     assert after < 0.6 * before and demo["rlvr"][-1][2] > 0.9
     assert "speed-up" in capsys.readouterr().out
+
+
+def test_a_copy_made_inside_the_project_is_not_part_of_the_next_copy(tmp_path):
+    for path in ("nanoopd/model.py", "course/make_lab.py", "lab1/course/make_lab.py", "lab1/nanoopd/model.py",
+                 "out/run.jsonl", ".venv/bin/python"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text("")
+    assert make_lab.project_files(tmp_path) == ["course/make_lab.py", "nanoopd/model.py"]
