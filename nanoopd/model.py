@@ -62,6 +62,7 @@ class KVCache:
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store k, v (B, H, T, hd) at [length, length+T) and return all keys/values so far."""
+        # lab:kv_cache begin
         if self.k is None:
             c = self.config
             shape = (c.n_layer, self.batch_size, c.n_head, self.max_len, c.n_embd // c.n_head)
@@ -71,6 +72,7 @@ class KVCache:
         self.k[layer, :, :, self.length:self.length + T] = k
         self.v[layer, :, :, self.length:self.length + T] = v
         return self.k[layer, :, :, :self.length + T], self.v[layer, :, :, :self.length + T]  # (B, H, Tk, hd)
+        # lab:kv_cache end
 
 
 class CausalSelfAttention(nn.Module):

@@ -125,7 +125,9 @@ def _prepare(student_logits, teacher_logits, tokens, mask, mask_tokens) -> Batch
         raise ValueError("mask must be bool or hold only 0/1 values (1 = response token)")
     mask = mask.bool()  # (B, T)
     if mask_tokens is not None:
+        # lab:masking begin
         mask = mask & ~contains(tokens, mask_tokens)  # (B, T)
+        # lab:masking end
     vocab = student_logits.shape[-1]
     kept = tokens[mask]
     if kept.numel() and (kept.min() < 0 or kept.max() >= vocab):

@@ -73,16 +73,20 @@ class RLVRConfig:
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """A = (R - mean_group) / (std_group + eps) for rewards (n_groups, G); population std.
     A group of identical rewards gives exactly zero advantage."""
+    # lab:rlvr begin
     rewards = rewards.to(torch.promote_types(rewards.dtype, torch.float32))  # (n, G) MPS has no float64
     centred = rewards - rewards.mean(1, keepdim=True)  # (n, G)
     std = rewards.std(1, unbiased=False, keepdim=True)  # (n, 1)
     return (centred / (std + eps)).float()  # (n, G)
+    # lab:rlvr end
 
 
 def policy_gradient_loss(logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """-(1/#tokens) sum_i sum_t A_i log pi(y_it | .) for logp (B, N), advantages (B,), mask (B, N)."""
+    # lab:rlvr begin
     mask = mask.to(logp.dtype)  # (B, N)
     return -(advantages[:, None].to(logp.dtype) * logp * mask).sum() / mask.sum().clamp(min=1)
+    # lab:rlvr end
 
 
 def rlvr_step(model: GPT, optimizer: torch.optim.Optimizer, contexts: list[list[int]],

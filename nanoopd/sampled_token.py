@@ -42,6 +42,7 @@ def returns_to_go(r: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Te
     Masked positions neither contribute a cost nor break the discount chain of later tokens
     (the chain runs over time steps, masked ones simply add nothing).
     """
+    # lab:g_gamma begin
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must lie in [0, 1], got {gamma}")
     dtype = torch.promote_types(r.dtype, torch.float32)  # float32, or float64 when given float64
@@ -54,6 +55,7 @@ def returns_to_go(r: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Te
         acc = r[:, t] + gamma * acc
         out[:, t] = acc
     return out * mask.to(dtype)
+    # lab:g_gamma end
 
 
 def g_gamma_surrogate(logp: torch.Tensor, logq: torch.Tensor, mask: torch.Tensor,
@@ -66,12 +68,14 @@ def g_gamma_surrogate(logp: torch.Tensor, logq: torch.Tensor, mask: torch.Tensor
     log-probs (treated as constants); mask: (B, T). `clamp` clips every r_t to [-clamp, clamp]
     before the return is formed. Returns (B,).
     """
+    # lab:g_gamma begin
     dtype = torch.promote_types(logp.dtype, torch.float32)  # at least float32; float64 stays float64
     r = logp.detach().to(dtype) - logq.detach().to(dtype)  # (B, T) per-token cost
     if clamp is not None:
         r = r.clamp(-clamp, clamp)
     R = returns_to_go(r, mask, gamma)  # (B, T)
     return (R * logp.to(dtype) * mask.to(dtype)).sum(dim=1)  # (B,)
+    # lab:g_gamma end
 
 
 # ----------------------------------------------------------------------------------------------
@@ -104,6 +108,7 @@ def sampled_token_surrogate(logp: torch.Tensor, logq: torch.Tensor, mask: torch.
     Without a baseline this is g_0; with one it is g_0 of the centred cost r_t - b_t, so it is
     handed to g_gamma_surrogate as a teacher log-prob shifted by that amount.
     """
+    # lab:g_gamma begin
     if clamp is not None and not clamp > 0:
         raise ValueError(f"clamp must be a positive number (or None for no clamp), got {clamp}")
     r = logp.detach() - logq.detach()  # (B, T) per-token cost
@@ -112,6 +117,7 @@ def sampled_token_surrogate(logp: torch.Tensor, logq: torch.Tensor, mask: torch.
     if baseline is not None:
         r = r - baseline.detach()  # (B, T)
     return g_gamma_surrogate(logp, logp.detach() - r, mask, gamma=0.0)  # (B,)
+    # lab:g_gamma end
 
 
 def discounted_opd(student_logits: torch.Tensor, teacher_logits: torch.Tensor,

@@ -50,6 +50,7 @@ PI_OPEN = PI_CLOSE = "<|pi|>"
 
 def pi_text(problem: Problem, kind: str) -> str:
     """The privileged-information prefix for `problem`, wrapped in <|pi|> markers."""
+    # lab:opsd begin
     if kind == "answer":
         body = f"answer: {problem.answer}"
     elif kind == "solution":
@@ -59,6 +60,7 @@ def pi_text(problem: Problem, kind: str) -> str:
     else:
         raise ValueError(f"unknown privileged-information kind {kind!r}; choose from {', '.join(PI_KINDS)}")
     return f"{PI_OPEN}{body}{PI_CLOSE}"
+    # lab:opsd end
 
 
 def rule_trace(problem: Problem) -> str:
@@ -110,6 +112,7 @@ def with_privileged_context(rollout: Rollout, pi_ids: list[list[int]], pad_id: i
     response tokens and mask are appended unchanged. response_logits() of the result therefore
     gives the teacher's logits (B, N, V) at the very positions that predict the student's y_t.
     """
+    # lab:opsd begin
     P = rollout.prompt_len
     if len(pi_ids) != rollout.tokens.shape[0]:
         raise ValueError(f"need one PI per rollout row: {len(pi_ids)} for {rollout.tokens.shape[0]} rows")
@@ -123,6 +126,7 @@ def with_privileged_context(rollout: Rollout, pi_ids: list[list[int]], pad_id: i
                    valid=torch.cat([valid, rollout.response_mask], 1),  # (B, P'+N)
                    prompt_len=tokens.shape[1], response=rollout.response,
                    response_mask=rollout.response_mask, logprobs=zeros, sampler_logprobs=zeros)
+    # lab:opsd end
 
 
 class PrivilegedTeacher:

@@ -25,6 +25,7 @@ from nanoopd.loop import adamw, can_resume, lr_at, restore_training_state, set_l
 
 def make_batch(examples: list[tuple[list[int], list[int]]], pad_id: int, device):
     """Right-padded inputs x (B, L) and targets y (B, L) with -1 on prompt and padding."""
+    # lab:rlvr begin
     L = max(len(p) + len(r) for p, r in examples) - 1
     x = torch.full((len(examples), L), pad_id, dtype=torch.long)
     y = torch.full((len(examples), L), -1, dtype=torch.long)
@@ -33,6 +34,7 @@ def make_batch(examples: list[tuple[list[int], list[int]]], pad_id: int, device)
         x[i, :len(seq) - 1] = seq[:-1]
         y[i, len(p) - 1:len(seq) - 1] = seq[len(p):]
     return x.to(device), y.to(device)
+    # lab:rlvr end
 
 
 def sft_loss(model, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:

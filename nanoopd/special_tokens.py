@@ -61,6 +61,7 @@ class HiddenTokens:
         self.ids = tuple(ids)
 
     def __call__(self, teacher: GPT, rollout: Rollout, problems=None) -> torch.Tensor:
+        # lab:masking begin
         P = rollout.prompt_len
         tokens, valid = rollout.tokens[:, :-1], rollout.valid[:, :-1]  # (B, L) each, L = P+N-1
         B, L = tokens.shape
@@ -70,6 +71,7 @@ class HiddenTokens:
         last_visible = position.masked_fill(~visible, -1).cummax(1).values.clamp(min=0)  # (B, L)
         logits = logits.gather(1, last_visible.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))  # (B, L, V)
         return logits[:, P - 1:]  # (B, N, V)
+        # lab:masking end
 
 
 class TrackedTokens:

@@ -79,15 +79,19 @@ def support_logprobs(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 def topk_unnormalized(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                       index: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
     """sum_{v in S} pi(v) (log pi(v) - log q(v)) per position, (B, T). Biased (drains mass)."""
+    # lab:topk begin
     logp, logq = support_logprobs(student_logits, teacher_logits, index)  # (B, T, K')
     return (member * logp.exp() * (logp - logq)).sum(-1)  # (B, T)
+    # lab:topk end
 
 
 def topk_stopgrad(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                   index: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
     """sum_{v in S} pi(v) (sg(log pi(v)) - log q(v)) per position, (B, T)."""
+    # lab:topk begin
     logp, logq = support_logprobs(student_logits, teacher_logits, index)  # (B, T, K')
     return (member * logp.exp() * (logp.detach() - logq)).sum(-1)  # (B, T)
+    # lab:topk end
 
 
 def _log_softmax_on(logits_s: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
@@ -100,9 +104,11 @@ def _log_softmax_on(logits_s: torch.Tensor, member: torch.Tensor) -> torch.Tenso
 def topk_renormalized(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                       index: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
     """KL(pi_hat || q_hat) with pi_hat, q_hat renormalised on S_t, per position, (B, T)."""
+    # lab:topk begin
     logp_hat = _log_softmax_on(student_logits.gather(-1, index), member)  # (B, T, K')
     logq_hat = _log_softmax_on(teacher_logits.detach().gather(-1, index), member)  # (B, T, K')
     return (member * logp_hat.exp() * (logp_hat - logq_hat)).sum(-1)  # (B, T)
+    # lab:topk end
 
 
 def support_mass(student_logits: torch.Tensor, teacher_logits: torch.Tensor,

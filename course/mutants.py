@@ -1,0 +1,174 @@
+"""
+The classic mistakes of every lab, as mutants of the reference solution: small textual edits
+inside the lab's marked code. tests/test_course.py applies each to a copy of the project and checks
+that the lab's grader fails, on the task named here, with a message that contains `expect`.
+
+Instructor-only: these hold pieces of the reference solutions, so make_lab.py leaves this file out
+of the student copies.
+
+To try one by hand:  python course/mutants.py LAB INDEX DIR   (writes a mutated copy into DIR, then
+grade it with python course/grade.py LAB DIR).
+"""
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from course.make_lab import find_regions, lab_regions  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Mutant:
+    mistake: str   # what a student got wrong, in a few words
+    old: str       # text of the reference solution, found once in the lab's marked code
+    new: str       # what the mistake writes instead
+    task: str      # the grader's task that must fail
+    expect: str    # a piece of the failure message that points at the mistake
+
+
+MUTANTS: dict[str, tuple[Mutant, ...]] = {
+    "kv_cache": (
+        Mutant("off-by-one in the cache position: the new keys go one slot too far",
+               "        self.k[layer, :, :, self.length:self.length + T] = k\n"
+               "        self.v[layer, :, :, self.length:self.length + T] = v",
+               "        self.k[layer, :, :, self.length + 1:self.length + 1 + T] = k\n"
+               "        self.v[layer, :, :, self.length + 1:self.length + 1 + T] = v",
+               "write", "off-by-one in the cache position"),
+        Mutant("returns the cached keys without the new ones",
+               "return self.k[layer, :, :, :self.length + T], self.v[layer, :, :, :self.length + T]",
+               "return self.k[layer, :, :, :self.length], self.v[layer, :, :, :self.length]",
+               "write", "the cached tokens and the new ones"),
+        Mutant("the keys stored in the value buffer too",
+               "self.v[layer, :, :, self.length:self.length + T] = v",
+               "self.v[layer, :, :, self.length:self.length + T] = k",
+               "write", "keys go to self.k, values to self.v"),
+    ),
+    "g_gamma": (
+        Mutant("the KL direction swapped: r_t = log q - log pi",
+               "r = logp.detach().to(dtype) - logq.detach().to(dtype)",
+               "r = logq.detach().to(dtype) - logp.detach().to(dtype)",
+               "g_gamma", "the KL direction is swapped"),
+        Mutant("the teacher not detached",
+               "r = logp.detach().to(dtype) - logq.detach().to(dtype)",
+               "r = logp.detach().to(dtype) - logq.to(dtype)",
+               "g_gamma", "detach log q"),
+        Mutant("the return-to-go leaves out the token's own cost (t' > t instead of t' >= t)",
+               "        acc = r[:, t] + gamma * acc\n        out[:, t] = acc",
+               "        out[:, t] = gamma * acc\n        acc = r[:, t] + gamma * acc",
+               "returns", "r_t itself counts"),
+    ),
+    "topk": (
+        Mutant("the +1 term dropped from the unnormalised form (it became the stop-gradient one)",
+               "return (member * logp.exp() * (logp - logq)).sum(-1)",
+               "return (member * logp.exp() * (logp.detach() - logq)).sum(-1)",
+               "unnormalized", "lost its +1 term"),
+        Mutant("the +1 term kept by mistake in the stop-gradient form",
+               "return (member * logp.exp() * (logp.detach() - logq)).sum(-1)",
+               "return (member * logp.exp() * (logp - logq)).sum(-1)",
+               "stopgrad", "still carries the +1 term"),
+        Mutant("the renormalised KL in the forward direction, KL(q_hat || pi_hat)",
+               "return (member * logp_hat.exp() * (logp_hat - logq_hat)).sum(-1)",
+               "return (member * logq_hat.exp() * (logq_hat - logp_hat)).sum(-1)",
+               "renorm", "the direction is swapped"),
+    ),
+    "masking": (
+        Mutant("the mask inverted: only the listed tokens are kept",
+               "mask = mask & ~contains(tokens, mask_tokens)",
+               "mask = mask & contains(tokens, mask_tokens)",
+               "mask", "must remove exactly the 2 positions"),
+        Mutant("the token after a hidden one read at the hidden position itself",
+               "last_visible = position.masked_fill(~visible, -1).cummax(1).values.clamp(min=0)",
+               "last_visible = position",
+               "hide", "read at the last visible position"),
+        Mutant("the prompt's tokens hidden too",
+               "visible = valid & ~(contains(tokens, self.ids) & (position >= P))",
+               "visible = valid & ~contains(tokens, self.ids)",
+               "hide", "prompts are never hidden"),
+    ),
+    "opsd": (
+        Mutant("PI leaked to the student: the student's rollout rewritten in place",
+               "    zeros = torch.zeros_like(rollout.logprobs)",
+               "    rollout.tokens = torch.cat([tokens, rollout.response], 1)  # reuse the rollout\n"
+               "    rollout.valid = torch.cat([valid, rollout.response_mask], 1)\n"
+               "    rollout.prompt_len = tokens.shape[1]\n"
+               "    zeros = torch.zeros_like(rollout.logprobs)",
+               "context", "PI leaked into the student's rollout"),
+        Mutant("PI put before <|bos|>",
+               "prompts.append(student_prompt[:1] + list(pi) + student_prompt[1:])",
+               "prompts.append(list(pi) + student_prompt)",
+               "context", "[bos] + PI + the student's prompt"),
+        Mutant("the shared rule made instance-specific",
+               "body = RULE",
+               "body = f\"{RULE} ({problem.answer})\"",
+               "pi_text", "must be the same for every problem"),
+    ),
+    "rlvr": (
+        Mutant("the loss normalised per sequence instead of per token",
+               "return -(advantages[:, None].to(logp.dtype) * logp * mask).sum() / mask.sum().clamp(min=1)",
+               "return -((advantages[:, None].to(logp.dtype) * logp * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()",
+               "loss", "normalises per sequence"),
+        Mutant("no eps: a group of equal rewards gets NaN advantages",
+               "return (centred / (std + eps)).float()",
+               "return (centred / std).float()",
+               "advantages", "not NaN"),
+        Mutant("the cold-start SFT trained on the prompt too",
+               "y[i, len(p) - 1:len(seq) - 1] = seq[len(p):]",
+               "y[i, :len(seq) - 1] = seq[1:]",
+               "cold_start", "the prompt is context only"),
+    ),
+}
+
+
+def apply(root: Path, lab_name: str, mutant: Mutant) -> str:
+    """Edit the project at `root` in place: `mutant.old` -> `mutant.new` inside the lab's marked code.
+    Returns the file changed; ValueError unless `old` occurs exactly once in that code."""
+    from course.labs import get_lab
+    hits = []
+    for path in lab_regions(root, get_lab(lab_name)):
+        text = (root / path).read_text()
+        lines = text.split("\n")
+        for r in find_regions(text, path):
+            if r.lab == lab_name:
+                body = "\n".join(lines[r.begin + 1:r.end])
+                hits += [(path, r)] * body.count(mutant.old)
+    if len(hits) != 1:
+        raise ValueError(f"lab {lab_name}: mutant {mutant.mistake!r}: its text occurs {len(hits)} times in the lab's "
+                         f"marked code, not once")
+    path, r = hits[0]
+    lines = (root / path).read_text().split("\n")
+    body = "\n".join(lines[r.begin + 1:r.end]).replace(mutant.old, mutant.new)
+    lines[r.begin + 1:r.end] = body.split("\n")
+    (root / path).write_text("\n".join(lines))
+    return path
+
+
+def main(argv=None) -> int:
+    import argparse
+    import shutil
+    from course.make_lab import project_files
+    p = argparse.ArgumentParser(description="Write a copy of the project with one mutant of a lab applied.")
+    p.add_argument("lab")
+    p.add_argument("index", type=int, help="which mutant of the lab, from 0")
+    p.add_argument("dir", help="a new or empty folder")
+    args = p.parse_args(argv)
+    dest = Path(args.dir)
+    if args.lab not in MUTANTS or not 0 <= args.index < len(MUTANTS[args.lab]):
+        print(f"mutants.py: error: no mutant {args.index} of lab {args.lab!r}; labs: {', '.join(MUTANTS)}", file=sys.stderr)
+        return 2
+    if dest.exists() and any(dest.iterdir()):
+        print(f"mutants.py: error: {dest} exists and is not empty", file=sys.stderr)
+        return 2
+    for path in project_files(ROOT):
+        (dest / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(ROOT / path, dest / path)
+    mutant = MUTANTS[args.lab][args.index]
+    path = apply(dest, args.lab, mutant)
+    print(f"{dest}: {mutant.mistake} ({path}); grade it: python course/grade.py {args.lab} {dest}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,415 @@
+"""Graders of the course's labs (course/labs.py), next to the project's own exact tests: each check
+states what the code must do, so that a wrong solution fails with a message that names the mistake.
+
+The library passes all of them; a student copy (course/make_lab.py) passes them once the lab's code
+is written. None samples with the KV cache, so that each lab's grader calls only its own lab's code.
+"""
+
+import math
+
+import pytest
+import torch
+
+from nanoopd.model import GPT, GPTConfig, KVCache
+from nanoopd.objectives import OBJECTIVES
+from nanoopd.rlvr import group_advantages, policy_gradient_loss
+from nanoopd.rollout import Rollout, left_pad, response_logits
+from nanoopd.sampled_token import g_gamma_surrogate, returns_to_go
+from nanoopd.self_distill import RULE, PrivilegedTeacher, pi_text, with_privileged_context
+from nanoopd.sft import make_batch
+from nanoopd.special_tokens import HiddenTokens
+from nanoopd.tasks import Problem, encode_example, trace_text
+from nanoopd.tokenizer import get_tokenizer
+from nanoopd.topk import topk_renormalized, topk_stopgrad, topk_support, topk_unnormalized
+
+TOK = get_tokenizer()
+
+
+def randn(*shape, seed=0, dtype=torch.float64):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# lab kv_cache: KVCache.write
+
+
+def small_cache(n_layer=2, batch=2, heads=2, head_dim=4, max_len=8) -> KVCache:
+    config = GPTConfig(vocab_size=11, block_size=16, n_layer=n_layer, n_head=heads, n_embd=heads * head_dim)
+    return KVCache(config, batch, max_len, "cpu")
+
+
+def test_kv_cache_allocates_one_buffer_per_tensor_for_every_layer():
+    cache = small_cache()
+    k, v = randn(2, 2, 3, 4, seed=1), randn(2, 2, 3, 4, seed=2)
+    cache.write(0, k, v)
+    assert cache.k is not None and cache.v is not None, "KVCache.write must allocate self.k and self.v on the first write"
+    assert tuple(cache.k.shape) == (2, 2, 2, 8, 4) and tuple(cache.v.shape) == (2, 2, 2, 8, 4), (
+        f"self.k and self.v must be (n_layer, B, n_head, max_len, head_dim) = (2, 2, 2, 8, 4), got "
+        f"{tuple(cache.k.shape)} and {tuple(cache.v.shape)}")
+    assert cache.k.dtype == torch.float64 and cache.v.dtype == torch.float64, (
+        f"the buffers must take the dtype of the k and v written (bf16 under autocast), got {cache.k.dtype}")
+    assert cache.k is not cache.v, "keys and values need a buffer each"
+
+
+def test_kv_cache_write_returns_the_cached_keys_then_the_new_ones():
+    cache = small_cache()
+    k1, v1 = randn(2, 2, 3, 4, seed=1), randn(2, 2, 3, 4, seed=2)  # a prefill of 3 tokens
+    k2, v2 = randn(2, 2, 1, 4, seed=3), randn(2, 2, 1, 4, seed=4)  # then one decoding step
+    for new_k, new_v, length in ((k1, v1, 0), (k2, v2, 3)):
+        cache.length = length  # GPT.forward advances it after the last layer
+        k, v = cache.write(0, new_k, new_v)
+        T = new_k.shape[2]
+        assert tuple(k.shape) == (2, 2, length + T, 4) and tuple(v.shape) == (2, 2, length + T, 4), (
+            f"at length {length}, writing T={T} tokens returned keys of shape {tuple(k.shape)}, expected "
+            f"(B, H, length + T, hd) = (2, 2, {length + T}, 4): the cached tokens and the new ones")
+    expected_k, expected_v = torch.cat([k1, k2], 2), torch.cat([v1, v2], 2)
+    for slot in range(4):
+        assert torch.equal(k[:, :, slot], expected_k[:, :, slot]), (
+            f"slot {slot} of the returned keys is not the key of token {slot}: token t lives in slot t, "
+            f"the new ones go to [length, length + T) (an off-by-one in the cache position?)")
+    assert torch.equal(v, expected_v), "the returned values are not the values written: keys go to self.k, values to self.v"
+
+
+def test_kv_cache_keeps_the_layers_apart():
+    cache = small_cache()
+    first = [cache.write(layer, randn(2, 2, 3, 4, seed=layer), randn(2, 2, 3, 4, seed=10 + layer))
+             for layer in range(2)]  # a prefill of 3 tokens, layer by layer as the GPT does
+    first = [(k.clone(), v.clone()) for k, v in first]
+    assert not torch.equal(first[0][0], first[1][0]), "layers 0 and 1 returned the same keys: index the buffers by layer"
+    cache.length = 3
+    for layer in range(2):  # one decoding step: each layer must get back its own 3 cached keys
+        k, v = cache.write(layer, randn(2, 2, 1, 4, seed=20 + layer), randn(2, 2, 1, 4, seed=30 + layer))
+        assert torch.equal(k[:, :, :3], first[layer][0]) and torch.equal(v[:, :, :3], first[layer][1]), (
+            f"at the next step layer {layer} got back other keys or values than it stored: writing one layer must "
+            f"not touch another's, index the buffers by layer (self.k[layer])")
+
+
+# ----------------------------------------------------------------------------------------------
+# lab g_gamma: returns_to_go, g_gamma_surrogate (sampled_token_surrogate: the project's exact tests)
+
+
+def test_returns_to_go_is_the_discounted_sum_of_the_costs_from_t_on():
+    r = randn(2, 5, seed=0)
+    mask = torch.tensor([[1, 1, 0, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.float64)
+    for gamma in (0.0, 0.5, 1.0):
+        R = returns_to_go(r, mask, gamma)
+        assert tuple(R.shape) == (2, 5), f"returns_to_go must return (B, T) = (2, 5), got {tuple(R.shape)}"
+        assert R.dtype == torch.float64, f"returns_to_go must keep float64 inputs in float64, got {R.dtype}"
+        for b in range(2):
+            for t in range(5):
+                expected = mask[b, t] * sum(gamma ** (u - t) * r[b, u] * mask[b, u] for u in range(t, 5))
+                assert abs(R[b, t].item() - expected.item()) < 1e-12, (
+                    f"returns_to_go(gamma={gamma})[{b}, {t}] = {R[b, t].item():.6f}, expected "
+                    f"sum_(t'>=t) gamma^(t'-t) r_t' m_t' = {expected.item():.6f} (r_t itself counts, "
+                    f"masked positions add nothing, and R_t = 0 where m_t = 0)")
+    try:
+        returns_to_go(r, mask, 1.5)
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("returns_to_go(gamma=1.5) must raise ValueError: gamma lies in [0, 1]")
+
+
+def test_g_gamma_cost_is_student_minus_teacher():
+    logp = torch.tensor([[-0.2, -1.5, -0.7]], dtype=torch.float64, requires_grad=True)
+    logq = torch.tensor([[-1.0, -0.3, -0.7]], dtype=torch.float64)
+    mask = torch.ones(1, 3, dtype=torch.float64)
+    r = (logp - logq).detach()  # the cost: > 0 where the student likes y_t more than the teacher
+    for gamma in (0.0, 0.5, 1.0):
+        L = g_gamma_surrogate(logp, logq, mask, gamma)
+        assert tuple(L.shape) == (1,), f"g_gamma_surrogate must return one number per sequence, (B,), got {tuple(L.shape)}"
+        (grad,) = torch.autograd.grad(L.sum(), logp)
+        R = torch.stack([sum(gamma ** (u - t) * r[0, u] for u in range(t, 3)) for t in range(3)])
+        assert not torch.allclose(grad[0], -R, atol=1e-9), (
+            "g_gamma_surrogate uses r_t = log q - log pi: the KL direction is swapped; the cost is "
+            "r_t = log pi(y_t|c_t) - log q(y_t|c_t), student minus teacher")
+        assert torch.allclose(grad[0], R, atol=1e-9), (
+            f"at gamma={gamma}, dL/dlog pi(y_t) = {grad[0].tolist()}, expected R_t = {R.tolist()}: "
+            f"L = sum_t sg(R_t) log pi(y_t), with R_t held constant")
+
+
+def test_g_gamma_treats_the_teacher_as_a_constant():
+    logp = randn(2, 4, seed=0).requires_grad_()
+    logq = randn(2, 4, seed=1).requires_grad_()
+    g_gamma_surrogate(logp, logq, torch.ones(2, 4), 1.0).sum().backward()
+    assert logq.grad is None or not logq.grad.any(), (
+        "g_gamma_surrogate sent a gradient into the teacher's log-probs: the teacher is a constant, detach log q")
+    assert logp.grad is not None and logp.grad.any(), "g_gamma_surrogate gave the student no gradient"
+
+
+# ----------------------------------------------------------------------------------------------
+# lab topk: topk_unnormalized, topk_stopgrad, topk_renormalized
+
+
+def topk_batch(seed=0, k=2, equal=False):
+    student = 2 * randn(2, 3, 6, seed=seed)
+    teacher = student.clone() if equal else 2 * randn(2, 3, 6, seed=seed + 100)
+    index, member = topk_support(student, teacher, torch.zeros(2, 3, dtype=torch.long), k)
+    return student, teacher, index, member
+
+
+def grad_of(form, student, teacher, index, member):
+    x = student.clone().requires_grad_()
+    return torch.autograd.grad(form(x, teacher, index, member).sum(), x)[0]
+
+
+def test_topk_unnormalized_keeps_its_plus_one_term():
+    student, teacher, index, member = topk_batch(equal=True)  # pi = q: every r(v) = 0
+    grad = grad_of(topk_unnormalized, student, teacher, index, member)
+    x = student.clone().requires_grad_()
+    mass = (torch.softmax(x, -1).gather(-1, index) * member).sum()  # sum over positions of sum_S pi
+    (grad_mass,) = torch.autograd.grad(mass, x)
+    assert grad.abs().max() > 1e-6, (
+        "topk_unnormalized lost its +1 term: at pi = q its gradient must be grad sum_S pi (the mass term), "
+        "not 0; keep log pi differentiable inside the bracket, this form is biased on purpose")
+    assert torch.allclose(grad, grad_mass, atol=1e-12), (
+        "at pi = q the gradient of topk_unnormalized must be exactly grad sum_S pi")
+
+
+def test_topk_stopgrad_has_no_plus_one_term():
+    student, teacher, index, member = topk_batch(equal=True)
+    grad = grad_of(topk_stopgrad, student, teacher, index, member)
+    assert grad.abs().max() < 1e-12, (
+        "topk_stopgrad still carries the +1 term (grad sum_S pi): at pi = q its gradient must be 0; "
+        "stop the gradient of log pi inside the bracket, sum_S pi (sg(log pi) - log q)")
+
+
+def test_topk_renormalized_is_the_reverse_kl_of_the_renormalised_pair():
+    student, teacher, index, member = topk_batch(k=3)
+    got = topk_renormalized(student, teacher, index, member)
+    assert tuple(got.shape) == (2, 3), f"topk_renormalized must return one value per position, (B, T), got {tuple(got.shape)}"
+    p_hat = torch.softmax(student.gather(-1, index), -1)  # every column is a member here
+    q_hat = torch.softmax(teacher.gather(-1, index), -1)
+    reverse = (p_hat * (p_hat.log() - q_hat.log())).sum(-1)
+    forward = (q_hat * (q_hat.log() - p_hat.log())).sum(-1)
+    assert not torch.allclose(got, forward, atol=1e-10), (
+        "topk_renormalized computes KL(q_hat || pi_hat): the direction is swapped; it must be the reverse "
+        "KL(pi_hat || q_hat), weighted by the student")
+    assert torch.allclose(got, reverse, atol=1e-10), (
+        "topk_renormalized must be KL(pi_hat || q_hat), pi_hat = pi / sum_S pi and q_hat = q / sum_S q on S")
+
+
+@pytest.mark.parametrize("form", [topk_unnormalized, topk_stopgrad, topk_renormalized],
+                         ids=["unnormalized", "stopgrad", "renormalized"])
+def test_topk_forms_treat_the_teacher_as_a_constant(form):
+    student, teacher, index, member = topk_batch()
+    x, q = student.clone().requires_grad_(), teacher.clone().requires_grad_()
+    form(x, q, index, member).sum().backward()
+    assert q.grad is None or not q.grad.any(), (
+        f"{form.__name__} sent a gradient into the teacher's logits: the teacher is a constant, detach it")
+
+
+# ----------------------------------------------------------------------------------------------
+# lab masking: mask_tokens in objectives._prepare, special_tokens.HiddenTokens
+
+
+def test_mask_tokens_tames_a_token_the_teacher_never_saw():
+    student, teacher = 2 * randn(3, 5, 7, seed=0), 2 * randn(3, 5, 7, seed=1)
+    tokens = torch.randint(0, 6, (3, 5), generator=torch.Generator().manual_seed(2))
+    special = 6  # the teacher gives it ~e^-40, the student emits it confidently
+    teacher[..., special], student[..., special] = -40.0, 8.0
+    tokens[1, 0] = tokens[2, 3] = special
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    mask[0, 4] = False
+    kept = mask.clone()
+    _, plain = OBJECTIVES["full_reverse_kl"](student, teacher, tokens, mask)
+    _, masked = OBJECTIVES["full_reverse_kl"](student, teacher, tokens, mask, mask_tokens=[special])
+    assert torch.equal(mask, kept), "mask_tokens changed the caller's mask in place: build a new mask"
+    assert plain["logratio_max_abs"] > 40, "without mask_tokens the special token must still be in the loss"
+    n = int(mask.sum()) - 2
+    assert masked["n_tokens"] == n, (
+        f"mask_tokens=[{special}] must remove exactly the 2 positions whose sampled token is {special} from the "
+        f"mask: the loss saw {masked['n_tokens']:.0f} tokens, expected {n} (mask & not special)")
+    r = (torch.log_softmax(student, -1) - torch.log_softmax(teacher, -1)).gather(-1, tokens[..., None])[..., 0]
+    others = r[mask & (tokens != special)].abs().max().item()  # below 40: the special token's cost is ~48
+    assert masked["logratio_max_abs"] == pytest.approx(others), (
+        "a token the teacher never saw still reaches the loss after masking: the largest |r_t| left must be "
+        "that of the other tokens")
+
+
+def hidden_rollout(prompts, responses):
+    """A Rollout built by hand: left-padded prompts, responses of equal length, all real."""
+    tokens, valid = left_pad(prompts, TOK.pad_id, "cpu")
+    response = torch.tensor(responses)
+    ones = torch.ones_like(response, dtype=torch.bool)
+    return Rollout(torch.cat([tokens, response], 1), torch.cat([valid, ones], 1), tokens.shape[1], response,
+                   ones, response * 0.0, response * 0.0)
+
+
+def small_teacher():
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=TOK.n_vocab, block_size=64, n_layer=1, n_head=2, n_embd=32)).eval()
+
+
+X = TOK.fmt_id
+
+
+def test_hidden_tokens_leave_the_prompt_alone():
+    teacher = small_teacher()
+    prompt = [TOK.bos_id, X] + TOK.encode("12+7=\n")  # a hidden id in the prompt: prompts are never hidden
+    ro = hidden_rollout([prompt], [TOK.encode("2+7+0=9")])
+    with torch.no_grad():
+        hidden = HiddenTokens((X,))(teacher, ro)
+        plain = response_logits(teacher, ro)
+    assert hidden.shape == plain.shape, f"HiddenTokens must return (B, N, V) = {tuple(plain.shape)}, got {tuple(hidden.shape)}"
+    assert torch.allclose(hidden, plain, atol=1e-5), (
+        "HiddenTokens changed the teacher's scores of a response without hidden tokens: the hidden id sits in "
+        "the prompt here, and prompts are never hidden (only response positions >= P)")
+
+
+def test_hidden_tokens_in_a_ragged_batch_are_as_if_they_were_not_there():
+    teacher = small_teacher()
+    prompts = [[TOK.bos_id] + TOK.encode("347+285=\n"), [TOK.bos_id] + TOK.encode("3+4=\n")]
+    responses = [TOK.encode("7+5+") + [X, X] + TOK.encode("0=12"), [X] + TOK.encode("13+4+0=7") + [X]]
+    with torch.no_grad():
+        hidden = HiddenTokens((X,))(teacher, hidden_rollout(prompts, responses))  # (B, N, V)
+        for i, (prompt, response) in enumerate(zip(prompts, responses)):
+            shown = [t for t in response if t != X]
+            plain = response_logits(teacher, hidden_rollout([prompt], [shown]))[0]  # (N', V)
+            seen = 0
+            for j, token in enumerate(response):
+                if token == X:
+                    continue
+                assert torch.allclose(hidden[i, j], plain[seen], atol=1e-5), (
+                    f"row {i}, response token {j}: HiddenTokens must give the teacher's logits of the same context "
+                    f"with the hidden tokens left out (read at the last visible position before it)")
+                seen += 1
+
+
+# ----------------------------------------------------------------------------------------------
+# lab opsd: pi_text, with_privileged_context
+
+
+PROBLEMS = [Problem(347, "+", 285), Problem(12, "-", 7), Problem(46, "*", 3)]
+
+
+def test_pi_text_instance_specific_vs_shared():
+    for p in PROBLEMS:
+        assert pi_text(p, "answer") == f"<|pi|>answer: {p.answer}<|pi|>", (
+            f"pi_text(p, 'answer') must be '<|pi|>answer: {p.answer}<|pi|>', got {pi_text(p, 'answer')!r}")
+        assert pi_text(p, "solution") == f"<|pi|>solution:\n{trace_text(p)}\n<|pi|>", (
+            "pi_text(p, 'solution') must be '<|pi|>solution:\\n' + the gold trace + '\\n<|pi|>'")
+    rules = {pi_text(p, "rule") for p in PROBLEMS}
+    assert len(rules) == 1, (
+        f"pi_text(p, 'rule') must be the same for every problem (a shared rule carries nothing about the "
+        f"instance), got {sorted(rules)}")
+    assert rules == {f"<|pi|>{RULE}<|pi|>"}, f"pi_text(p, 'rule') must be '<|pi|>{RULE}<|pi|>'"
+    try:
+        pi_text(PROBLEMS[0], "hint")
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("pi_text(p, 'hint') must raise ValueError: an unknown kind of privileged information")
+
+
+def student_side():
+    """The student's rollout, built by hand: left-padded prompts and ragged responses."""
+    prompts = [encode_example(TOK, p)[0] for p in PROBLEMS]
+    answers = [TOK.encode(f"A:{p.answer}") + [TOK.eos_id] for p in PROBLEMS]
+    N = max(len(a) for a in answers)
+    response = torch.tensor([a + [TOK.pad_id] * (N - len(a)) for a in answers])
+    response_mask = torch.tensor([[True] * len(a) + [False] * (N - len(a)) for a in answers])
+    tokens, valid = left_pad(prompts, TOK.pad_id, "cpu")
+    zeros = torch.zeros(response.shape)
+    return prompts, Rollout(torch.cat([tokens, response], 1), torch.cat([valid, response_mask], 1),
+                            tokens.shape[1], response, response_mask, zeros, zeros)
+
+
+def pi_ids(kind="answer"):
+    return [TOK.encode(pi_text(p, kind), allow_special=True) for p in PROBLEMS]
+
+
+def test_privileged_context_is_bos_pi_prompt_then_the_same_response():
+    prompts, ro = student_side()
+    ctx = with_privileged_context(ro, pi_ids(), TOK.pad_id)
+    P = ctx.prompt_len
+    assert P == max(len(p) + len(i) for p, i in zip(prompts, pi_ids())), (
+        f"the teacher's prompts must be left-padded to the longest [bos] + PI + prompt, got prompt_len {P}")
+    for row, (prompt, pi) in enumerate(zip(prompts, pi_ids())):
+        got = [t for t, keep in zip(ctx.tokens[row, :P].tolist(), ctx.valid[row, :P].tolist()) if keep]
+        assert got == prompt[:1] + pi + prompt[1:], (
+            f"row {row}: the teacher's prompt must be [bos] + PI + the student's prompt without its bos, "
+            f"got {TOK.decode(got)!r}")
+    assert torch.equal(ctx.tokens[:, P:], ro.response) and torch.equal(ctx.valid[:, P:], ro.response_mask), (
+        "the student's response tokens and mask must follow the teacher's prompts unchanged")
+    assert torch.equal(ctx.response, ro.response) and torch.equal(ctx.response_mask, ro.response_mask), (
+        "the teacher's Rollout must keep the student's response and response_mask")
+
+
+def test_privileged_teacher_scores_equal_a_manual_pass_on_the_concatenation():
+    model = small_teacher()
+    prompts, ro = student_side()
+    with torch.no_grad():
+        logits = PrivilegedTeacher(TOK, "answer")(model, ro, PROBLEMS)  # (B, N, V)
+        assert logits.shape[:2] == ro.response.shape, "the teacher's logits must be (B, N, V) on the response positions"
+        logq = torch.log_softmax(logits.float(), -1).gather(-1, ro.response.unsqueeze(-1)).squeeze(-1)
+        for row, (prompt, pi) in enumerate(zip(prompts, pi_ids())):
+            n = int(ro.response_mask[row].sum())
+            seq = torch.tensor([prompt[:1] + pi + prompt[1:] + ro.response[row, :n].tolist()])
+            manual = torch.log_softmax(model(seq[:, :-1]), -1).gather(-1, seq[:, 1:, None])[0, -n:, 0]
+            assert torch.allclose(logq[row, :n], manual, atol=1e-5), (
+                f"row {row}: log q(y_t | I, x, y_<t) differs from a forward pass over [bos] PI x y: position t of "
+                f"the teacher's response logits must predict the student's y_t")
+
+
+def test_privileged_information_never_reaches_the_students_rollout():
+    prompts, ro = student_side()
+    before = (ro.tokens.clone(), ro.valid.clone(), ro.prompt_len)
+    with_privileged_context(ro, pi_ids("rule"), TOK.pad_id)
+    assert ro.prompt_len == before[2] and torch.equal(ro.tokens, before[0]) and torch.equal(ro.valid, before[1]), (
+        "PI leaked into the student's rollout: with_privileged_context must build a new Rollout and leave the "
+        "student's tokens, valid and prompt_len as they were")
+    assert not (ro.tokens == TOK.pi_id).any(), "PI leaked into the student's rollout: it holds a <|pi|> token"
+
+
+# ----------------------------------------------------------------------------------------------
+# lab rlvr: group_advantages, policy_gradient_loss, sft.make_batch (the cold start)
+
+
+def test_group_advantages_by_hand():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0], [0.0, 1.0, 1.0, 0.0]])
+    adv = group_advantages(rewards, eps=1e-6)
+    assert tuple(adv.shape) == (3, 4) and adv.dtype == torch.float32, (
+        f"group_advantages must return (n_groups, G) = (3, 4) in float32, got {tuple(adv.shape)} {adv.dtype}")
+    assert torch.isfinite(adv).all() and (adv[1] == 0).all(), (
+        f"a group of equal rewards must get advantage exactly 0, not NaN: divide by std + eps, got {adv[1].tolist()}")
+    std = math.sqrt(3) / 4  # group 0: mean 1/4, population std sqrt(3)/4
+    expected = [(1 - 0.25) / (std + 1e-6)] + [-0.25 / (std + 1e-6)] * 3
+    assert torch.allclose(adv[0], torch.tensor(expected), rtol=1e-5), (
+        f"group [1, 0, 0, 0] must get (R - mean) / (std + eps) with the population std sqrt(3)/4 "
+        f"(unbiased=False), i.e. {[round(e, 4) for e in expected]}, got {[round(a, 4) for a in adv[0].tolist()]}")
+
+
+def test_policy_gradient_loss_is_per_token():
+    logp = torch.tensor([[-1.0, -2.0, -3.0, -4.0], [-0.5, 0.0, 0.0, 0.0]], requires_grad=True)
+    mask = torch.tensor([[True, True, True, True], [True, False, False, False]])
+    adv = torch.tensor([1.0, 2.0])
+    loss = policy_gradient_loss(logp, adv, mask)
+    per_token = -(1.0 * (-10.0) + 2.0 * (-0.5)) / 5
+    per_sequence = -((1.0 * (-10.0)) / 4 + (2.0 * (-0.5)) / 1) / 2
+    assert loss.item() != pytest.approx(per_sequence), (
+        "policy_gradient_loss normalises per sequence: it must be one mean over all response tokens of the batch, "
+        "-sum A_i log pi / (number of response tokens)")
+    assert loss.item() != pytest.approx(-per_token), (
+        "policy_gradient_loss has the wrong sign: it is -A log pi, so that descending it raises log pi where A > 0")
+    assert loss.item() == pytest.approx(per_token), (
+        f"policy_gradient_loss = {loss.item():.4f}, expected -sum_i sum_t A_i log pi_it m_it / sum m = {per_token:.4f}")
+    (grad,) = torch.autograd.grad(loss, logp)
+    assert (grad[~mask] == 0).all(), "padding positions must get no gradient"
+    empty = policy_gradient_loss(logp, adv, torch.zeros_like(mask))
+    assert empty.item() == 0.0, "an all-masked batch must give a loss of 0, not NaN (the token count is at least 1)"
+
+
+def test_sft_batch_targets_are_the_next_response_tokens():
+    examples = [([1, 2, 3], [4, 5, 6]), ([7], [8, 9])]
+    x, y = make_batch(examples, 0, "cpu")
+    assert tuple(x.shape) == (2, 5) and tuple(y.shape) == (2, 5), (
+        f"make_batch must return x, y of (B, L) = (2, 5), L = the longest prompt + response minus one, got "
+        f"{tuple(x.shape)}, {tuple(y.shape)}")
+    assert x.tolist() == [[1, 2, 3, 4, 5], [7, 8, 0, 0, 0]], (
+        f"x must hold prompt + response without its last token, right-padded with pad_id, got {x.tolist()}")
+    assert y[0, :2].tolist() == [-1, -1] and y[1, 2:].tolist() == [-1, -1, -1], (
+        f"the prompt is context only and padding is nothing: their targets must be -1, got {y.tolist()}")
+    assert y.tolist() == [[-1, -1, 4, 5, 6], [8, 9, -1, -1, -1]], (
+        f"the target at position t must be the token after x[t], on response tokens only: expected "
+        f"[[-1, -1, 4, 5, 6], [8, 9, -1, -1, -1]], got {y.tolist()} (an off-by-one shift?)")
