@@ -11,7 +11,10 @@ The script runs two toys and prints what they show:
      so the bias and variance of g_gamma are exact numbers; then students are trained with each
      gamma from sampled batches, next to the same runs driven by the exact expected gradient;
   2. a continuous-control replica of the published study (toy/continuous.py): two 1-D reaching
-     tasks, one REINFORCE teacher each, one student distilled with g_gamma.
+     tasks, one REINFORCE teacher each, one student distilled with g_gamma. --preset paper runs it
+     at the published settings (T = 20, 2,000 steps, three seeds, five gammas) and reports what the
+     paper reports: the drift of the end points, the variance in orders of magnitude, and
+     state-visitation heatmaps; --sweep repeats it over optimizers and learning rates.
 
 Commands:
 
@@ -20,6 +23,9 @@ Commands:
     python train_toy.py --quick              # a smaller run in a few seconds (used by the tests)
     python train_toy.py --dtype float32      # the Mac (MPS) precision on any device: no float64
     python train_toy.py --parts exact        # only the exact bias/variance tables
+    python train_toy.py --preset paper       # the control study at the published settings, about 2 min on CPU
+    python train_toy.py --preset paper --control-gammas 0,1 --sweep sgd:1e-6,adam:3e-3,adam:3e-3:10
+                                             # the same once per optimizer:lr[:T], one table (docs/toy.md)
     python train_toy.py --help               # every flag
 
 Outputs go to --out (default out/toy): CSV files always, PNG figures when matplotlib is installed.
@@ -40,7 +46,8 @@ import torch
 from tqdm import tqdm
 
 from nanoopd.device import pick_device
-from toy.continuous import TARGETS, distill_student, final_positions, train_teacher
+from toy.continuous import (MISS_TOL, OPTIMIZERS, TARGETS, distill_student, drift, final_positions, train_teacher,
+                             trajectories, visitation)
 from toy.exact import MAX_SEQUENCES, exact_estimator_stats, make_problem, train_student
 
 # -----------------------------------------------------------------------------
@@ -77,7 +84,9 @@ class ToyConfig:
     micro_batches: int = 8                         # the batch is split into this many for the variance
     hidden: int = 32                               # hidden width of the Gaussian MLP policies
     eval_episodes: int = 256                       # episodes per task for the final positions
-    control_seed: int = 0                          # seeds teachers (seed, seed+1) and student (seed+2)
+    control_seeds: tuple = (0,)                    # each seed s: teachers (s, s+1), student (s+2), evaluation (s+3)
+    student_optimizer: str = "adam"                # adam, or sgd (plain: the step is lr * g_gamma itself)
+    sweep: tuple = ()                              # (optimizer, lr, horizon or None) points; empty = no sweep
     # run
     out: str = "out/toy"                           # folder for CSV files and figures
     device: str = "auto"                           # auto = cuda -> mps -> cpu
@@ -85,10 +94,20 @@ class ToyConfig:
     threads: int = 1                               # CPU threads; one is fastest for tensors this small
     plots: bool = True                             # write PNG figures when matplotlib is installed
     quick: bool = False                            # smaller sizes, for tests and a first look
+    preset: str | None = None                      # None, or "paper": the control study at the published settings
 
 
 QUICK = dict(horizon=4, horizons=(2, 3, 4), seeds=(0, 1), steps=40, teacher_steps=40, student_steps=20,
              eval_episodes=64)  # what --quick changes
+PRESETS = {  # what --preset NAME changes
+    # the published continuous-control study: horizon about 20, about 2,000 alternating-task iterations,
+    # batch 64 in 8 micro-batches, five discounts; three seeds. The paper names no optimizer or learning
+    # rate, so the student keeps the replica's Adam at lr 3e-3 (--student-optimizer, --student-lr).
+    "paper": dict(parts=("control",), control_gammas=(0.0, 0.25, 0.5, 0.75, 1.0), control_horizon=20,
+                  student_steps=2000, control_batch=64, micro_batches=8, control_seeds=(42, 43, 2026)),
+}
+OPT_NAMES = {"adam": "Adam", "sgd": "SGD"}
+HEATMAP_RANGE = (-6.0, 6.0, 48)  # position bins of the heatmaps: lo, hi, count (targets at -3 and +3)
 
 # -----------------------------------------------------------------------------
 # command line
@@ -102,6 +121,21 @@ def float_list(text: str) -> tuple:
 def int_list(text: str) -> tuple:
     """ "0,1,2" -> (0, 1, 2) """
     return tuple(int(x) for x in text.split(","))
+
+
+def sweep_points(text: str) -> tuple:
+    """ "sgd:1e-4,adam:3e-3:10" -> (("sgd", 1e-4, None), ("adam", 3e-3, 10)): optimizer:lr[:horizon] """
+    points = []
+    for item in text.split(","):
+        parts = item.split(":")
+        if len(parts) not in (2, 3) or parts[0] not in OPTIMIZERS:
+            raise argparse.ArgumentTypeError(f"sweep point {item!r} is not optimizer:lr or optimizer:lr:horizon, "
+                                             f"optimizer sgd or adam (e.g. sgd:1e-4,adam:3e-3:10)")
+        try:
+            points.append((parts[0], float(parts[1]), int(parts[2]) if len(parts) == 3 else None))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"sweep point {item!r}: lr must be a number and horizon an integer")
+    return tuple(points)
 
 
 def parse_args(argv=None) -> ToyConfig:
@@ -144,14 +178,30 @@ def parse_args(argv=None) -> ToyConfig:
     g.add_argument("--teacher-lr", type=float, default=d.teacher_lr, help="Adam learning rate of the teachers (default %(default)s)")
     g.add_argument("--student-steps", type=int, default=d.student_steps,
                    help="OPD steps of the student, tasks alternating (default %(default)s)")
-    g.add_argument("--student-lr", type=float, default=d.student_lr, help="Adam learning rate of the student (default %(default)s)")
+    g.add_argument("--student-lr", type=float, default=d.student_lr,
+                   help="learning rate of the student's optimizer, see --student-optimizer (default %(default)s)")
     g.add_argument("--control-batch", type=int, default=d.control_batch, help="episodes per OPD step (default %(default)s)")
     g.add_argument("--micro-batches", type=int, default=d.micro_batches,
                    help="micro-batches the batch is split into to measure gradient variance (default %(default)s)")
     g.add_argument("--hidden", type=int, default=d.hidden, help="hidden width of the policy MLPs (default %(default)s)")
     g.add_argument("--eval-episodes", type=int, default=d.eval_episodes,
                    help="episodes per task for the final positions (default %(default)s)")
-    g.add_argument("--control-seed", type=int, default=d.control_seed, help="seed of teachers and student (default %(default)s)")
+    g.add_argument("--control-seeds", type=int_list, default=d.control_seeds,
+                   help="seeds; each seed s trains its own teachers (seeds s, s+1) and students (s+2), "
+                        "evaluated with s+3 (default 0)")
+    g.add_argument("--student-optimizer", choices=tuple(OPTIMIZERS), default=d.student_optimizer,
+                   help="optimizer of the student: adam, or sgd (plain, no momentum: the step is lr * g_gamma, "
+                        "so the variance of g_gamma reaches the weights unnormalised) (default %(default)s)")
+    g.add_argument("--preset", choices=tuple(PRESETS), default=d.preset,
+                   help="paper: the continuous-control study at the published settings, " +
+                        ", ".join(f"{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}"
+                                  for k, v in PRESETS["paper"].items()) +
+                        "; it prints the drift of the end points and the variance in orders of magnitude, and "
+                        "draws state-visitation heatmaps. Flags given explicitly override the preset")
+    g.add_argument("--sweep", type=sweep_points, default=d.sweep,
+                   help="run the control study once per point optimizer:lr[:horizon] (e.g. sgd:1e-4,adam:3e-3:10; "
+                        "horizon defaults to --control-horizon) with the other settings unchanged, and print "
+                        "one table of variance and drift for all points (default: no sweep)")
 
     g = p.add_argument_group("run")
     g.add_argument("--out", default=d.out, help="output folder for CSV files and figures (default %(default)s)")
@@ -167,9 +217,10 @@ def parse_args(argv=None) -> ToyConfig:
 
     args = p.parse_args(argv)
     cfg = ToyConfig(**{f.name: getattr(args, f.name) for f in fields(ToyConfig)})
-    if cfg.quick:  # --quick sets the sizes it names unless the same flag was also given explicitly
-        given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in (argv if argv is not None else sys.argv[1:])}
-        cfg = replace(cfg, **{k: v for k, v in QUICK.items() if k not in given})
+    # --preset and --quick set the values they name unless the same flag was also given explicitly
+    given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in (argv if argv is not None else sys.argv[1:])}
+    for changes in (PRESETS.get(cfg.preset, {}), QUICK if cfg.quick else {}):
+        cfg = replace(cfg, **{k: v for k, v in changes.items() if k not in given})
     try:
         check_config(cfg)
     except ValueError as e:
@@ -202,8 +253,13 @@ def check_config(cfg: ToyConfig):
                  "control_batch", "micro_batches", "hidden", "eval_episodes", "threads"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    if not cfg.seeds:
-        raise ValueError("--seeds needs at least one seed")
+    if not cfg.seeds or not cfg.control_seeds:
+        raise ValueError("--seeds and --control-seeds need at least one seed")
+    for opt, lr, T in cfg.sweep:
+        if not (lr > 0 and math.isfinite(lr)) or (T is not None and T < 1):
+            raise ValueError(f"--sweep {opt}:{lr:g}{'' if T is None else f':{T}'}: lr must be > 0 and horizon >= 1")
+    if cfg.sweep and "control" not in cfg.parts:
+        raise ValueError("--sweep runs the control study: add control to --parts (or use --preset paper)")
     if cfg.micro_batches < 2 or cfg.control_batch % cfg.micro_batches:
         raise ValueError(f"--control-batch {cfg.control_batch} must split into --micro-batches {cfg.micro_batches} "
                          f"(at least 2) equal parts, e.g. 64 and 8")
@@ -283,23 +339,45 @@ def print_training(cfg: ToyConfig, summary: list[dict]):
 # part 1b: the continuous-control replica
 
 
-def control(cfg: ToyConfig, device) -> tuple[list[dict], list[dict], list[float]]:
-    """Teachers, then one student per gamma. Returns (variance log rows, final-position rows, teacher errors)."""
-    total = 2 * cfg.teacher_steps + len(cfg.control_gammas) * cfg.student_steps
+def control_points(cfg: ToyConfig) -> list[tuple]:
+    """The (optimizer, lr, horizon) settings of the student to run: the --sweep points, or the one set by the flags."""
+    return [(opt, lr, T or cfg.control_horizon) for opt, lr, T in cfg.sweep] or \
+        [(cfg.student_optimizer, cfg.student_lr, cfg.control_horizon)]
+
+
+def control(cfg: ToyConfig, device) -> tuple[list[dict], list[dict], dict, dict]:
+    """Per seed and horizon two teachers, then one student per point, seed and gamma.
+
+    Returns (variance log rows, final-position rows, visits, teacher errors): visits maps
+    (optimizer, lr, horizon, gamma) to the state-visitation frequency (bins, T+1) of the evaluation
+    episodes, pooled over tasks and seeds; teacher errors map (seed, horizon) to [err task 0, err task 1].
+    """
+    points = control_points(cfg)
+    horizons = list(dict.fromkeys(T for _, _, T in points))
+    total = len(cfg.control_seeds) * (2 * cfg.teacher_steps * len(horizons)
+                                      + len(points) * len(cfg.control_gammas) * cfg.student_steps)
+    lo, hi, bins = HEATMAP_RANGE
+    log, finals, visits, teachers, teacher_err = [], [], {}, {}, {}
     with tqdm(total=total, desc="continuous control", leave=False) as bar:
-        teachers = [train_teacher(task, cfg.control_horizon, cfg.teacher_steps, cfg.control_batch, cfg.teacher_lr,
-                                  cfg.control_seed + task, cfg.hidden, device, bar) for task in (0, 1)]
-        teacher_err = [(final_positions(teachers[k], cfg.control_horizon, cfg.eval_episodes, cfg.control_seed)[k]
-                        - TARGETS[k]).abs().mean().item() for k in (0, 1)]
-        log, finals = [], []
-        for gamma in cfg.control_gammas:
-            student, steps = distill_student(teachers, gamma, cfg.control_horizon, cfg.student_steps, cfg.control_batch,
-                                             cfg.micro_batches, cfg.student_lr, cfg.control_seed + 2, cfg.hidden,
-                                             device, bar)
-            log += [dict(gamma=gamma, **row) for row in steps]
-            pos = final_positions(student, cfg.control_horizon, cfg.eval_episodes, cfg.control_seed + 3)
-            finals += [dict(gamma=gamma, task=k, episode=i, final_pos=p.item()) for k in (0, 1) for i, p in enumerate(pos[k])]
-    return log, finals, teacher_err
+        for opt, lr, T in points:
+            for seed in cfg.control_seeds:
+                if (seed, T) not in teachers:  # the teachers depend on the seed and the horizon only
+                    teachers[seed, T] = [train_teacher(task, T, cfg.teacher_steps, cfg.control_batch, cfg.teacher_lr,
+                                                       seed + task, cfg.hidden, device, bar) for task in (0, 1)]
+                    teacher_err[seed, T] = [(final_positions(teachers[seed, T][k], T, cfg.eval_episodes, seed)[k]
+                                             - TARGETS[k]).abs().mean().item() for k in (0, 1)]
+                for gamma in cfg.control_gammas:
+                    student, steps = distill_student(teachers[seed, T], gamma, T, cfg.student_steps, cfg.control_batch,
+                                                     cfg.micro_batches, lr, seed + 2, cfg.hidden, device, bar, opt)
+                    keys = dict(gamma=gamma, seed=seed, optimizer=opt, lr=lr, horizon=T)
+                    log += [dict(keys, **row) for row in steps]
+                    paths = trajectories(student, T, cfg.eval_episodes, seed + 3)  # [(n, T+1) per task]
+                    finals += [dict(keys, task=k, episode=i, final_pos=p.item())
+                               for k in (0, 1) for i, p in enumerate(paths[k][:, -1])]
+                    share = 1 / (2 * len(cfg.control_seeds))  # every task and seed weighs the same
+                    visits[opt, lr, T, gamma] = visits.get((opt, lr, T, gamma), 0) + \
+                        share * sum(visitation(path, lo, hi, bins) for path in paths)
+    return log, finals, visits, teacher_err
 
 
 def thirds(values: list[float]) -> list[float]:
@@ -309,24 +387,70 @@ def thirds(values: list[float]) -> list[float]:
     return [sum(values[a:b]) / max(b - a, 1) for a, b in zip(cuts, cuts[1:])]
 
 
+def seed_thirds(cfg: ToyConfig, log: list[dict], select) -> list[float]:
+    """Variance by thirds of training (early, mid, late) for the log rows `select` picks, mean over seeds."""
+    per_seed = [thirds([r["variance"] for r in log if select(r) and r["seed"] == seed]) for seed in cfg.control_seeds]
+    return [sum(v) / len(v) for v in zip(*per_seed)]
+
+
 def control_summary(cfg: ToyConfig, log: list[dict], finals: list[dict]) -> list[dict]:
+    """The replica's table: per gamma of the first point, variance by thirds and the mean end point per task."""
+    opt, lr, T = control_points(cfg)[0]
+    same = lambda r, gamma: r["gamma"] == gamma and (r["optimizer"], r["lr"], r["horizon"]) == (opt, lr, T)
     out = []
     for gamma in cfg.control_gammas:
-        early, mid, late = thirds([r["variance"] for r in log if r["gamma"] == gamma])
+        early, mid, late = seed_thirds(cfg, log, lambda r: same(r, gamma))
         row = dict(gamma=gamma, var_early=early, var_mid=mid, var_late=late)
         for k in (0, 1):
-            pos = [r["final_pos"] for r in finals if r["gamma"] == gamma and r["task"] == k]
+            pos = [r["final_pos"] for r in finals if same(r, gamma) and r["task"] == k]
             row[f"mean_pos_{k}"] = sum(pos) / len(pos)
             row[f"dist_{k}"] = sum(abs(p - TARGETS[k]) for p in pos) / len(pos)
         out.append(row)
     return out
 
 
-def print_control(cfg: ToyConfig, summary: list[dict], teacher_err: list[float]):
-    print(f"Continuous control: T={cfg.control_horizon} moves, OPD batch {cfg.control_batch} = {cfg.micro_batches} "
-          f"micro-batches, {cfg.student_steps} steps (tasks alternate), Adam lr {cfg.student_lr:g}, seed {cfg.control_seed}")
-    print(f"  teachers after {cfg.teacher_steps} REINFORCE steps: mean |s_T - target| = "
-          f"{teacher_err[0]:.3f} (task 0), {teacher_err[1]:.3f} (task 1)")
+def drift_summary(cfg: ToyConfig, log: list[dict], finals: list[dict]) -> list[dict]:
+    """The paper's report: per point and gamma, variance by thirds and in orders of magnitude, and the drift.
+
+    orders = log10(mean variance / mean variance of the smallest gamma at the same point), both the
+    mean over the thirds of training and over seeds. The drift (toy.continuous.drift) is taken per
+    seed and task and then pooled: `other`, `missed`, `dist` and `diverged` over all episodes, `sd_seeds` the
+    standard deviation over seeds of each seed's mean distance, `sd_episodes` the mean over seeds and
+    tasks of the standard deviation over episodes.
+    """
+    out = []
+    for opt, lr, T in control_points(cfg):
+        base = None
+        for gamma in cfg.control_gammas:
+            keys = dict(optimizer=opt, lr=lr, horizon=T, gamma=gamma)
+            same = lambda r: all(r[k] == v for k, v in keys.items())
+            early, mid, late = seed_thirds(cfg, log, same)
+            var = (early + mid + late) / 3
+            base = var if base is None else base
+            runs = {(seed, k): drift(torch.tensor([r["final_pos"] for r in finals
+                                                   if same(r) and r["seed"] == seed and r["task"] == k]), k)
+                    for seed in cfg.control_seeds for k in (0, 1)}
+            per_seed = [(runs[seed, 0]["dist"] + runs[seed, 1]["dist"]) / 2 for seed in cfg.control_seeds]
+            mean = lambda name: sum(d[name] for d in runs.values()) / len(runs)
+            out.append(dict(keys, var_early=early, var_mid=mid, var_late=late, var_mean=var,
+                            orders=math.log10(var / base) if var > 0 and base > 0 else math.nan,
+                            other=mean("other"), missed=mean("missed"), dist=mean("dist"), diverged=mean("diverged"),
+                            sd_seeds=torch.tensor(per_seed).std().item() if len(per_seed) > 1 else 0.0,
+                            sd_episodes=mean("dist_sd")))
+    return out
+
+
+def print_control(cfg: ToyConfig, summary: list[dict], teacher_err: dict):
+    opt, lr, T = control_points(cfg)[0]
+    seeds = f"seed{'s' if len(cfg.control_seeds) > 1 else ''} {','.join(map(str, cfg.control_seeds))}"
+    print(f"Continuous control: T={T} moves, OPD batch {cfg.control_batch} = {cfg.micro_batches} "
+          f"micro-batches, {cfg.student_steps} steps (tasks alternate), {OPT_NAMES[opt]} lr {lr:g}, {seeds}")
+    if len(cfg.control_seeds) == 1:
+        err = teacher_err[cfg.control_seeds[0], T]
+        print(f"  teachers after {cfg.teacher_steps} REINFORCE steps: mean |s_T - target| = "
+              f"{err[0]:.3f} (task 0), {err[1]:.3f} (task 1)")
+    else:
+        print_teachers(cfg, teacher_err)
     print("  head-gradient variance (trace over 8 micro-batches), mean over thirds of training; student end point")
     print(f"  {'gamma':>5}  {'var early':>9}  {'var mid':>9}  {'var late':>9}   "
           f"{'task0 s_T':>9}  {'|s_T+3|':>7}   {'task1 s_T':>9}  {'|s_T-3|':>7}")
@@ -335,12 +459,51 @@ def print_control(cfg: ToyConfig, summary: list[dict], teacher_err: list[float])
               f"{r['mean_pos_0']:9.3f}  {r['dist_0']:7.3f}   {r['mean_pos_1']:9.3f}  {r['dist_1']:7.3f}")
 
 
+def print_teachers(cfg: ToyConfig, teacher_err: dict):
+    """One line per horizon: every seed's teacher errors."""
+    horizons = list(dict.fromkeys(T for _, T in teacher_err))
+    for T in horizons:
+        print(f"  teachers after {cfg.teacher_steps} REINFORCE steps{f' at T={T}' if len(horizons) > 1 else ''}, "
+              f"mean |s_T - target| of task 0 / task 1: " +
+              "; ".join(f"seed {seed} {e[0]:.3f} / {e[1]:.3f}" for (seed, t), e in teacher_err.items() if t == T))
+
+
+def print_drift(cfg: ToyConfig, summary: list[dict], teacher_err: dict):
+    """The table of --preset paper (one row per gamma) and of --sweep (one row per point and gamma)."""
+    opt, lr, T = control_points(cfg)[0]
+    n = len(cfg.control_seeds)
+    seeds = f"seed{'s' if n > 1 else ''} {','.join(map(str, cfg.control_seeds))}"
+    what = (f"Sweep of the continuous-control study over {len(cfg.sweep)} points optimizer:lr:T" if cfg.sweep else
+            f"Continuous control (--preset paper): T={T} moves, {OPT_NAMES[opt]} lr {lr:g}")
+    print(f"{what}, OPD batch {cfg.control_batch} = {cfg.micro_batches} micro-batches, {cfg.student_steps} steps "
+          f"(tasks alternate), {seeds}")
+    print_teachers(cfg, teacher_err)
+    print(f"  head-gradient variance (trace over {cfg.micro_batches} micro-batches), mean over thirds of training and "
+          f"over seeds;\n  orders = log10(variance / variance at gamma={cfg.control_gammas[0]:g}"
+          f"{' of the same point' if cfg.sweep else ''}), both means over the whole run")
+    print(f"  drift of the end points s_T over {2 * n * cfg.eval_episodes} episodes ({n} seed{'s' if n > 1 else ''} x "
+          f"2 tasks x {cfg.eval_episodes}): other = share nearer the other\n  task's target, missed = share farther than "
+          f"{MISS_TOL:g} from the own target z, |s_T-z| = mean distance to z, its sd\n  over seeds and over the episodes "
+          f"of a run (mean over runs), diverged = share of non-finite s_T")
+    head = f"{'opt':>4}  {'lr':>7}  {'T':>3}  " if cfg.sweep else ""  # the sweep's rows start with their point
+    point = lambda r: f"{r['optimizer']:>4}  {r['lr']:7.0e}  {r['horizon']:3d}  " if cfg.sweep else ""
+    print(f"  {head}{'gamma':>5}  "
+          f"{'var early':>9}  {'var mid':>9}  {'var late':>9}  {'orders':>6}   "
+          f"{'other':>6}  {'missed':>6}  {'|s_T-z|':>7}  {'sd seeds':>8}  {'sd eps':>7}  {'diverged':>8}")
+    for r in summary:
+        print(f"  {point(r)}{r['gamma']:5.2f}  {r['var_early']:9.3g}  {r['var_mid']:9.3g}  {r['var_late']:9.3g}  "
+              f"{r['orders']:6.2f}   {r['other']:6.3f}  {r['missed']:6.3f}  {r['dist']:7.3g}  {r['sd_seeds']:8.3g}  "
+              f"{r['sd_episodes']:7.3g}  {r['diverged']:8.3f}")
+
+
 # -----------------------------------------------------------------------------
 # reading the numbers
 
 
 def reading(cfg: ToyConfig, table, by_horizon, train_summary, ctrl_summary) -> list[str]:
-    """Two plain-language lines, each claim computed from the numbers above."""
+    """Two plain-language lines, each claim computed from the numbers above (one per point for --preset/--sweep)."""
+    if ctrl_summary and "other" in ctrl_summary[0]:  # the drift report of --preset paper and --sweep
+        return reading(cfg, table, by_horizon, train_summary, []) + reading_drift(ctrl_summary)
     lines = []
     if table:
         g0, g1 = min(cfg.gammas), max(cfg.gammas)
@@ -383,6 +546,23 @@ def reading(cfg: ToyConfig, table, by_horizon, train_summary, ctrl_summary) -> l
     return lines
 
 
+def reading_drift(summary: list[dict]) -> list[str]:
+    """One line per point: the largest gamma against the smallest, variance and drift."""
+    lines = []
+    for point in dict.fromkeys((r["optimizer"], r["lr"], r["horizon"]) for r in summary):
+        rows = [r for r in summary if (r["optimizer"], r["lr"], r["horizon"]) == point]
+        lo, hi = rows[0], rows[-1]
+        line = (f"{OPT_NAMES[point[0]]} lr {point[1]:g}, T={point[2]}: gamma={hi['gamma']:g} has "
+                f"{10 ** hi['orders']:.3g}x the gradient variance of gamma={lo['gamma']:g} ({hi['orders']:.1f} orders of "
+                f"magnitude); end points nearer the other task's target {hi['other']:.1%} vs {lo['other']:.1%}, "
+                f"farther than {MISS_TOL:g} from their own {hi['missed']:.1%} vs {lo['missed']:.1%}, mean distance to "
+                f"the own target {hi['dist']:.3g} vs {lo['dist']:.3g}")
+        if hi["diverged"] or lo["diverged"]:
+            line += f", diverged {hi['diverged']:.1%} vs {lo['diverged']:.1%}"
+        lines.append(line + ".")
+    return lines
+
+
 # -----------------------------------------------------------------------------
 # output: CSV files and figures
 
@@ -396,8 +576,11 @@ def write_csv(path: str, rows: list[dict]):
         w.writerows(rows)
 
 
-def plot_figures(cfg: ToyConfig, table, curves, log, finals) -> list[str]:
-    """PNG figures; matplotlib is optional and imported only here. Returns the files written."""
+def plot_figures(cfg: ToyConfig, table, curves, log, finals, visits) -> list[str]:
+    """PNG figures; matplotlib is optional and imported only here. Returns the files written.
+
+    With --sweep only the heatmaps are drawn (one row per point); visits is {} when no heatmap is wanted.
+    """
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -435,15 +618,19 @@ def plot_figures(cfg: ToyConfig, table, curves, log, finals) -> list[str]:
                title="discrete students (dashed: exact expected gradient)")
         ax.legend()
         save(fig, "discrete_training.png")
-    if log:
+    if log and not cfg.sweep:
         fig, ax = plt.subplots(figsize=(6, 4))
-        for gamma in cfg.control_gammas:
-            ax.plot([r["step"] for r in log if r["gamma"] == gamma],
-                    [r["variance"] for r in log if r["gamma"] == gamma], lw=0.8, label=f"gamma={gamma:g}")
+        for gamma in cfg.control_gammas:  # the mean over seeds at each step
+            rows = [r for r in log if r["gamma"] == gamma]
+            steps = list(dict.fromkeys(r["step"] for r in rows))
+            per_step = {}
+            for r in rows:
+                per_step.setdefault(r["step"], []).append(r["variance"])
+            ax.plot(steps, [sum(per_step[t]) / len(per_step[t]) for t in steps], lw=0.8, label=f"gamma={gamma:g}")
         ax.set(xlabel="OPD step", ylabel="head-gradient variance", yscale="log", title="continuous control")
         ax.legend()
         save(fig, "control_variance.png")
-    if finals:
+    if finals and not cfg.sweep:
         fig, axes = plt.subplots(1, len(cfg.control_gammas), figsize=(4 * len(cfg.control_gammas), 3.5),
                                  sharey=True, squeeze=False)
         lo, hi = min(r["final_pos"] for r in finals), max(r["final_pos"] for r in finals)
@@ -456,6 +643,36 @@ def plot_figures(cfg: ToyConfig, table, curves, log, finals) -> list[str]:
             ax.set(title=f"gamma={gamma:g}", xlabel="final position s_T")
         axes[0, 0].legend()
         save(fig, "final_positions.png")
+    if visits:  # one row per point (one row without --sweep), one column per gamma
+        from matplotlib.colors import LogNorm
+        lo, hi, bins = HEATMAP_RANGE
+        points = control_points(cfg)
+        fig, axes = plt.subplots(len(points), len(cfg.control_gammas), figsize=(2.6 * len(cfg.control_gammas) + 1.2,
+                                 2.4 * len(points) + 0.6), sharey=True, squeeze=False)  # own x range per row: T varies
+        floor = 1 / (2 * len(cfg.control_seeds) * cfg.eval_episodes)  # one visit of one episode
+        cmap = plt.get_cmap("magma").copy()
+        cmap.set_bad(cmap(0.0))  # never visited (0, masked by the log scale): the darkest colour
+        for i, (row, (opt, lr, T)) in enumerate(zip(axes, points)):
+            for ax, gamma in zip(row, cfg.control_gammas):
+                freq = visits[opt, lr, T, gamma].numpy()  # (bins, T+1)
+                im = ax.imshow(freq, origin="lower", aspect="auto", cmap=cmap, norm=LogNorm(floor, 1),
+                               extent=(-0.5, T + 0.5, lo, hi), interpolation="nearest")
+                for z in TARGETS:
+                    ax.axhline(z, color="c", ls="--", lw=0.8)
+                if i == 0:
+                    ax.set_title(f"gamma={gamma:g}", fontsize=10)
+            row[0].set_ylabel((f"{OPT_NAMES[opt]} lr {lr:g}, T={T}\n" if cfg.sweep else "") + "position s_t")
+        for ax in axes[-1]:
+            ax.set_xlabel("time step t")
+        n = len(cfg.control_seeds)
+        height = 2.4 * len(points) + 0.6
+        fig.suptitle(f"state visitation over {n} seed{'s' if n > 1 else ''} x 2 tasks x {cfg.eval_episodes} episodes "
+                     f"(targets dashed; positions beyond +-{hi:g} in the edge rows)", fontsize=10, y=1 + 0.3 / height)
+        fig.colorbar(im, ax=axes, shrink=0.8 if len(points) == 1 else 0.25, label="share of episodes")
+        path = os.path.join(cfg.out, "control_heatmaps.png")  # a colorbar over all axes: no tight_layout
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        written.append(path)
     return written
 
 
@@ -501,12 +718,17 @@ def main(argv=None) -> dict:
         print(f"  ({time.time() - t0:.1f} s)")
         write_csv(os.path.join(cfg.out, "discrete_training.csv"), curves)
         write_csv(os.path.join(cfg.out, "discrete_summary.csv"), train_summary)
+    visits = {}
     if "control" in cfg.parts:
         t0 = time.time()
-        log, finals, teacher_err = control(cfg, device)
-        ctrl_summary = control_summary(cfg, log, finals)
+        log, finals, visits, teacher_err = control(cfg, device)
         print()
-        print_control(cfg, ctrl_summary, teacher_err)
+        if cfg.sweep or cfg.preset == "paper":  # the paper's report: drift, orders of magnitude, heatmaps
+            ctrl_summary = drift_summary(cfg, log, finals)
+            print_drift(cfg, ctrl_summary, teacher_err)
+        else:
+            ctrl_summary, visits = control_summary(cfg, log, finals), {}
+            print_control(cfg, ctrl_summary, teacher_err)
         print(f"  ({time.time() - t0:.1f} s)")
         write_csv(os.path.join(cfg.out, "control_variance.csv"), log)
         write_csv(os.path.join(cfg.out, "control_final_positions.csv"), finals)
@@ -516,7 +738,7 @@ def main(argv=None) -> dict:
     for line in reading(cfg, table, by_horizon, train_summary, ctrl_summary):
         print("  " + line)
     if cfg.plots:
-        figures = plot_figures(cfg, table, curves, log, finals)
+        figures = plot_figures(cfg, table, curves, log, finals, visits)
         if figures:
             print("figures: " + ", ".join(figures))
         else:

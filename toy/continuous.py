@@ -22,6 +22,10 @@ Gaussian density in place of a softmax.
 Gradient variance is measured as in the published study: the batch of 64 rollouts is split into 8
 micro-batches of 8, the gradient of the output layer ("head") is taken on each, and we record the
 trace of the sample covariance of those 8 gradients.
+
+Where the student ends up is measured by `drift` (the share of end points nearer the other task's
+target, and the distance to the own target), and where it goes on the way by `visitation` (the
+state-visitation frequency over position and time, the heatmaps of the published study).
 """
 
 import math
@@ -35,6 +39,8 @@ from nanoopd.sampled_token import g_gamma_surrogate, returns_to_go
 STARTS = (2.0, -2.0)    # s_0 of task 0 and task 1
 TARGETS = (-3.0, 3.0)   # where each task should end
 POSITION_SCALE = 3.0    # positions are divided by this before entering the network
+MISS_TOL = 1.0          # an end point farther than this from its target has missed it (drift)
+OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}  # the student's; SGD is plain (no momentum)
 
 
 # -----------------------------------------------------------------------------
@@ -134,21 +140,25 @@ def head_grad_variance(micro_losses: torch.Tensor, head: nn.Linear) -> float:
 
 def distill_student(teachers: list[GaussianPolicy], gamma: float, horizon: int, steps: int,
                     batch_size: int, micro_batches: int, lr: float, seed: int, hidden: int = 32,
-                    device="cpu", progress=None) -> tuple[GaussianPolicy, list[dict]]:
+                    device="cpu", progress=None, optimizer: str = "adam") -> tuple[GaussianPolicy, list[dict]]:
     """OPD of one student from both teachers, task = step mod 2.
 
     Each step: rollout of batch_size episodes from the student, loss = mean of g_gamma_surrogate
-    (gradient g_gamma), Adam step. Before the step, the head-gradient variance over `micro_batches`
-    equal micro-batches is recorded. Returns (student, log) with one dict per step:
+    (gradient g_gamma), then an optimizer step: "adam" (each parameter's step is normalised by a
+    running estimate of its gradient's scale) or "sgd" (plain SGD, no momentum: the step is lr
+    times the sampled g_gamma itself, so its variance reaches the parameters unnormalised). Before
+    the step, the head-gradient variance over `micro_batches` equal micro-batches is recorded. Returns (student, log) with one dict per step:
     step, task, variance, kl_per_step (mean r_t over the batch, a single-sample estimate of the
     per-step KL), final_pos (mean s_T).
     """
     if batch_size % micro_batches:
         raise ValueError(f"batch size {batch_size} is not divisible into {micro_batches} micro-batches")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
     torch.manual_seed(seed)
     student = GaussianPolicy(hidden).to(device)
     gen = torch.Generator(device=device).manual_seed(seed)
-    opt = torch.optim.Adam(student.parameters(), lr=lr)
+    opt = OPTIMIZERS[optimizer](student.parameters(), lr=lr)
     mask = torch.ones(batch_size, horizon, device=device)  # (B, T)
     log = []
     for step in range(steps):
@@ -169,8 +179,62 @@ def distill_student(teachers: list[GaussianPolicy], gamma: float, horizon: int, 
     return student, log
 
 
-def final_positions(policy: GaussianPolicy, horizon: int, n: int, seed: int) -> list[torch.Tensor]:
-    """s_T of n sampled episodes per task: [ (n,) for task 0, (n,) for task 1 ], on the CPU."""
+def trajectories(policy: GaussianPolicy, horizon: int, n: int, seed: int) -> list[torch.Tensor]:
+    """Positions s_0..s_T of n sampled episodes per task: [ (n, T+1) for task 0, (n, T+1) for task 1 ], on the CPU."""
     device = next(policy.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
-    return [rollout(policy, task, n, horizon, gen)["pos"][:, -1].cpu() for task in (0, 1)]
+    return [rollout(policy, task, n, horizon, gen)["pos"].cpu() for task in (0, 1)]
+
+
+def final_positions(policy: GaussianPolicy, horizon: int, n: int, seed: int) -> list[torch.Tensor]:
+    """s_T of n sampled episodes per task: [ (n,) for task 0, (n,) for task 1 ], on the CPU."""
+    return [pos[:, -1] for pos in trajectories(policy, horizon, n, seed)]
+
+
+# -----------------------------------------------------------------------------
+# where the student ends up, and where it goes
+
+
+def drift(final_positions: torch.Tensor, task: int, tol: float = MISS_TOL) -> dict:
+    """How far end points s_T of task k drift from the task's target. final_positions: (n,).
+
+    With the own target z_k = TARGETS[k] and the other task's target z_{1-k}:
+
+        other     = (1/n) #{ i : |s_T^i - z_{1-k}| < |s_T^i - z_k| }   share nearer the other target
+        missed    = (1/n) #{ i : |s_T^i - z_k| > tol }                 share farther than tol from the own target
+        dist      = (1/n) sum_i |s_T^i - z_k|                          mean distance to the own target
+        dist_sd   = standard deviation of |s_T^i - z_k| over the n end points (0 when n = 1)
+        diverged  = (1/n) #{ i : s_T^i not finite }
+
+    `other` counts the end points on the wrong side (here s_T^i on the other side of 0), `missed`
+    also those that overshoot on the own side. A tie (equally near both targets) is not nearer the
+    other target. A non-finite end point has distance inf: it counts in `missed` and `diverged`,
+    not in `other`, and makes `dist` inf. Returns dict(other, missed, dist, dist_sd, diverged, n).
+    """
+    s = final_positions.detach().float().flatten()  # (n,); float32: no float64 on the MPS path
+    if s.numel() == 0:
+        raise ValueError("drift needs at least one end point")
+    finite = torch.isfinite(s)
+    d_own = torch.where(finite, (s - TARGETS[task]).abs(), torch.full_like(s, math.inf))  # (n,)
+    d_other = (s - TARGETS[1 - task]).abs()  # (n,), nan where s is nan: compares False
+    n = s.numel()
+    return dict(other=((d_other < d_own) & finite).sum().item() / n, missed=(d_own > tol).sum().item() / n,
+                dist=d_own.mean().item(), dist_sd=d_own.std(unbiased=True).item() if n > 1 else 0.0,
+                diverged=(~finite).sum().item() / n, n=n)
+
+
+def visitation(positions: torch.Tensor, lo: float, hi: float, bins: int) -> torch.Tensor:
+    """State-visitation frequency: share of episodes in each position bin at each time step.
+
+    positions: (n, T+1), s_0..s_T of n episodes -> (bins, T+1); column t is the histogram of s_t over
+    `bins` equal bins of [lo, hi], divided by n, so every column sums to 1. Positions outside [lo, hi]
+    are counted in the edge bins; non-finite ones in none (such a column sums to less than 1).
+    """
+    s = positions.detach().float()  # (n, T+1); float32: no float64 on the MPS path
+    n, steps = s.shape
+    finite = torch.isfinite(s)
+    idx = ((s.clamp(lo, hi) - lo) / (hi - lo) * bins).floor().clamp(0, bins - 1)  # (n, T+1)
+    idx = torch.where(finite, idx, torch.zeros_like(idx)).long()
+    freq = torch.zeros(bins, steps)
+    freq.scatter_add_(0, idx, finite.float())
+    return freq / n
