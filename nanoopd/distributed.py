@@ -15,6 +15,7 @@ environment) nothing here does anything and the code runs as one plain process. 
 CUDA, gloo on the CPU (which is how the tests run it, with two processes).
 """
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -67,7 +68,12 @@ def is_main() -> bool:
 
 
 def cleanup() -> None:
+    """Leave the process group. The DDP wrappers of the finished loops (whose gloo work holds
+    tensors) are collected first and every rank waits for the others, so that no rank tears the
+    group down while another still uses it: gloo can abort a process that exits otherwise."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
 
 
