@@ -60,8 +60,8 @@ def tail_mass(student_logp: torch.Tensor, teacher_logits: torch.Tensor, k: int =
     tokens up by -pi(u) sum_S pi (log pi - log q), so a growing tail is its failure mechanism."""
     k = min(k, teacher_logits.shape[-1])
     top = teacher_logits.topk(k, dim=-1).indices  # (B, T, k)
-    inside = student_logp.gather(-1, top).logsumexp(-1)  # (B, T)  log sum_S pi
-    return -torch.expm1(inside)  # (B, T)  1 - sum_S pi, exact when the tail is tiny
+    outside = student_logp.scatter(-1, top, float("-inf"))  # (B, T, V)  log pi off S, -inf on S
+    return outside.logsumexp(-1).exp()  # (B, T)  sum_{v not in S} pi(v): a tiny tail is not lost to 1 - sum
 
 
 class TailMass:
