@@ -5,7 +5,7 @@ learning rate (and K at one learning rate), from the same teacher and cold-start
 metrics.TailMass; K of the run, 16 for the objectives without one): the mechanism the README gives
 for the stop-gradient top-K's collapse. Trains the pair first if <out_dir> has none.
 
-  python experiments/stability_map.py --out_dir out/pair --threads 2     # the docs' map (about an hour on 2 cores)
+  python experiments/stability_map.py --out_dir out/pair --threads 2     # the docs' map (about 30 min on 2 cores)
   python experiments/stability_map.py --out_dir out/pair --seeds 1       # one seed: half the time
   python experiments/stability_map.py --out_dir out/pair --lrs 1e-4,1e-3 --ks 4 --k_lr 1e-3
   python experiments/stability_map.py --help                             # every flag, with its default
@@ -58,7 +58,7 @@ CSV = ["label", "objective", "k", "lr", "seed", "start_acc", "final_acc", "first
 @dataclass
 class StabilityConfig(ExperimentConfig):
     # --- stability map
-    lrs: str = "1e-5,1e-4,3e-4,1e-3"  # comma-separated OPD peak learning rates: the map's columns
+    lrs: str = "1e-5,1e-4,2e-4,3e-4,1e-3"  # comma-separated OPD peak learning rates: the map's columns
     ks: str = "4,16,64"              # comma-separated support sizes of the K sweep (16 reuses the main grid's runs)
     k_lr: float = 3e-4               # the learning rate of the K sweep (must be one of --lrs)
     opd_eval_every: int = 25         # held-out greedy accuracy every N OPD steps: when accuracy drops, vs the tail
@@ -143,7 +143,7 @@ def tables(cfg, rows, teacher_acc, start_acc, seconds) -> str:
     lrs = cfg.lr_list()
     main = [r for r in rows if r["label"] in dict((o[0], 1) for o in OBJECTIVES)]
     cell = lambda rs: f"{pct(r['final_acc'] for r in rs)} {degraded_cell(rs) if rs else ''}"
-    width = 30
+    width = 38
     lines = [f"Stability map | seeds {cfg.seeds} | {cfg.opd_steps} OPD steps x {cfg.opd_batch} rollouts | lrs {cfg.lrs} "
              f"| T={cfg.temperature} top_p={cfg.top_p} top_k={cfg.top_k} | held-out n={cfg.eval_n} every "
              f"{cfg.opd_eval_every} steps | teacher {teacher_acc:.1%}, student at start {start_acc:.1%} (greedy) | "
@@ -154,6 +154,15 @@ def tables(cfg, rows, teacher_acc, start_acc, seconds) -> str:
     for label, _, _ in OBJECTIVES:
         lines.append(f"{label:27s} | " + " | ".join(
             f"{cell([r for r in main if r['label'] == label and r['lr'] == lr]):{width}s}" for lr in lrs))
+    lines += ["", f"tail mass: start (first {TAIL_WINDOW} steps) -> end (last 10 % of steps), mean over seeds",
+              f"{'objective':27s} | " + " | ".join(f"{'lr ' + format(lr, 'g'):17s}" for lr in lrs)]
+    for label, _, _ in OBJECTIVES:
+        cells = []
+        for lr in lrs:
+            rs = [r for r in main if r["label"] == label and r["lr"] == lr]
+            cells.append(f"{sum(r['first_tail_mass'] for r in rs) / len(rs):.4f} -> "
+                         f"{sum(r.get('final_tail_mass', float('nan')) for r in rs) / len(rs):.4f}" if rs else "-")
+        lines.append(f"{label:27s} | " + " | ".join(f"{c:17s}" for c in cells))
     lines += ["", f"K sweep at lr {cfg.k_lr:g} (teacher support): held-out accuracy, degraded seeds, final tail mass",
               f"{'objective':27s} | " + " | ".join(f"{'K ' + str(k):38s}" for k in cfg.k_list())]
     for label in K_SWEEP:
@@ -161,7 +170,7 @@ def tables(cfg, rows, teacher_acc, start_acc, seconds) -> str:
         for k in cfg.k_list():
             rs = [r for r in rows if r["lr"] == cfg.k_lr and r["label"] == (label if k == K else f"{label} k{k}")]
             tail = sum(r.get("final_tail_mass", float("nan")) for r in rs) / len(rs) if rs else float("nan")
-            cells.append(f"{cell(rs)} tail {tail:.3f}")
+            cells.append(f"{cell(rs)} tail {tail:.4f}")
         lines.append(f"{label:27s} | " + " | ".join(f"{c:38s}" for c in cells))
     lines += ["", f"degraded runs: the step at which the tail mass ({TAIL_WINDOW}-step trailing mean) first exceeded "
               f"{TAIL_FACTOR:g}x its mean over the first {TAIL_WINDOW} steps vs the first evaluation (every "
@@ -174,8 +183,8 @@ def tables(cfg, rows, teacher_acc, start_acc, seconds) -> str:
         leads = "-" if d is None else ("no tail rise" if t is None else
                                        ("yes" if t < d else "no"))
         lines.append(f"{r['label']:34s} | {r['lr']:<6g} | {r['seed']:4d} | "
-                     f"{r['first_tail_mass']:.3f} -> {r.get('final_tail_mass', float('nan')):.3f}"
-                     f"{'':4s} | {t or '-':>11} | {d or '-':>11} | {r['degraded']:15s} | {leads}")
+                     f"{r['first_tail_mass']:.4f} -> {r.get('final_tail_mass', float('nan')):.4f}"
+                     f"{'':2s} | {t or '-':>11} | {d or '-':>11} | {r['degraded']:15s} | {leads}")
     good = [r for r in rows if not r["degraded"]]
     alarms = [r for r in good if r["tail_step"] is not None]
     lines += [f"false alarms: the tail crossed {TAIL_FACTOR:g}x in {len(alarms)} of the {len(good)} runs that did not "
