@@ -67,13 +67,27 @@ def pair(cfg: TrainConfig, tok, device, log):
     return teacher, load_role(cfg, "student", tok, device, log, lambda: train_student(cfg, tok, device, teacher, log))
 
 
-def run_grid(cfg: ExperimentConfig, tok, teacher, student, runs, folder: str, log, track=(), after=None) -> list[dict]:
+def merged_stats(*hooks):
+    """One OPD extra_stats hook that returns the figures of every given hook (None: no hook)."""
+    hooks = [h for h in hooks if h]
+    if not hooks:
+        return None
+    return lambda student_logits, teacher_logits, rollout: {
+        k: v for h in hooks for k, v in h(student_logits, teacher_logits, rollout).items()}
+
+
+def run_grid(cfg: ExperimentConfig, tok, teacher, student, runs, folder: str, log, track=(), after=None,
+             extra_stats=None, start_acc: float | None = None) -> list[dict]:
     """One OPD run per (seed, run), each from a fresh copy of `student`; runs = (label, objective,
     options), where the options mask_tokens and hide_from_teacher (the teacher's contexts) hold token
     names. A run that hits a non-finite loss is kept (as degraded), not fatal. `track`: token ids
-    whose log-ratios are logged (special_tokens.TrackedTokens); after(label, model) adds numbers."""
+    whose log-ratios are logged (special_tokens.TrackedTokens); after(label, model) adds numbers;
+    extra_stats(options) -> an extra_stats hook for that run, logged besides `track`'s (e.g.
+    lambda o: metrics.TailMass(o.get("k", 16))); start_acc: the student's held-out accuracy when
+    the caller has measured it already."""
     test = test_problems(cfg)
-    start_acc = evaluate(student, tok, test, 0.0, cfg.max_new_tokens)
+    if start_acc is None:
+        start_acc = evaluate(student, tok, test, 0.0, cfg.max_new_tokens)
     rows = []
     for seed in cfg.seed_list():
         for label, loss, options in runs:
@@ -87,7 +101,9 @@ def run_grid(cfg: ExperimentConfig, tok, teacher, student, runs, folder: str, lo
                 s = train_opd(model, teacher, tok, opd_config(cfg, loss, options, seed), prefix, test, log,
                               f"{label} s{seed}", start_acc=start_acc, print_every=10,
                               teacher_score=HiddenTokens(hide) if hide else None,
-                              extra_stats=TrackedTokens(track) if track else None, compile=cfg.compile)
+                              extra_stats=merged_stats(TrackedTokens(track) if track else None,
+                                                       extra_stats(options) if extra_stats else None),
+                              compile=cfg.compile)
             except FloatingPointError:
                 with open(prefix + ".json") as f:
                     s = json.load(f)

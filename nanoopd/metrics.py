@@ -11,6 +11,8 @@ masked (response) positions; k = 16 by default, clipped to the vocabulary size.
   reverse KL      KL(pi(.|c_t) || q(.|c_t))
   r_t > 0 share   the share of sampled tokens the student likes more than the teacher does
   |r_t| max       the largest log-ratio, which special-token mismatches blow up
+  tail mass       1 - sum_{v in TopK(q)} pi(v): the student's mass outside the teacher's top-K, which
+                  the top-K objectives never see (TailMass: an OPD extra_stats hook)
 plus the mean response length and the task accuracy (the gradient norm comes from loop.update).
 
 (Teacher-continuation accuracy samples from models, so it lives with the evaluations in evaluate.py.)
@@ -50,6 +52,29 @@ def topk_overlap(student_logp: torch.Tensor, teacher_logp: torch.Tensor,
     mass_pi = (shared * student_logp.gather(-1, teacher_top).exp()).sum(-1)  # (B, T)
     mass_q = (shared * teacher_logp.gather(-1, teacher_top).exp()).sum(-1)  # (B, T)
     return ratio, mass_pi, mass_q
+
+
+def tail_mass(student_logp: torch.Tensor, teacher_logits: torch.Tensor, k: int = 16) -> torch.Tensor:
+    """1 - sum_{v in TopK(q)} pi(v|c_t), (B, T): the student's mass outside the teacher's top-k
+    (teacher logits or log-probs: the same top-k). The stop-gradient top-K gradient pushes these
+    tokens up by -pi(u) sum_S pi (log pi - log q), so a growing tail is its failure mechanism."""
+    k = min(k, teacher_logits.shape[-1])
+    top = teacher_logits.topk(k, dim=-1).indices  # (B, T, k)
+    outside = student_logp.scatter(-1, top, float("-inf"))  # (B, T, V)  log pi off S, -inf on S
+    return outside.logsumexp(-1).exp()  # (B, T)  sum_{v not in S} pi(v): a tiny tail is not lost to 1 - sum
+
+
+class TailMass:
+    """The student's mean mass outside the teacher's top-k over the response tokens, as an OPD
+    extra_stats hook: (student_logits, teacher_logits, rollout) -> {"tail_mass": ...}."""
+
+    def __init__(self, k: int = 16):
+        self.k = k
+
+    @torch.no_grad()
+    def __call__(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, rollout) -> dict[str, float]:
+        logp = torch.log_softmax(student_logits.float(), dim=-1)  # (B, T, V)
+        return {"tail_mass": masked_mean(tail_mass(logp, teacher_logits.float(), self.k), rollout.response_mask)}
 
 
 @torch.no_grad()

@@ -1,0 +1,258 @@
+"""
+Stability map: held-out accuracy and the degradation verdict of the OPD objectives on math, over the
+learning rate (and K at one learning rate), from the same teacher and cold-start student as M1
+(issue 14, item 2). Every run logs the student's mass outside the teacher's top-K (tail_mass,
+metrics.TailMass; K of the run, 16 for the objectives without one): the mechanism the README gives
+for the stop-gradient top-K's collapse. Trains the pair first if <out_dir> has none.
+
+  python experiments/stability_map.py --out_dir out/pair --threads 2     # the docs' map (about 30 min on 2 cores)
+  python experiments/stability_map.py --out_dir out/pair --seeds 1       # one seed: half the time
+  python experiments/stability_map.py --out_dir out/pair --lrs 1e-4,1e-3 --ks 4 --k_lr 1e-3
+  python experiments/stability_map.py --help                             # every flag, with its default
+
+Runs, seed by seed (all of seed 1 first, so that a stopped map is a complete one-seed map): for
+each learning rate of --lrs the six objectives of OBJECTIVES (K = 16), then at --k_lr the three
+top-K forms (teacher support) at every K of --ks other than 16 (K = 16 is the main grid's run).
+
+Writes <out_dir>/stability/stability.{txt,csv,json}, one opd run per row
+(lr<lr>/<label>_s<seed>.{pt,jsonl,json}) and, with matplotlib, stability_map.png (objective x
+learning rate, coloured by held-out accuracy) and m1_curves.png (the runs at lr 3e-4, seed 1: M1's
+settings).
+"""
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, replace
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+
+from experiments.common import (OPD_RUN_FIELDS, OPSD_FIELDS, RLVR_FIELDS, ExperimentConfig, pair, parse,
+                                run_experiment, run_grid)
+from nanoopd.config import ConfigError
+from nanoopd.evaluate import evaluate
+from nanoopd.metrics import TailMass
+from nanoopd.report import degraded_cell, pct, write_results
+from nanoopd.script import cli
+from train_math import test_problems
+
+K = 16  # the main grid's support size, and the tail mass's K for the objectives without one
+# (label, objective, options): the rows of the map
+OBJECTIVES = (
+    ("topk_unnormalized", "topk_unnormalized", {"k": K}),
+    ("topk_stopgrad(teacher)", "topk_stopgrad", {"k": K, "support": "teacher"}),
+    ("topk_stopgrad(intersection)", "topk_stopgrad", {"k": K, "support": "intersection"}),
+    ("topk_renorm", "topk_renorm", {"k": K}),
+    ("full_reverse_kl", "full_reverse_kl", {}),
+    ("sampled_token", "sampled_token", {}),
+)
+K_SWEEP = ("topk_unnormalized", "topk_stopgrad(teacher)", "topk_renorm")  # the K sweep's rows (teacher support)
+TAIL_FACTOR = 2.0  # the tail has risen when its trailing mean exceeds this multiple of its start (see lead)
+TAIL_WINDOW = 5   # steps in the tail's start value (the first ones, still in the warm-up) and trailing mean
+CSV = ["label", "objective", "k", "lr", "seed", "start_acc", "final_acc", "first_kl", "final_kl", "first_tail_mass",
+       "final_tail_mass", "final_response_length", "final_budget_share", "max_logratio_abs", "degraded", "error",
+       "tail_step", "acc_drop_step", "steps_done", "seconds"]
+
+
+@dataclass
+class StabilityConfig(ExperimentConfig):
+    # --- stability map
+    lrs: str = "1e-5,1e-4,2e-4,3e-4,1e-3"  # comma-separated OPD peak learning rates: the map's columns
+    ks: str = "4,16,64"              # comma-separated support sizes of the K sweep (16 reuses the main grid's runs)
+    k_lr: float = 3e-4               # the learning rate of the K sweep (must be one of --lrs)
+    opd_eval_every: int = 25         # held-out greedy accuracy every N OPD steps: when accuracy drops, vs the tail
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("lrs", "ks"):
+            try:
+                values = self.lr_list() if name == "lrs" else self.k_list()
+            except ValueError:
+                values = []
+            if not values or min(values) <= 0:
+                raise ConfigError(name, f"must be comma-separated positive numbers; got {getattr(self, name)!r}")
+        if self.k_lr not in self.lr_list():
+            raise ConfigError("k_lr", f"must be one of --lrs {self.lrs}, got {self.k_lr}")
+
+    def lr_list(self) -> list[float]:
+        return [float(s) for s in self.lrs.split(",") if s.strip()]
+
+    def k_list(self) -> list[int]:
+        return [int(s) for s in self.ks.split(",") if s.strip()]
+
+
+def k_runs(cfg: StabilityConfig) -> list[tuple]:
+    """The K sweep's runs beyond the main grid: K_SWEEP at every K of --ks but 16."""
+    by_label = {label: (loss, opts) for label, loss, opts in OBJECTIVES}
+    return [(f"{label} k{k}", by_label[label][0], {**by_label[label][1], "k": k})
+            for k in cfg.k_list() if k != K for label in K_SWEEP]
+
+
+def lr_folder(cfg, lr: float) -> str:
+    return os.path.join(cfg.out_dir, "stability", f"lr{lr:g}")
+
+
+def records(cfg, row: dict) -> list[dict]:
+    """A run's step records, from its JSONL."""
+    label = "".join(c if c.isalnum() else "_" for c in row["label"])
+    with open(os.path.join(lr_folder(cfg, row["lr"]), f"{label}_s{row['seed']}.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def lead(row: dict, recs: list[dict]) -> dict:
+    """When the tail rose and when accuracy dropped, both in steps done: the first step at which the
+    tail mass, as a trailing mean over TAIL_WINDOW steps, exceeded TAIL_FACTOR x its mean over the
+    first TAIL_WINDOW steps (one batch's value is too noisy to be the baseline), and the first
+    evaluation at which held-out accuracy was more than 10 points below the start."""
+    tails = [r["tail_mass"] for r in recs]
+    base = sum(tails[:TAIL_WINDOW]) / len(tails[:TAIL_WINDOW]) if tails else None
+    tail_step = next((i + 1 for i in range(TAIL_WINDOW, len(tails))
+                      if sum(tails[i + 1 - TAIL_WINDOW:i + 1]) / TAIL_WINDOW > TAIL_FACTOR * base), None)
+    drop = next((s for s, a in row["evals"][1:] if a < row["start_acc"] - 0.10), None)
+    return {"first_tail_mass": base, "tail_step": tail_step, "acc_drop_step": drop}
+
+
+def stability(cfg: StabilityConfig, tok, device, log) -> dict:
+    t0 = time.time()
+    teacher, student = pair(cfg, tok, device, log)
+    start_acc = evaluate(student, tok, test_problems(cfg), 0.0, cfg.max_new_tokens)
+    teacher_acc = evaluate(teacher, tok, test_problems(cfg), 0.0, cfg.max_new_tokens)
+    tail_hook = lambda options: TailMass(options.get("k", K))
+    rows = []
+    for seed in cfg.seed_list():  # seed by seed: a stopped map is a complete map of its first seeds
+        for lr in cfg.lr_list():
+            runs = list(OBJECTIVES) + (k_runs(cfg) if lr == cfg.k_lr else [])
+            run_cfg = replace(cfg, seeds=str(seed), opd_lr=lr)
+            for r in run_grid(run_cfg, tok, teacher, student, runs, lr_folder(cfg, lr), log,
+                              extra_stats=tail_hook, start_acc=start_acc):
+                label, loss, options = next(x for x in runs if x[0] == r["label"])
+                rows.append({**r, "objective": loss, "k": options.get("k"), "lr": lr})
+                rows[-1].update(lead(rows[-1], records(cfg, rows[-1])))
+    seconds = time.time() - t0
+    table = tables(cfg, rows, teacher_acc, start_acc, seconds)
+    log(table)
+    folder = os.path.join(cfg.out_dir, "stability")
+    write_results(folder, "stability", rows, table,
+                  {"teacher_acc": teacher_acc, "start_acc": start_acc, "seconds": round(seconds, 1)}, CSV)
+    figures(cfg, rows, folder, log)
+    return {"stability_teacher_acc": teacher_acc}
+
+
+def tables(cfg, rows, teacher_acc, start_acc, seconds) -> str:
+    lrs = cfg.lr_list()
+    main = [r for r in rows if r["label"] in dict((o[0], 1) for o in OBJECTIVES)]
+    cell = lambda rs: f"{pct(r['final_acc'] for r in rs)} {degraded_cell(rs) if rs else ''}"
+    width = 38
+    lines = [f"Stability map | seeds {cfg.seeds} | {cfg.opd_steps} OPD steps x {cfg.opd_batch} rollouts | lrs {cfg.lrs} "
+             f"| T={cfg.temperature} top_p={cfg.top_p} top_k={cfg.top_k} | held-out n={cfg.eval_n} every "
+             f"{cfg.opd_eval_every} steps | teacher {teacher_acc:.1%}, student at start {start_acc:.1%} (greedy) | "
+             f"wall {seconds / 60:.1f} min",
+             "",
+             f"held-out accuracy, mean (per seed), and degraded seeds; K = {K}",
+             f"{'objective':27s} | " + " | ".join(f"{'lr ' + format(lr, 'g'):{width}s}" for lr in lrs)]
+    for label, _, _ in OBJECTIVES:
+        lines.append(f"{label:27s} | " + " | ".join(
+            f"{cell([r for r in main if r['label'] == label and r['lr'] == lr]):{width}s}" for lr in lrs))
+    lines += ["", f"tail mass: start (first {TAIL_WINDOW} steps) -> end (last 10 % of steps), mean over seeds",
+              f"{'objective':27s} | " + " | ".join(f"{'lr ' + format(lr, 'g'):17s}" for lr in lrs)]
+    for label, _, _ in OBJECTIVES:
+        cells = []
+        for lr in lrs:
+            rs = [r for r in main if r["label"] == label and r["lr"] == lr]
+            cells.append(f"{sum(r['first_tail_mass'] for r in rs) / len(rs):.4f} -> "
+                         f"{sum(r.get('final_tail_mass', float('nan')) for r in rs) / len(rs):.4f}" if rs else "-")
+        lines.append(f"{label:27s} | " + " | ".join(f"{c:17s}" for c in cells))
+    lines += ["", f"K sweep at lr {cfg.k_lr:g} (teacher support): held-out accuracy, degraded seeds, final tail mass",
+              f"{'objective':27s} | " + " | ".join(f"{'K ' + str(k):38s}" for k in cfg.k_list())]
+    for label in K_SWEEP:
+        cells = []
+        for k in cfg.k_list():
+            rs = [r for r in rows if r["lr"] == cfg.k_lr and r["label"] == (label if k == K else f"{label} k{k}")]
+            tail = sum(r.get("final_tail_mass", float("nan")) for r in rs) / len(rs) if rs else float("nan")
+            cells.append(f"{cell(rs)} tail {tail:.4f}")
+        lines.append(f"{label:27s} | " + " | ".join(f"{c:38s}" for c in cells))
+    lines += ["", f"degraded runs: the step at which the tail mass ({TAIL_WINDOW}-step trailing mean) first exceeded "
+              f"{TAIL_FACTOR:g}x its mean over the first {TAIL_WINDOW} steps vs the first evaluation (every "
+              f"{cfg.opd_eval_every} steps) with held-out accuracy > 10 points below the start; both in steps done",
+              f"{'run':34s} | {'lr':6s} | seed | {'tail start -> end':18s} | tail x{TAIL_FACTOR:g} at | acc drop at | "
+              f"{'verdict':15s} | tail leads?"]
+    bad = [r for r in rows if r["degraded"]]
+    for r in bad:
+        t, d = r["tail_step"], r["acc_drop_step"]
+        leads = "-" if d is None else ("no tail rise" if t is None else
+                                       ("yes" if t < d else "no"))
+        lines.append(f"{r['label']:34s} | {r['lr']:<6g} | {r['seed']:4d} | "
+                     f"{r['first_tail_mass']:.4f} -> {r.get('final_tail_mass', float('nan')):.4f}"
+                     f"{'':2s} | {t or '-':>11} | {d or '-':>11} | {r['degraded']:15s} | {leads}")
+    good = [r for r in rows if not r["degraded"]]
+    alarms = [r for r in good if r["tail_step"] is not None]
+    lines += [f"false alarms: the tail crossed {TAIL_FACTOR:g}x in {len(alarms)} of the {len(good)} runs that did not "
+              f"degrade" + (f" ({', '.join(sorted(set(r['label'] + ' lr ' + format(r['lr'], 'g') for r in alarms)))})"
+                            if alarms else ""),
+              "tail mass: the student's mass outside the teacher's top-K (K of the run, 16 for the others), mean over "
+              "response tokens; start = mean over the first steps, end = over the last 10 %. degraded: non-finite, length "
+              "(>= 50 % of rollouts hit the budget) or collapse (held-out accuracy > 10 points below the start)"]
+    return "\n".join(lines)
+
+
+def figures(cfg, rows, folder: str, log) -> None:
+    """stability_map.png and m1_curves.png, when matplotlib is there."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("stability: no figures: matplotlib is missing (pip install matplotlib)")
+        return
+    lrs, labels = cfg.lr_list(), [o[0] for o in OBJECTIVES]
+    fig, ax = plt.subplots(figsize=(1.6 * len(lrs) + 3.2, 0.55 * len(labels) + 1.4))
+    grid = [[float("nan")] * len(lrs) for _ in labels]
+    for i, label in enumerate(labels):
+        for j, lr in enumerate(lrs):
+            rs = [r for r in rows if r["label"] == label and r["lr"] == lr and r["final_acc"] is not None]
+            if rs:
+                grid[i][j] = 100 * sum(r["final_acc"] for r in rs) / len(rs)
+                bad = sum(bool(r["degraded"]) for r in rs)
+                ax.text(j, i, f"{grid[i][j]:.1f}" + (f" x{bad}/{len(rs)}" if bad else ""), ha="center", va="center",
+                        fontsize=8, color="white" if grid[i][j] < 50 else "black")
+    im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=100, aspect="auto")
+    ax.set_xticks(range(len(lrs)), [f"{lr:g}" for lr in lrs])
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("OPD peak learning rate")
+    ax.set_title(f"held-out accuracy (%), seeds {cfg.seeds}; xN/M: degraded seeds", fontsize=9)
+    fig.colorbar(im, ax=ax, label="held-out accuracy (%)")
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, "stability_map.png"), dpi=90)
+    plt.close(fig)
+
+    m1 = [r for r in rows if r["lr"] == 3e-4 and r["seed"] == cfg.seed_list()[0] and r["label"] in labels]
+    if not m1:
+        return
+    keys = (("kl", "reverse KL"), ("response_length", "response length"), ("acc", "rollout accuracy"),
+            ("tail_mass", f"tail mass (outside teacher top-{K})"))
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6.5))
+    for r in m1:
+        recs = records(cfg, r)
+        for ax, (key, _) in zip(axes.flat, keys):
+            ax.plot([x["step"] for x in recs], [x[key] for x in recs], label=r["label"], lw=1)
+    for ax, (key, name) in zip(axes.flat, keys):
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("OPD step")
+        if key in ("kl", "tail_mass"):
+            ax.set_yscale("log")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(f"M1's settings: lr 3e-4, seed {cfg.seed_list()[0]}, {cfg.opd_batch} rollouts per step", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, "m1_curves.png"), dpi=80)
+    plt.close(fig)
+    log(f"stability: figures in {folder}: stability_map.png, m1_curves.png")
+
+
+def main(argv=None) -> dict:
+    cfg = parse(StabilityConfig, argv, __doc__, exclude=OPD_RUN_FIELDS + OPSD_FIELDS + RLVR_FIELDS + ("opd_lr",))
+    return run_experiment("stability", cfg, stability)
+
+
+if __name__ == "__main__":
+    cli(main)
