@@ -13,6 +13,12 @@ A row stops at its first <|eos|> (included in the response) or after max_new_tok
 are padding. Returned per token: pi(y_t | c_t) under the model itself (temperature 1, no
 truncation: the quantity every OPD objective needs) and the log-prob under the distribution actually
 sampled from. A seeded `torch.Generator` makes a rollout repeatable.
+
+Speed: a decoding step is a few dozen small kernels, so the loop keeps its own work per step to a
+handful of them. A token is drawn by inverting the CDF (`sample`: one uniform per row, a cumulative
+sum and a comparison) rather than by torch.multinomial, which draws one exponential per vocabulary
+entry and took a quarter of a CPU rollout. Padding of finished rows in the log-probs is applied once
+at the end; the only host sync per step is the check that some row is still generating.
 """
 
 from dataclasses import dataclass
@@ -76,6 +82,19 @@ def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0
     return logits
 
 
+def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of probs (B, V) (non-negative, each row with positive total mass Z; it need
+    not be exactly 1) by inverting the CDF: with u ~ U(0, 1] and F_v = sum_{w <= v} p_w,
+
+        y = min {v : F_v >= u Z} = #{v : F_v < u Z},    so P(y = v) = (F_v - F_{v-1}) / Z = p_v / Z.
+
+    A token of zero mass is never drawn (F_v = F_{v-1} < u Z means v - 1 is not yet reached, and
+    F_0 = 0 < u Z), and u = 1 draws the last token of positive mass. One uniform per row."""
+    cdf = probs.cumsum(-1)  # (B, V)
+    u = 1.0 - torch.rand(probs.shape[0], 1, device=probs.device, generator=generator)  # (B, 1) in (0, 1]
+    return (cdf < u * cdf[:, -1:]).sum(-1)  # (B,)
+
+
 def check_sampling_args(temperature: float, top_k: int, top_p: float, max_new_tokens: int):
     if temperature < 0:
         raise ConfigError("temperature", f"must be >= 0 (0 = greedy), got {temperature}")
@@ -119,17 +138,15 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, eos_id: 
         logp = torch.log_softmax(logits.float(), dim=-1)  # (B, V)
         if temperature == 0:
             nxt = logp.argmax(-1)  # (B,)
-            slp = torch.zeros(B, device=device)  # a point mass
         else:
             slogp = logp if plain else torch.log_softmax(filter_logits(logits, temperature, top_k, top_p), dim=-1)
-            nxt = torch.multinomial(slogp.exp(), 1, generator=generator).squeeze(1)  # (B,)
-            slp = slogp.gather(1, nxt[:, None]).squeeze(1)  # (B,)
-        nxt = torch.where(alive, nxt, pad_id)  # (B,)
-        tokens[:, P + t] = nxt
+            nxt = sample(slogp.exp(), generator)  # (B,)
+        logprobs[:, t] = logp.gather(1, nxt[:, None]).squeeze(1)
+        if temperature != 0 and not plain:  # greedy: a point mass, 0; plain: the same as logprobs
+            sampler_logprobs[:, t] = slogp.gather(1, nxt[:, None]).squeeze(1)
+        tokens[:, P + t] = torch.where(alive, nxt, pad_id)
         valid[:, P + t] = alive
-        logprobs[:, t] = torch.where(alive, logp.gather(1, nxt[:, None]).squeeze(1), 0.0)
-        sampler_logprobs[:, t] = torch.where(alive, slp, 0.0)
-        alive = alive & (nxt != eos_id)
+        alive &= nxt != eos_id
         if t == N - 1 or not bool(alive.any()):
             break
         with autocast(device):
@@ -139,9 +156,15 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, eos_id: 
                 logits = model(tokens[:, :P + t + 1], valid[:, :P + t + 1])[:, -1]  # (B, V)
     model.train(was_training)
     n = t + 1  # response columns generated
+    if not torch.isfinite(logprobs[:, :n]).all():
+        raise FloatingPointError("the model's log-probs became non-finite (NaN/inf) while sampling: its weights "
+                                 "have diverged; lower the learning rate or resume from an earlier checkpoint")
+    done = ~valid[:, P:P + n]  # (B, n) slots after a row's EOS: their log-probs are defined as 0
+    logprobs = logprobs[:, :n].masked_fill(done, 0.0)  # (B, n)
+    sampler_logprobs = logprobs.clone() if plain else sampler_logprobs[:, :n].masked_fill(done, 0.0)  # (B, n)
     return Rollout(tokens=tokens[:, :P + n].contiguous(), valid=valid[:, :P + n].contiguous(), prompt_len=P,
                    response=tokens[:, P:P + n].contiguous(), response_mask=valid[:, P:P + n].contiguous(),
-                   logprobs=logprobs[:, :n].contiguous(), sampler_logprobs=sampler_logprobs[:, :n].contiguous())
+                   logprobs=logprobs, sampler_logprobs=sampler_logprobs)
 
 
 def response_logits(model: GPT, rollout: Rollout) -> torch.Tensor:

@@ -1,10 +1,11 @@
-"""Sampling: greedy = argmax, ragged batches = one at a time, top-k / top-p sets, seeds, EOS masks."""
+"""Sampling: greedy = argmax, ragged batches = one at a time, top-k / top-p sets, seeds, EOS masks,
+the inverse-CDF draw against its probabilities."""
 
 import pytest
 import torch
 
 from nanoopd.model import GPT, GPTConfig
-from nanoopd.rollout import filter_logits, generate, response_logits
+from nanoopd.rollout import filter_logits, generate, response_logits, sample
 
 EOS, PAD = 48, 49
 
@@ -100,7 +101,7 @@ def constant_model(eos_prob: float):
 
 
 def test_response_mask_stops_after_first_eos():
-    model = constant_model(0.3)
+    model = constant_model(0.15)  # a row misses EOS in all 10 steps with p = 0.85^10 = 0.2: both cases occur
     ro = generate(model, PROMPTS * 8, 10, EOS, PAD, temperature=1.0, generator=torch.Generator().manual_seed(1))
     stopped = 0
     for row, m in zip(ro.response.tolist(), ro.response_mask.tolist()):
@@ -132,3 +133,37 @@ def test_bad_sampling_arguments_are_refused():
         generate(model, PROMPTS, 100, EOS, PAD)
     with pytest.raises(ValueError, match="at least one token"):
         generate(model, [[]], 4, EOS, PAD)
+
+
+def test_inverse_cdf_draws_follow_the_probabilities():
+    """200,000 draws per row: every frequency within 5 standard errors of p_v / Z, zero mass never
+    drawn (at either end and in the middle), rows need not sum to 1."""
+    probs = torch.tensor([[0.0, 0.1, 0.0, 0.6, 0.3, 0.0],
+                          [0.5, 0.0, 0.25, 0.0, 0.0, 0.25],
+                          [2e-3, 1e-3, 0.0, 0.0, 0.0, 1e-3]])  # (3, 6), the last row sums to 4e-3
+    n = 200_000
+    g = torch.Generator().manual_seed(0)
+    draws = sample(probs.repeat(n, 1), g).view(n, 3)  # (n, 3): n independent draws of every row
+    for row in range(3):
+        p = probs[row] / probs[row].sum()
+        freq = torch.bincount(draws[:, row], minlength=6).double() / n
+        assert (freq[p == 0] == 0).all()
+        assert ((freq - p).abs() <= 5 * (p * (1 - p) / n).sqrt() + 1e-12).all(), (row, freq, p)
+
+
+def test_inverse_cdf_ends_of_the_uniform(monkeypatch):
+    """u = 1 draws the last token of positive mass (not a zero-mass token after it); a u just above
+    0 draws the first token of positive mass."""
+    probs = torch.tensor([[0.0, 0.3, 0.7, 0.0, 0.0]])
+    monkeypatch.setattr(torch, "rand", lambda *shape, **kw: torch.zeros(shape))  # u = 1 - 0 = 1
+    assert sample(probs).item() == 2
+    monkeypatch.setattr(torch, "rand", lambda *shape, **kw: torch.full(shape, 1 - 2 ** -24))  # u = 2^-24
+    assert sample(probs).item() == 1
+
+
+def test_a_diverged_model_stops_the_rollout_with_a_clear_error():
+    model = tiny()
+    with torch.no_grad():
+        model.ln_f.weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        generate(model, PROMPTS, 4, EOS, PAD, temperature=1.0, generator=torch.Generator().manual_seed(0))
