@@ -11,6 +11,8 @@ bench.py: throughput of the pieces that dominate on-policy distillation, so chan
             of the same shapes and vocabulary, float32, KV cache on, EOS suppressed on both sides
             so that both generate the same number of tokens; at two sizes (4x128 student / 6x256
             teacher, batch 16, 32 new tokens; 2x64 / 4x128, batch 64, 64 new tokens)
+  --profile where the time of one OPD step goes at those two sizes: its split, and the operators
+            that take the most time (torch.profiler, self time)
 
 for the default teacher and student architectures of train_math.py (random weights: speed does not
 depend on them; EOS is disabled so every row generates the full budget).
@@ -18,6 +20,7 @@ depend on them; EOS is disabled so every row generates the full budget).
   python bench.py                    # CPU or the GPU picked automatically
   python bench.py --device cpu --threads 2
   python bench.py --vs trl           # needs: pip install trl transformers datasets
+  python bench.py --profile          # the top operators of one OPD step
 Quote ratios from one run; absolute numbers only together with the machine they came from.
 """
 
@@ -52,6 +55,9 @@ p.add_argument("--repeats", type=int, default=3, help="timed repeats; the best i
 p.add_argument("--vs", choices=("trl",), default=None,
                help="time the OPD step side by side with another implementation (trl: TRL's GKDTrainer); "
                     "only that comparison runs")
+p.add_argument("--profile", action="store_true",
+               help="profile one OPD step (full_reverse_kl) at the two --vs sizes and print the operators that "
+                    "take the most time; only the profile runs")
 args = p.parse_args()
 for name in ("batch", "new_tokens", "prompt_len", "train_len", "repeats"):
     if getattr(args, name) < 1:
@@ -211,19 +217,51 @@ def trl_step_time(s: GPTConfig, t: GPTConfig, B: int, N: int, problems) -> float
     return min(times[1:])
 
 
+# the two sizes of the comparison: label, student and teacher (layers, width, heads), batch, new tokens
+SIZES = (("4x128 / 6x256", (4, 128, 4), (6, 256, 8), 16, 32),
+         ("2x64 / 4x128", (cfg.s_layer, cfg.s_embd, cfg.s_head), (cfg.t_layer, cfg.t_embd, cfg.t_head), 64, 64))
+
+
+def size_models(student: tuple, teacher: tuple) -> tuple[GPTConfig, GPTConfig, GPT, GPT]:
+    """Configs and random-weight models (seed 0) of one size: the frozen teacher and the student."""
+    s_cfg, t_cfg = (GPTConfig(vocab_size=tok.n_vocab, n_layer=l, n_embd=c, n_head=h) for l, c, h in (student, teacher))
+    torch.manual_seed(0)
+    return s_cfg, t_cfg, freeze(GPT(t_cfg).to(device)), GPT(s_cfg).to(device)
+
+
+if args.profile:
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    for label, s_arch, t_arch, B, N in SIZES:
+        _, _, teacher, student = size_models(s_arch, t_arch)
+        problems = problems_for(B, 2)
+        opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
+        ocfg = OPDConfig(loss="full_reverse_kl", batch_size=B, max_new_tokens=N, digits=cfg.digits, ops=cfg.ops)
+        gen = torch.Generator(device=device).manual_seed(0)
+        opd_step(student, teacher, opt, no_eos, problems[:B], ocfg, gen, 0)  # warm-up
+        with profile(activities=activities) as prof:
+            rec = opd_step(student, teacher, opt, no_eos, problems[B:], ocfg, gen, 1)
+        ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        total = sum(e.self_cpu_time_total for e in ops)
+        print(f"\nOPD step (full_reverse_kl), {label}, batch {B}, {N} new tokens, under the profiler: rollout "
+              f"{rec['t_rollout']:.3f}s, teacher {rec['t_teacher']:.3f}s, student {rec['t_student']:.3f}s")
+        print(f"{'operator':52s} {'self time':>9s} {'share':>6s} {'calls':>6s} {'per call':>9s}")
+        for e in ops[:12]:
+            print(f"{e.key[:52]:52s} {e.self_cpu_time_total / 1e3:7.1f}ms {e.self_cpu_time_total / total:6.1%} "
+                  f"{e.count:6d} {e.self_cpu_time_total / e.count:7.1f}us")
+        rest = ops[12:]
+        print(f"{f'the other {len(rest)} operators':52s} {sum(e.self_cpu_time_total for e in rest) / 1e3:7.1f}ms "
+              f"{sum(e.self_cpu_time_total for e in rest) / total:6.1%} {sum(e.count for e in rest):6d}")
+    raise SystemExit(0)
+
 if args.vs == "trl":
-    sizes = (("4x128 / 6x256", (4, 128, 4), (6, 256, 8), 16, 32),
-             ("2x64 / 4x128", (cfg.s_layer, cfg.s_embd, cfg.s_head), (cfg.t_layer, cfg.t_embd, cfg.t_head), 64, 64))
     print(f"\nOPD step, nanoopd vs TRL GKDTrainer (lmbda 1, beta 1 = full_reverse_kl), float32, KV cache, EOS "
           f"suppressed; seconds of the fastest of {args.repeats} steps after a warm-up")
     print(f"{'student / teacher':17s} {'batch':>5s} {'new':>4s} | {'nanoopd':>8s} {'TRL':>8s} {'ratio':>6s} | "
           f"{'GFLOP':>6s} | {'nanoopd GFLOP/s':>15s} {'TRL GFLOP/s':>15s}   (steps/s; % of the matmul peak)")
-    for label, (sl, sc, sh), (tl, tc, th), B, N in sizes:
-        s_cfg = GPTConfig(vocab_size=tok.n_vocab, n_layer=sl, n_embd=sc, n_head=sh)
-        t_cfg = GPTConfig(vocab_size=tok.n_vocab, n_layer=tl, n_embd=tc, n_head=th)
+    for label, s_arch, t_arch, B, N in SIZES:
+        s_cfg, t_cfg, teacher, student = size_models(s_arch, t_arch)
         problems = problems_for(B, args.repeats + 1)
-        torch.manual_seed(0)
-        teacher, student = freeze(GPT(t_cfg).to(device)), GPT(s_cfg).to(device)
         ours, rec = time_opd(student, teacher, "full_reverse_kl", B, N, problems)
         theirs = trl_step_time(s_cfg, t_cfg, B, N, problems)
         P = sum(len(encode_example(tok, q)[0]) for q in problems[B:2 * B]) / B

@@ -142,6 +142,15 @@ def test_bench_at_tiny_sizes(monkeypatch, capsys):
     assert all(name in text for name in OBJECTIVES)
 
 
+def test_bench_profile_names_where_the_step_goes(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--device", "cpu", "--profile"])
+    with no_float64(), pytest.raises(SystemExit) as done:
+        runpy.run_path(os.path.join(ROOT, "bench.py"), run_name="__main__")
+    text = capsys.readouterr().out
+    assert done.value.code == 0
+    assert text.count("under the profiler: rollout") == 2 and "aten::addmm" in text  # both sizes, real operators
+
+
 def test_train_toy_quick_in_float32(tmp_path, capsys):
     import train_toy
     with no_float64():
