@@ -12,7 +12,7 @@ bench.py: throughput of the pieces that dominate on-policy distillation, so chan
             so that both generate the same number of tokens; at two sizes (4x128 student / 6x256
             teacher, batch 16, 32 new tokens; 2x64 / 4x128, batch 64, 64 new tokens)
   --profile where the time of one OPD step goes at those two sizes: its split, and the operators
-            that take the most time (torch.profiler, self time)
+            that take the most time (torch.profiler, self time: CPU time, or GPU time on CUDA)
 
 for the default teacher and student architectures of train_math.py (random weights: speed does not
 depend on them; EOS is disabled so every row generates the full budget).
@@ -241,17 +241,18 @@ if args.profile:
         opd_step(student, teacher, opt, no_eos, problems[:B], ocfg, gen, 0)  # warm-up
         with profile(activities=activities) as prof:
             rec = opd_step(student, teacher, opt, no_eos, problems[B:], ocfg, gen, 1)
-        ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-        total = sum(e.self_cpu_time_total for e in ops)
+        self_time = lambda e: e.self_device_time_total if device.type == "cuda" else e.self_cpu_time_total  # us
+        ops = sorted(prof.key_averages(), key=self_time, reverse=True)
+        total = sum(self_time(e) for e in ops)
         print(f"\nOPD step (full_reverse_kl), {label}, batch {B}, {N} new tokens, under the profiler: rollout "
               f"{rec['t_rollout']:.3f}s, teacher {rec['t_teacher']:.3f}s, student {rec['t_student']:.3f}s")
         print(f"{'operator':52s} {'self time':>9s} {'share':>6s} {'calls':>6s} {'per call':>9s}")
         for e in ops[:12]:
-            print(f"{e.key[:52]:52s} {e.self_cpu_time_total / 1e3:7.1f}ms {e.self_cpu_time_total / total:6.1%} "
-                  f"{e.count:6d} {e.self_cpu_time_total / e.count:7.1f}us")
+            print(f"{e.key[:52]:52s} {self_time(e) / 1e3:7.1f}ms {self_time(e) / total:6.1%} "
+                  f"{e.count:6d} {self_time(e) / e.count:7.1f}us")
         rest = ops[12:]
-        print(f"{f'the other {len(rest)} operators':52s} {sum(e.self_cpu_time_total for e in rest) / 1e3:7.1f}ms "
-              f"{sum(e.self_cpu_time_total for e in rest) / total:6.1%} {sum(e.count for e in rest):6d}")
+        print(f"{f'the other {len(rest)} operators':52s} {sum(self_time(e) for e in rest) / 1e3:7.1f}ms "
+              f"{sum(self_time(e) for e in rest) / total:6.1%} {sum(e.count for e in rest):6d}")
     raise SystemExit(0)
 
 if args.vs == "trl":

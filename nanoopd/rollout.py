@@ -89,7 +89,12 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> tor
         y = min {v : F_v >= u Z} = #{v : F_v < u Z},    so P(y = v) = (F_v - F_{v-1}) / Z = p_v / Z.
 
     A token of zero mass is never drawn (F_v = F_{v-1} < u Z means v - 1 is not yet reached, and
-    F_0 = 0 < u Z), and u = 1 draws the last token of positive mass. One uniform per row."""
+    F_0 = 0 < u Z), and u = 1 draws the last token of positive mass. One uniform per row.
+
+    Exact up to float32: u lies on a grid of 2^-24, so a token of mass below about 6e-8 Z is drawn
+    with a quantised probability, and the zero-mass guarantee needs a cumulative sum that adds in
+    order (the CPU's does; a GPU scan may group the additions and leave a zero-mass token a sliver
+    of rounding, about 1e-7 of the mass)."""
     cdf = probs.cumsum(-1)  # (B, V)
     u = 1.0 - torch.rand(probs.shape[0], 1, device=probs.device, generator=generator)  # (B, 1) in (0, 1]
     return (cdf < u * cdf[:, -1:]).sum(-1)  # (B,)
