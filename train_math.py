@@ -75,6 +75,7 @@ class TrainConfig:
     compile: bool = False            # torch.compile the training forward passes (sampling stays eager); pays off on a GPU, costs tens of seconds on a CPU
     save_every: int = 250            # checkpoint a stage (weights, optimizer, samplers' RNG states) every N steps; OPD also at every evaluation
     resume: bool = False             # continue every stage from its checkpoint in out_dir; a finished stage is not retrained
+    dist_timeout: float = 300        # torchrun: seconds a process waits for the others in a collective before every process stops
     # --- task
     digits: int = 3                  # operands have 1..digits digits
     ops: str = "+-"                  # operators drawn uniformly from this subset of '+-*'
@@ -154,6 +155,8 @@ class TrainConfig:
         if self.max_new_tokens + 2 * self.digits + 4 > GPTConfig().block_size:  # <|bos|> a op b = \n, then the answer
             raise ConfigError("max_new_tokens", f"{self.max_new_tokens} and a {self.digits}-digit prompt do not fit "
                               f"the models' {GPTConfig().block_size} positions")
+        if not self.dist_timeout > 0:
+            raise ConfigError("dist_timeout", f"must be > 0 seconds, got {self.dist_timeout}")
         if any(c in self.run_name for c in "/\\ ") or self.run_name.startswith("."):
             raise ConfigError("run_name", f"becomes a file name: no '/', '\\', spaces or leading '.', got {self.run_name!r}")
         if (self.pi != "rule" or self.live_teacher) and self.mode != "opsd":

@@ -80,7 +80,7 @@ MUTANTS: dict[str, tuple[Mutant, ...]] = {
                "mask = mask & contains(tokens, mask_tokens)",
                "mask", "must remove exactly the 2 positions"),
         Mutant("the token after a hidden one read at the hidden position itself",
-               "last_visible = position.masked_fill(~visible, -1).cummax(1).values.clamp(min=0)",
+               "last_visible = torch.where(seen, position.unsqueeze(1), -1).amax(-1).clamp(min=0)",
                "last_visible = position",
                "hide", "read at the last visible position"),
         Mutant("the prompt's tokens hidden too",

@@ -8,9 +8,17 @@ reads that state.
 Loading needs no flags: the config stored in the file rebuilds the model. Writes are atomic (write
 a temporary file in the same folder, flush it to disk, then rename over the target), so a crash in
 the middle of a save never leaves a broken file where a good checkpoint was.
+
+A checkpoint is data, never code: checkpoints travel between machines (a course hands teachers and
+students around), so files are read with torch.load(weights_only=True), which unpickles only
+tensors, numbers, strings and plain containers. A file that asks for anything else (a pickled
+function call, say) is refused before any of it runs. Everything the project writes (weights,
+configs, optimizer states, RNG states, run records) is of those kinds.
 """
 
 import os
+import pickle
+import re
 from dataclasses import asdict
 
 import torch
@@ -57,13 +65,24 @@ def save_checkpoint(path: str, model: GPT, step: int, optimizer=None, extra: dic
 
 
 def read_checkpoint(path: str) -> dict:
-    """The raw payload of a checkpoint, with a clear error for a missing or corrupt file."""
+    """The raw payload of a checkpoint, with a clear error for a missing, corrupt or unsafe file.
+    Only tensors and plain Python data are unpickled (weights_only=True): nothing in the file runs."""
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at '{path}': train one first (see train_math.py --help) "
                               f"or point to the right file")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means the file is unusable
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only" not in str(e).lower():
+            raise CheckpointError(f"checkpoint '{path}' is unreadable ({e}); it is corrupt or truncated: delete it "
+                                  f"and retrain, or resume from an earlier one") from e
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        raise CheckpointError(f"refused to load '{path}': besides tensors and plain data it asks to build "
+                              f"{found.group(1) if found else 'a Python object'}, which could run code on this "
+                              f"machine, and no nanoopd checkpoint holds such things; nothing in it was run. "
+                              f"Use a checkpoint written by nanoopd (retrain it, or ask its author for the file "
+                              f"train_math.py wrote)") from e
+    except Exception as e:  # noqa: BLE001 - any other unpickling failure means the file is unusable
         raise CheckpointError(f"checkpoint '{path}' is unreadable ({type(e).__name__}: {e}); it is corrupt "
                               f"or truncated: delete it and retrain, or resume from an earlier one") from e
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
@@ -86,9 +105,36 @@ def load_checkpoint(path: str, device="cpu", expect_vocab: int | None = None) ->
         raise CheckpointError(f"checkpoint '{path}' has a vocabulary of {config.vocab_size} tokens but "
                               f"{expect_vocab} are needed; it was trained with another tokenizer: retrain it")
     model = GPT(config)
-    try:
-        model.load_state_dict(payload["model"])
-    except RuntimeError as e:
-        raise CheckpointError(f"checkpoint '{path}': weights do not match its config ({e}); the file is "
-                              f"damaged or was edited: retrain it") from e
+    load_weights(model, payload, path)
+    bad = [k for k, v in payload["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"checkpoint '{path}' holds non-finite weights (NaN or inf) in {few(bad)}: the run "
+                              f"that wrote it diverged or the file was damaged; retrain it (with a lower "
+                              f"learning rate if it diverged)")
     return model.to(device), payload
+
+
+def few(names: list[str], n: int = 3) -> str:
+    """'3 tensors (a, b, c)' or '50 tensors (a, b, c, ...)': a long list of names, shortened."""
+    shown = ", ".join(names[:n]) + (", ..." if len(names) > n else "")
+    return f"{len(names)} tensor{'s' if len(names) != 1 else ''} ({shown})"
+
+
+def load_weights(model: GPT, payload: dict, path: str) -> None:
+    """model.load_state_dict(payload['model']) with an error that names at most a few of the
+    missing, unexpected or misshapen weights and says how many there are."""
+    given, wanted = payload.get("model"), model.state_dict()
+    if not isinstance(given, dict) or not all(isinstance(v, torch.Tensor) for v in given.values()):
+        raise CheckpointError(f"checkpoint '{path}' holds no weights (its 'model' entry is not a dict of tensors); "
+                              f"the file is damaged or was written by something else: retrain it")
+    missing = [k for k in wanted if k not in given]
+    unexpected = [k for k in given if k not in wanted]
+    shapes = [f"{k} {tuple(given[k].shape)} vs {tuple(v.shape)}" for k, v in wanted.items()
+              if k in given and given[k].shape != v.shape]
+    problems = [f"{what} {few(names)}" for what, names in (("missing", missing), ("unexpected", unexpected),
+                                                           ("with another shape", shapes)) if names]
+    if problems:
+        raise CheckpointError(f"checkpoint '{path}': its weights do not fit the model its config describes: "
+                              f"{'; '.join(problems)}. The file is damaged, was edited, or comes from another "
+                              f"architecture: retrain it")
+    model.load_state_dict(given)

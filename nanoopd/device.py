@@ -10,14 +10,47 @@ Device and dtype policy, decided here and nowhere else.
   GPT.forward; bf16 keeps 8 significant bits, so it rounds a logit of 8-16 by up to 1/32 and one
   of 16-32 by up to 1/16, and r_t, a difference of two log-softmaxes, by up to 4x that). Log-softmax
   and every loss: float32 (callers do `logits.float()`).
-- no float64 on any training, evaluation or sampling path: MPS has none (tests/emulation.py).
+- no float64 on any training, evaluation or sampling path: MPS has none (tests/emulation.py). Nor
+  the operators older MPS stacks lack or get wrong: int64 cumsum (macOS < 13.3), cummax (torch <
+  2.3), multinomial (out-of-range indices); tests/emulation.old_mps() forbids them all.
+- Apple MPS needs torch >= 2.5 and macOS >= 12.3 (MPS_MIN_TORCH, MPS_MIN_MACOS), checked when MPS
+  is picked: before 2.5, Generator.set_state did not restore the offset on MPS, so --resume would
+  silently draw other samples than the uninterrupted run.
 """
 
 import contextlib
+import platform
 import random
 
 import numpy as np
 import torch
+
+
+MPS_MIN_TORCH = (2, 5)    # Generator.set_state restores the offset on MPS from 2.5 on (resume)
+MPS_MIN_MACOS = (12, 3)   # torch's own floor for MPS
+
+
+def _version(text: str) -> tuple[int, ...]:
+    """'2.13.0+cpu' -> (2, 13, 0); '14.4.1' -> (14, 4, 1); unparsable parts end the tuple."""
+    parts = []
+    for part in text.split("+")[0].split("."):
+        digits = "".join(c for c in part if c.isdigit()) if part[:1].isdigit() else ""
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+def check_mps() -> None:
+    """Refuse Apple MPS on a torch or macOS older than the floors above, with the way out."""
+    found, mac = _version(torch.__version__), _version(platform.mac_ver()[0])  # mac: () off macOS
+    if found < MPS_MIN_TORCH:
+        raise ValueError(f"Apple MPS needs torch >= {'.'.join(map(str, MPS_MIN_TORCH))}, this is {torch.__version__}: "
+                         f"older releases do not restore the sampler's random state on MPS (--resume would "
+                         f"silently diverge); upgrade torch (pip install -U torch) or run on the CPU with --device cpu")
+    if mac and mac < MPS_MIN_MACOS:
+        raise ValueError(f"Apple MPS needs macOS >= {'.'.join(map(str, MPS_MIN_MACOS))}, this is "
+                         f"{platform.mac_ver()[0]}; update macOS or run on the CPU with --device cpu")
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -26,6 +59,7 @@ def pick_device(name: str = "auto") -> torch.device:
         if torch.cuda.is_available():
             return torch.device("cuda")
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            check_mps()
             return torch.device("mps")
         return torch.device("cpu")
     try:
@@ -36,6 +70,8 @@ def pick_device(name: str = "auto") -> torch.device:
         raise ValueError(f"--device {name} asked for CUDA but no CUDA GPU is visible; use --device cpu or auto")
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise ValueError(f"--device {name} asked for MPS but it is not available; use --device cpu or auto")
+    if dev.type == "mps":
+        check_mps()
     return dev
 
 

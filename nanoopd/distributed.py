@@ -13,10 +13,19 @@ tokens, so N ranks compute exactly the gradient one process would on the whole b
 Logging, evaluation and checkpoints happen on rank 0 only. Without torchrun (no RANK in the
 environment) nothing here does anything and the code runs as one plain process. Backend: NCCL on
 CUDA, gloo on the CPU (which is how the tests run it, with two processes).
+
+When one rank fails, all stop, and every rank says which one failed and why (stop_all, called by
+script.cli): the failing rank writes its error into the process group's key-value store before it
+exits; a rank whose collective then breaks (gloo: the peer is gone; NCCL: the group's timeout,
+--dist_timeout), or that torchrun terminates, reads it there. A rank that hangs without failing
+is caught by the same timeout: no collective waits longer than it.
 """
 
+import datetime
 import gc
 import os
+import sys
+import traceback
 from dataclasses import dataclass
 
 import torch
@@ -44,8 +53,14 @@ def active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def setup(device_name: str = "auto") -> tuple[DistInfo, torch.device]:
-    """Join the process group if launched by torchrun; return (info, this rank's device)."""
+DEFAULT_TIMEOUT_S = 300  # how long a collective waits for the other ranks (train_math.py --dist_timeout)
+FAILED_KEY = "nanoopd/failed"  # the store key under which the first failing rank leaves its error
+_timeout_s = DEFAULT_TIMEOUT_S  # this run's, set by setup()
+
+
+def setup(device_name: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[DistInfo, torch.device]:
+    """Join the process group if launched by torchrun; return (info, this rank's device). Every
+    collective of the group gives up after timeout_s seconds (then stop_all ends every rank)."""
     device = pick_device(device_name)
     if "RANK" not in os.environ:
         return DistInfo(), device
@@ -57,9 +72,43 @@ def setup(device_name: str = "auto") -> tuple[DistInfo, torch.device]:
         device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                rank=info.rank, world_size=info.world_size)
+        global _timeout_s
+        _timeout_s = timeout_s
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=info.rank,
+                                world_size=info.world_size, timeout=datetime.timedelta(seconds=timeout_s))
     return info, device
+
+
+def stop_all(error: BaseException, expected: bool) -> None:
+    """End this rank after `error`, in a run under torchrun, so that no rank is left waiting: say
+    which rank failed first and why, then exit with code 1 at once (os._exit: a process group torn
+    down by a broken collective can hang a normal exit). The first rank to fail records
+    'rank r: error' in the group's store; the others, whose collectives break when it exits (or
+    time out), or whom torchrun terminates, read it there and name it. An unexpected error (a bug,
+    not a bad input or a diverged run: expected=False) also prints its traceback on the rank that
+    raised it."""
+    rank = int(os.environ.get("RANK", 0))
+    mine = f"rank {rank}: {type(error).__name__}: {error}".strip()
+    if "timed out" in str(error).lower():  # a collective waited the group's whole timeout
+        mine = (f"rank {rank}: the other processes did not answer within --dist_timeout {_timeout_s:g} s: one of them "
+                f"hung or died without a word ({error})")
+        expected = True
+    first = mine
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set_timeout(datetime.timedelta(seconds=5))
+        first = store.compare_set(FAILED_KEY, "", mine).decode()  # the stored value: ours, or an earlier rank's
+    except Exception:  # noqa: BLE001 - no group or no store left (the rank that hosted it is gone)
+        pass
+    if first == mine:
+        if not expected:
+            traceback.print_exception(error, file=sys.stderr)
+        print(f"error: {mine}\nevery process of this run stops", file=sys.stderr)
+    else:
+        print(f"error: {first}\n(rank {rank} stopped with it)", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def is_main() -> bool:

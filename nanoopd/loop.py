@@ -20,7 +20,7 @@ from dataclasses import asdict
 import torch
 
 from nanoopd import distributed
-from nanoopd.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+from nanoopd.checkpoint import CheckpointError, load_weights, read_checkpoint, save_checkpoint
 from nanoopd.device import rng_restore, rng_snapshot
 
 
@@ -109,8 +109,12 @@ def restore_training_state(path: str, model, optimizer) -> dict:
                               f"this run builds {asdict(raw.config)}; use the same flags or another --out_dir")
     if "optimizer" not in payload:
         raise CheckpointError(f"cannot resume from '{path}': it holds no optimizer state (a final export?)")
-    raw.load_state_dict(payload["model"])
-    optimizer.load_state_dict(payload["optimizer"])
+    load_weights(raw, payload, path)
+    try:
+        optimizer.load_state_dict(payload["optimizer"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"cannot resume from '{path}': its optimizer state does not fit this run ({e}); "
+                              f"the file is damaged or was edited: start again without --resume") from e
     return payload
 
 

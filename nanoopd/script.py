@@ -6,6 +6,7 @@ with a message instead of a traceback on expected failures.
 
 import json
 import os
+import signal
 import sys
 from dataclasses import asdict
 
@@ -21,7 +22,8 @@ def start(cfg, experiment: str | None = None):
     the summary so far. Returns (dist_info, device, tok, log, summary)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    dist_info, device = distributed.setup(cfg.device)  # one process, or one rank of torchrun
+    timeout = getattr(cfg, "dist_timeout", distributed.DEFAULT_TIMEOUT_S)  # only train_math.py runs under torchrun
+    dist_info, device = distributed.setup(cfg.device, timeout)  # one process, or one rank of torchrun
     if dist_info.enabled and experiment:
         raise ValueError(f"under torchrun every stage runs data-parallel, but {experiment} is a grid of small "
                          f"runs: start it as a single process (python experiments/...)")
@@ -51,10 +53,32 @@ def finish(cfg, summary: dict, device, log) -> dict:
     return summary
 
 
+EXPECTED = (CheckpointError, FloatingPointError, ValueError, OSError)  # bad input, a diverged run, a full disk
+DISK_HINT = ("check that --out_dir is on a disk with free space that this user may write to; every checkpoint "
+             "already written is kept (writes are atomic), so rerun with --resume to go on")
+
+
+class Terminated(RuntimeError):
+    """SIGTERM: torchrun stops the other processes this way when one of them has failed."""
+
+
+def _terminated(signum, frame):
+    raise Terminated("stopped by the launcher (torchrun ends every process when one fails)")
+
+
 def cli(main) -> None:
-    """Run a script's main(); expected failures end with a message and exit code 1, no traceback."""
+    """Run a script's main(); expected failures end with a message and exit code 1, no traceback.
+    Under torchrun, a failure on any rank ends every rank, each naming the rank that failed first
+    (distributed.stop_all)."""
+    if "RANK" in os.environ:
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         main()
-    except (CheckpointError, FloatingPointError, ValueError, OSError) as e:  # OSError: e.g. an unwritable --out_dir
-        print(f"error: {e}", file=sys.stderr)
+    except BaseException as e:  # noqa: BLE001 - sorted below; anything else is re-raised
+        if distributed.active() and not isinstance(e, SystemExit):
+            distributed.stop_all(e, expected=isinstance(e, EXPECTED))
+        if not isinstance(e, EXPECTED):
+            raise
+        disk = isinstance(e, OSError) and not isinstance(e, FileNotFoundError)
+        print(f"error: {e}" + (f"\n{DISK_HINT}" if disk else ""), file=sys.stderr)
         sys.exit(1)

@@ -101,7 +101,13 @@ def mixture_kinds(n: int, weights: dict[str, float], generator: torch.Generator)
         raise ValueError(f"mixture weights must be >= 0 over {SFT_KINDS} with a positive sum, got {weights}")
     kinds = list(weights)
     probs = torch.tensor([float(weights[k]) for k in kinds])
-    return [kinds[i] for i in torch.multinomial(probs, n, replacement=True, generator=generator).tolist()]
+    # inverse CDF on a 53-bit grid: draw k uniform in [0, 2^53) and take the first kind whose CDF
+    # edge exceeds k / 2^53. This is torch.multinomial(probs, n, replacement=True)'s own draw, bit
+    # for bit (the same generator words), without multinomial (wrong on some MPS stacks) or float64.
+    edges = torch.tensor([int(c * 2 ** 53) for c in (probs / probs.sum()).cumsum(0).tolist()])  # (K,)
+    k = torch.randint(0, 2 ** 53, (n,), generator=generator)  # (n,)
+    index = (edges.unsqueeze(0) <= k.unsqueeze(1)).sum(1).clamp(max=len(kinds) - 1)  # (n,)
+    return [kinds[i] for i in index.tolist()]
 
 
 def with_privileged_context(rollout: Rollout, pi_ids: list[list[int]], pad_id: int) -> Rollout:

@@ -68,7 +68,8 @@ class HiddenTokens:
         position = torch.arange(L, device=tokens.device).expand(B, L)  # (B, L)
         visible = valid & ~(contains(tokens, self.ids) & (position >= P))  # (B, L)
         logits = teacher(tokens, visible)  # (B, L, V)
-        last_visible = position.masked_fill(~visible, -1).cummax(1).values.clamp(min=0)  # (B, L)
+        seen = visible.unsqueeze(1) & (position.unsqueeze(1) <= position.unsqueeze(2))  # (B, L, L): s <= t, visible
+        last_visible = torch.where(seen, position.unsqueeze(1), -1).amax(-1).clamp(min=0)  # (B, L): max such s
         logits = logits.gather(1, last_visible.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))  # (B, L, V)
         return logits[:, P - 1:]  # (B, N, V)
         # lab:masking end

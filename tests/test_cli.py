@@ -129,7 +129,7 @@ def test_train_math_resume_continues_an_sft_stage_from_its_checkpoint(tmp_path):
     assert second.returncode == 0, second.stderr
     assert "resuming from" in second.stdout and "at step 6/9" in second.stdout
     import torch
-    assert torch.load(tmp_path / "teacher.pt", weights_only=False)["step"] == 9
+    assert torch.load(tmp_path / "teacher.pt", weights_only=True)["step"] == 9
 
 
 def tiny_checkpoint(path, vocab_extra=0, n_embd=16):

@@ -205,3 +205,29 @@ def test_sft_with_fewer_examples_than_processes_stops_with_a_clear_message(monke
     with pytest.raises(ValueError, match="raise --batch_size to at least 2 or lower --nproc_per_node"):
         sft.train_sft(model, lambda step: [example], 3, 1e-3, TOK.pad_id, log_every=0)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+# ----------------------------------------------------------------------------------------------
+# Apple MPS floors, checked when MPS is picked (a Mac emulated by patching what torch reports)
+
+
+@pytest.mark.parametrize("torch_version, mac, message", [
+    ("2.4.1", "14.5", "needs torch >= 2.5"),
+    ("2.5.0", "12.1", "needs macOS >= 12.3"),
+    ("2.13.0", "", None),
+    ("2.5.0", "13.3.1", None),
+])
+def test_mps_is_refused_below_its_floors_with_the_way_out(torch_version, mac, message, monkeypatch):
+    import platform
+    from nanoopd import device as policy
+    monkeypatch.setattr(torch, "__version__", torch_version)
+    monkeypatch.setattr(platform, "mac_ver", lambda: (mac, ("", "", ""), "arm64"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    for name in ("auto", "mps"):
+        if message is None:
+            assert policy.pick_device(name).type == "mps"
+        else:
+            with pytest.raises(ValueError, match=message) as e:
+                policy.pick_device(name)
+            assert "--device cpu" in str(e.value)

@@ -178,8 +178,8 @@ def test_torchrun_train_math_teacher_matches_single_process(tmp_path):
                           "--master_port", str(free_port()), "train_math.py", *tiny, "--out_dir", str(tmp_path / "two")],
                          cwd=root, capture_output=True, text=True, timeout=180)
     assert two.returncode == 0, two.stderr[-2000:]
-    a = torch.load(tmp_path / "one" / "teacher.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "two" / "teacher.pt", weights_only=False)["model"]
+    a = torch.load(tmp_path / "one" / "teacher.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "two" / "teacher.pt", weights_only=True)["model"]
     for name in a:
         assert torch.allclose(a[name], b[name], atol=TOL, rtol=0), name
 
@@ -195,7 +195,7 @@ def test_two_process_opd_matches_single_process(tmp_path):
         assert not torch.equal(p, start[name]) or name.endswith("bias")  # training moved the weights
         assert torch.equal(ranks[0][name], ranks[1][name]), name  # DDP keeps the ranks identical
         assert torch.allclose(ranks[0][name], p, atol=TOL, rtol=0), name
-    saved = torch.load(prefix + ".pt", weights_only=False)  # rank 0 wrote it, with both ranks' RNG states
+    saved = torch.load(prefix + ".pt", weights_only=True)  # rank 0 wrote it, with both ranks' RNG states
     assert saved["step"] == OPD.steps and len(saved["extra"]["resume"]["rng"]) == 2
     import json
     two = [json.loads(line) for line in open(prefix + ".jsonl")]
@@ -230,8 +230,8 @@ def test_torchrun_train_math_opd_stage_matches_single_process(tmp_path):
                          cwd=root, capture_output=True, text=True, timeout=180)
     assert two.returncode == 0, two.stderr[-2000:]
     assert "batch 8 over 2 processes" in two.stdout
-    a = torch.load(tmp_path / "one" / "opd_sampled_token.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "two" / "opd_sampled_token.pt", weights_only=False)["model"]
+    a = torch.load(tmp_path / "one" / "opd_sampled_token.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "two" / "opd_sampled_token.pt", weights_only=True)["model"]
     for name in a:
         assert torch.allclose(a[name], b[name], atol=TOL, rtol=0), name
     again = subprocess.run([sys.executable, *args, "--out_dir", str(tmp_path / "one"), "--resume"],
@@ -246,7 +246,7 @@ def test_two_process_opd_and_rlvr_resume_where_they_stopped(tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     start = opd_pair()[1].state_dict()
     for run in ("opd", "rlvr"):
-        assert torch.load(tmp_path / f"{run}_part.pt", weights_only=False)["step"] == 4
+        assert torch.load(tmp_path / f"{run}_part.pt", weights_only=True)["step"] == 4
         full, part = ranks[0][f"{run}_full"], ranks[0][f"{run}_part"]
         assert not torch.equal(full["wte.weight"], start["wte.weight"])  # training moved the weights
         for name in full:

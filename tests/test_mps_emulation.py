@@ -1,7 +1,9 @@
-"""Apple MPS emulated on the CPU: every stage runs with float64 forbidden (tests/emulation.py).
+"""Apple MPS emulated on the CPU: every stage runs with float64 and the operators of old MPS stacks
+forbidden (tests/emulation.py).
 
 MPS has no float64, so a float64 tensor anywhere on a training, evaluation or sampling path stops
-a run on a Mac. Under no_float64() every stage of train_math.py runs on tiny models (teacher,
+a run on a Mac; older stacks also refuse int64 cumsum (macOS < 13.3), lack cummax (torch < 2.3) and
+get multinomial wrong. Under old_mps() every stage of train_math.py runs on tiny models (teacher,
 student, eval, opd with every objective, opd --mode opsd, pibase, rlvr), bench.py at tiny sizes,
 and train_toy.py --quick --dtype float32 (the toy's MPS path).
 """
@@ -14,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from emulation import Float64Error, no_float64
+from emulation import Float64Error, MPSOpError, no_float64, old_mps
 from nanoopd import rlvr
 from nanoopd.checkpoint import load_checkpoint, save_checkpoint
 from nanoopd.objectives import OBJECTIVES
@@ -39,6 +41,24 @@ def test_no_float64_raises_on_any_float64_tensor(make):
     with pytest.raises(Float64Error, match="float64"):
         with no_float64():
             make()
+
+
+@pytest.mark.parametrize("call", [lambda: torch.tensor([True, False]).cumsum(0),
+                                  lambda: torch.cumsum(torch.arange(3), 0),
+                                  lambda: torch.arange(3).cummax(0),
+                                  lambda: torch.multinomial(torch.ones(3), 1)],
+                         ids=["bool-cumsum", "int64-cumsum", "cummax", "multinomial"])
+def test_old_mps_forbids_the_operators_old_stacks_lack(call):
+    call()  # fine outside the mode
+    with pytest.raises(MPSOpError):
+        with old_mps():
+            call()
+    with old_mps():  # what stands in for them is allowed
+        assert torch.tensor([True, False]).cumsum(0, dtype=torch.int32).tolist() == [1, 1]
+        assert torch.ones(2).cumsum(0).tolist() == [1.0, 2.0]
+    with pytest.raises(Float64Error):
+        with old_mps():
+            torch.ones(1).double()
 
 
 def test_no_float64_lets_float32_work_through():
@@ -66,7 +86,7 @@ def flags(out_dir) -> list[str]:
 
 def run(out_dir, *stage_flags) -> dict:
     from train_math import main
-    with no_float64():
+    with old_mps():
         return main(flags(out_dir) + list(stage_flags))
 
 
@@ -136,7 +156,7 @@ def test_stage_rlvr(pair, monkeypatch):
 def test_bench_at_tiny_sizes(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["bench.py", "--device", "cpu", "--batch", "2", "--new_tokens", "4",
                                       "--prompt_len", "4", "--train_len", "8", "--repeats", "1"])
-    with no_float64():
+    with old_mps():
         runpy.run_path(os.path.join(ROOT, "bench.py"), run_name="__main__")
     text = capsys.readouterr().out
     assert all(name in text for name in OBJECTIVES)
@@ -144,7 +164,7 @@ def test_bench_at_tiny_sizes(monkeypatch, capsys):
 
 def test_bench_profile_names_where_the_step_goes(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["bench.py", "--device", "cpu", "--profile"])
-    with no_float64(), pytest.raises(SystemExit) as done:
+    with old_mps(), pytest.raises(SystemExit) as done:
         runpy.run_path(os.path.join(ROOT, "bench.py"), run_name="__main__")
     text = capsys.readouterr().out
     assert done.value.code == 0
@@ -153,7 +173,7 @@ def test_bench_profile_names_where_the_step_goes(monkeypatch, capsys):
 
 def test_train_toy_quick_in_float32(tmp_path, capsys):
     import train_toy
-    with no_float64():
+    with old_mps():
         out = train_toy.main(["--quick", "--dtype", "float32", "--no-plots", "--out", str(tmp_path)])
     assert "device cpu, float32" in capsys.readouterr().out
     gamma_1 = [r for r in out["table"] if r["gamma"] == 1.0]

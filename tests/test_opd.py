@@ -103,7 +103,7 @@ def test_a_non_finite_loss_stops_with_the_step_and_keeps_the_good_checkpoint(tmp
     summary = json.loads((tmp_path / "run.json").read_text())
     assert "OPD step 2" in summary["error"] and summary["steps_done"] == 2
     assert "non-finite" in summary["degraded"]
-    saved = torch.load(prefix + ".pt", weights_only=False)
+    saved = torch.load(prefix + ".pt", weights_only=True)
     assert saved["step"] == 2 and all(torch.isfinite(v).all() for v in saved["model"].values())
 
 
@@ -226,7 +226,7 @@ def test_interrupted_then_resumed_opd_equals_uninterrupted(tmp_path, monkeypatch
     monkeypatch.setattr(opd, "opd_step", killed_at_step_5)
     with pytest.raises(KeyboardInterrupt):
         run(copy.deepcopy(init), "part")
-    assert torch.load(tmp_path / "part.pt", weights_only=False)["step"] == 4
+    assert torch.load(tmp_path / "part.pt", weights_only=True)["step"] == 4
     monkeypatch.setattr(opd, "opd_step", real_step)
     torch.manual_seed(1234)  # a fresh process: other global RNG state, the checkpoint restores it
     resumed = tiny(7)  # other weights too: they come from the checkpoint

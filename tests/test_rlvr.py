@@ -170,7 +170,7 @@ def test_interrupted_then_resumed_rlvr_equals_uninterrupted(tmp_path, monkeypatc
     monkeypatch.setattr(rlvr, "rlvr_step", killed_at_step_3)
     with pytest.raises(KeyboardInterrupt):
         run(tiny_lm(0), "part")
-    assert torch.load(tmp_path / "part.pt", weights_only=False)["step"] == 2
+    assert torch.load(tmp_path / "part.pt", weights_only=True)["step"] == 2
     monkeypatch.setattr(rlvr, "rlvr_step", real_step)
     torch.manual_seed(99)
     resumed = tiny_lm(5)  # weights, optimizer and sampler state all come from the checkpoint
@@ -180,7 +180,7 @@ def test_interrupted_then_resumed_rlvr_equals_uninterrupted(tmp_path, monkeypatc
     drop = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]
     assert drop(records) == drop(full_records)
     assert drop(json.loads(line) for line in (tmp_path / "part.jsonl").read_text().splitlines()) == drop(full_records)
-    assert torch.load(tmp_path / "part.pt", weights_only=False)["step"] == 5
+    assert torch.load(tmp_path / "part.pt", weights_only=True)["step"] == 5
 
 
 def test_a_non_finite_rlvr_loss_names_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
@@ -197,5 +197,5 @@ def test_a_non_finite_rlvr_loss_names_the_step_and_keeps_the_last_checkpoint(tmp
     cfg = RLVRConfig(steps=4, prompts=2, group=4, max_new_tokens=6, digits=1)
     with pytest.raises(FloatingPointError, match=r"rlvr step 2: RLVR: non-finite loss .* checkpoint of step 2 .* is intact"):
         train_rlvr(model, TOK, cfg, log=lambda _: None, ckpt_path=path, save_every=1)
-    saved = torch.load(path, weights_only=False)
+    saved = torch.load(path, weights_only=True)
     assert saved["step"] == 2 and all(torch.isfinite(v).all() for v in saved["model"].values())

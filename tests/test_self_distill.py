@@ -109,6 +109,18 @@ def test_sft_mixture_examples():
         pi_text(p, "hint")
 
 
+@pytest.mark.parametrize("weights", [{"none": 0.3, "answer": 0.3, "solution": 0.1, "rule": 0.3},
+                                     {"none": 1, "rule": 3}, {"answer": 2, "none": 0, "rule": 5}])
+def test_mixture_draws_exactly_what_multinomial_drew(weights):
+    """The OPSD base's SFT mixture is drawn without torch.multinomial (broken on some MPS stacks),
+    yet kind for kind as it was drawn with it, so its data and the runs from it are unchanged."""
+    for seed in range(3):
+        kinds = list(weights)
+        probs = torch.tensor([float(w) for w in weights.values()])
+        old = torch.multinomial(probs, 2000, replacement=True, generator=torch.Generator().manual_seed(seed))
+        assert mixture_kinds(2000, weights, torch.Generator().manual_seed(seed)) == [kinds[i] for i in old.tolist()]
+
+
 def opsd_config(**kw):
     from nanoopd.opd import OPDConfig
     base = dict(loss="full_reverse_kl", steps=2, batch_size=4, max_new_tokens=10, digits=1, eval_every=0,
