@@ -54,6 +54,7 @@ def run(*args, timeout=120):
     (["--rlvr_lr", "0"], "--rlvr_lr"),
     (["--rlvr_cut", "1"], "--rlvr_cut"),
     (["--pi_steps", "0"], "--pi_steps"),
+    (["--dist_timeout", "0"], "--dist_timeout"),
 ])
 def test_train_math_rejects_bad_flags(argv, message, capsys):
     import train_math
