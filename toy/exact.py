@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoopd.sampled_token import g_gamma_surrogate
+from toy.runs import generators, inverse_cdf, surrogate_per_run, uniforms
 
 MAX_SEQUENCES = 200_000  # V^T above this is too many sequences to enumerate in a few seconds
 
@@ -84,12 +85,19 @@ class TabularAR:
         return logp_all.gather(-1, y.unsqueeze(-1)).squeeze(-1)  # (N, T)
 
     @torch.no_grad()
-    def sample(self, theta: torch.Tensor, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Ancestral sampling of n sequences, one position at a time. Returns (n, T) token ids."""
+    def sample(self, theta: torch.Tensor, n: int, generator: torch.Generator | None = None,
+               u: torch.Tensor | None = None) -> torch.Tensor:
+        """Ancestral sampling of n sequences, one position at a time. Returns (n, T) token ids.
+
+        Each token inverts its position's CDF with one uniform (toy.runs.inverse_cdf, the draw of
+        nanoopd.rollout.sample): u (n, T) in (0, 1], drawn from `generator` when not given.
+        """
+        if u is None:
+            u = 1.0 - torch.rand(n, self.horizon, generator=generator, device=theta.device)  # (n, T)
         y = torch.zeros(n, self.horizon, dtype=torch.long, device=theta.device)  # (n, T)
         for t in range(self.horizon):
             probs = F.softmax(self.logits(theta, y)[:, t].float(), dim=-1)  # (n, V)
-            y[:, t] = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            y[:, t] = inverse_cdf(probs, u[:, t])
         return y
 
 
@@ -186,48 +194,72 @@ def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer {name!r}: use 'sgd' or 'adam'")
 
 
-def train_student(student: TabularAR, theta0: torch.Tensor, teacher: TabularAR, phi: torch.Tensor,
-                  gamma: float, steps: int, batch_size: int | None, lr: float, seed: int,
-                  optimizer: str = "sgd", eval_every: int = 10) -> dict:
-    """Descend the batch mean of g_gamma_surrogate, with rollouts sampled from the current student.
+def sequence_kls(student: TabularAR, thetas: torch.Tensor, teacher: TabularAR, phi: torch.Tensor,
+                 seqs: torch.Tensor) -> torch.Tensor:
+    """J of every run at once: thetas (R, P) -> (R,), run r's KL(pi_r || q) by enumeration."""
+    R, N = thetas.shape[0], seqs.shape[0]
+    logp = student.token_logprobs(thetas.repeat_interleave(N, 0), seqs.repeat(R, 1)).sum(-1).view(R, N)  # (R, N)
+    logq = teacher.token_logprobs(phi, seqs).sum(-1)  # (N,)
+    return (logp.exp() * (logp - logq)).sum(-1)  # (R,)
+
+
+def train_students(student: TabularAR, theta0: torch.Tensor, teacher: TabularAR, phi: torch.Tensor,
+                   gammas: list[float], seeds: list[int], steps: int, batch_size: int | None, lr: float,
+                   optimizer: str = "sgd", eval_every: int = 10) -> dict:
+    """R = len(gammas) runs at once (toy/runs.py), run r descending the batch mean of
+    g_gamma_surrogate with gammas[r], its rollouts sampled from its own current student with seeds[r].
 
     batch_size=None replaces the sampled batch by every sequence weighted by sg(pi(y)), so the step
-    is the exact expected gradient E[g_gamma]: the same run without sampling noise. Comparing the
-    two separates what gamma costs through bias (the noise-free run) from what it costs through
-    variance (the gap between the sampled run and the noise-free one).
+    is the exact expected gradient E[g_gamma]: the same run without sampling noise (seeds unused).
+    Comparing the two separates what gamma costs through bias (the noise-free run) from what it costs
+    through variance (the gap between the sampled run and the noise-free one).
 
     With plain SGD the step is proportional to the sampled g_gamma, so its variance shows up
     directly in the trajectory; Adam rescales every coordinate and hides part of it.
-    The exact sequence KL J is evaluated by enumeration every `eval_every` steps. A run counts as
-    unstable when J becomes non-finite or when it ends above where it started.
-    Returns dict(steps, kl, final_kl, unstable).
+    The exact sequence KL J of every run is evaluated by enumeration every `eval_every` steps. A run
+    is unstable when J becomes non-finite or when it ends above where it started.
+    Returns dict(steps [S], kl (S, R), final_kl (R,), unstable (R,) bool), S the evaluations.
     """
-    seqs = all_sequences(student.vocab, student.horizon, device=theta0.device)  # (N, T)
-    gen = torch.Generator(device=theta0.device).manual_seed(seed)
-    theta = theta0.detach().clone().requires_grad_(True)  # (P,)
-    opt = make_optimizer(optimizer, [theta], lr)
+    R, B, T = len(gammas), batch_size, student.horizon
+    seqs = all_sequences(student.vocab, T, device=theta0.device)  # (N, T)
+    gens = generators(seeds, theta0.device) if batch_size is not None else []
+    thetas = theta0.detach().expand(R, -1).clone().requires_grad_(True)  # (R, P) one student per run
+    opt = make_optimizer(optimizer, [thetas], lr)  # element-wise: R independent optimizers
     logged_steps, kls = [], []
 
     def log(step):
         with torch.no_grad():
             logged_steps.append(step)
-            kls.append(sequence_kl(student, theta, teacher, phi, seqs).item())
+            kls.append(sequence_kls(student, thetas, teacher, phi, seqs))  # (R,)
 
     log(0)
     for step in range(1, steps + 1):
-        y = seqs if batch_size is None else student.sample(theta, batch_size, gen)  # (B, T)
-        logp = student.token_logprobs(theta, y)  # (B, T)
+        if batch_size is None:
+            y = seqs.repeat(R, 1)  # (R * N, T) every sequence for every run
+        else:
+            rows = thetas.detach().repeat_interleave(B, 0)  # (R * B, P)
+            y = student.sample(rows, R * B, u=uniforms(gens, B, T, theta0.device).view(R * B, T))  # (R * B, T)
+        n = y.shape[0] // R  # sequences per run
+        logp = student.token_logprobs(thetas.repeat_interleave(n, 0), y).view(R, n, T)  # (R, n, T)
         with torch.no_grad():
-            logq = teacher.token_logprobs(phi, y)  # (B, T)
+            logq = teacher.token_logprobs(phi, y).view(R, n, T)  # (R, n, T)
             # weight of each row in the estimate: pi(y) over all sequences, or 1/B over a sample
-            weight = logp.sum(-1).exp() if batch_size is None else torch.full_like(logp[:, 0], 1 / batch_size)  # (B,)
-        loss = (weight * g_gamma_surrogate(logp, logq, torch.ones_like(logp), gamma)).sum()
+            weight = logp.sum(-1).exp() if batch_size is None else torch.full_like(logp[..., 0], 1 / B)  # (R, n)
+        loss = (weight * surrogate_per_run(logp, logq, gammas)).sum()  # sum over runs of each run's estimate
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if step % eval_every == 0 or step == steps:
             log(step)
-            if not math.isfinite(kls[-1]):
-                break
-    unstable = (not all(math.isfinite(k) for k in kls)) or kls[-1] > kls[0]
-    return dict(steps=logged_steps, kl=kls, final_kl=kls[-1], unstable=unstable)
+    kl = torch.stack(kls).cpu()  # (S, R)
+    unstable = ~torch.isfinite(kl).all(0) | ~(kl[-1] <= kl[0])  # (R,) non-finite, or ends above its start
+    return dict(steps=logged_steps, kl=kl, final_kl=kl[-1], unstable=unstable)
+
+
+def train_student(student: TabularAR, theta0: torch.Tensor, teacher: TabularAR, phi: torch.Tensor,
+                  gamma: float, steps: int, batch_size: int | None, lr: float, seed: int,
+                  optimizer: str = "sgd", eval_every: int = 10) -> dict:
+    """One run of train_students. Returns dict(steps, kl, final_kl, unstable) as plain Python numbers."""
+    res = train_students(student, theta0, teacher, phi, [gamma], [seed], steps, batch_size, lr, optimizer, eval_every)
+    return dict(steps=res["steps"], kl=res["kl"][:, 0].tolist(), final_kl=res["final_kl"][0].item(),
+                unstable=bool(res["unstable"][0]))
