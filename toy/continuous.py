@@ -103,25 +103,33 @@ class PolicyStack:
         idx = torch.tensor(runs, device=self.weights[0].device)
         return PolicyStack([w[idx] for w in self.weights], self.min_std)
 
-    def features(self, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """ctx (R, N, 3) -> the last hidden layer h (R, N, H) and the head's output (R, N, 2).
-
-        tanh(z) is taken as 2 sigmoid(2z) - 1, the same function: torch's CPU tanh kernel is several
-        times slower than its sigmoid, and tanh was the largest cost of a step. baddbmm's alpha and
-        beta give 2z = 2 (x W + b) directly.
-        """
+    def folded(self) -> list[torch.Tensor]:
+        """The weights as features() applies them (see there); differentiable in self.weights."""
         W1, b1, W2, b2, W3, b3 = self.weights
-        tanh = lambda x, W, b: torch.baddbmm(b, x, W, beta=2, alpha=2).sigmoid().mul(2).sub_(1)  # tanh(x W + b)
-        h = tanh(tanh(ctx, W1, b1), W2, b2)  # (R, N, H)
-        return h, torch.baddbmm(b3, h, W3)  # (R, N, H), (R, N, 2)
+        return [2 * W1, 2 * b1, 4 * W2, 2 * (b2 - W2.sum(1, keepdim=True)), 2 * W3, b3 - W3.sum(1, keepdim=True)]
+
+    def features(self, ctx: torch.Tensor, folded: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """ctx (R, N, 3) -> s (R, N, H), the last hidden layer as h = 2 s - 1, and the head's output (R, N, 2).
+
+        tanh(z) = 2 sigmoid(2z) - 1, and the factors and the -1 fold into the next layer's weights:
+        with h1 = 2 s1 - 1, 2 (h1 W2 + b2) = s1 (4 W2) + 2 (b2 - 1 W2), and h W3 + b3 = s (2 W3) + b3 - 1 W3,
+        1 W the sums of W's rows. The same function with two passes over the large (R, N, H)
+        activations per layer instead of five: torch's CPU tanh is several times slower than its
+        sigmoid, and these passes were most of a step. `folded` (from folded()) saves refolding
+        the weights at every move of a rollout.
+        """
+        A1, c1, A2, c2, A3, c3 = folded or self.folded()
+        s1 = torch.baddbmm(c1, ctx, A1).sigmoid()  # (R, N, H), h1 = tanh(ctx W1 + b1) = 2 s1 - 1
+        s = torch.baddbmm(c2, s1, A2).sigmoid()  # (R, N, H), h = 2 s - 1
+        return s, torch.baddbmm(c3, s, A3)  # (R, N, H), (R, N, 2)
 
     def gaussian(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Head output (..., 2) -> mu (...), sigma (...)."""
         return out[..., 0], self.min_std + F.softplus(out[..., 1])
 
-    def __call__(self, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, ctx: torch.Tensor, folded: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """ctx (R, N, 3) -> mu, sigma (R, N)."""
-        return self.gaussian(self.features(ctx)[1])
+        return self.gaussian(self.features(ctx, folded)[1])
 
     def log_prob(self, ctx: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """log N(delta; mu(ctx), sigma(ctx)^2). ctx (R, B, T, 3), delta (R, B, T) -> (R, B, T)."""
@@ -141,10 +149,10 @@ def rollout(policy: PolicyStack, task: torch.Tensor, noise: torch.Tensor) -> dic
     starts, signs = torch.tensor(STARTS, device=noise.device), torch.tensor([1.0, -1.0], device=noise.device)
     sign = signs[task][:, None].expand(R, n)  # (R, n)
     s = starts[task][:, None].expand(R, n)  # (R, n)
-    ctx, deltas, pos = [], [], [s]
+    ctx, deltas, pos, folded = [], [], [s], policy.folded()
     for t in range(T):
         c = torch.stack([sign, s / POSITION_SCALE, torch.full_like(s, t / T)], -1)  # (R, n, 3)
-        mu, std = policy(c)  # (R, n), (R, n)
+        mu, std = policy(c, folded)  # (R, n), (R, n)
         d = mu + std * noise[:, :, t]  # (R, n)
         s = s + d
         ctx.append(c)
@@ -209,7 +217,7 @@ def distill_students(teachers: tuple[PolicyStack, PolicyStack], gammas: list[flo
     Head-gradient variance: the batch is split into M = micro_batches equal micro-batches; for micro-
     batch m the head gradient is G_m = grad of mean_{b in m} L_b w.r.t. (W3, b3), and we record
     sum over entries of the unbiased variance of G_1..G_M. The head is linear, out = h W3 + b3, so
-    with e = dL/d out per episode and time step, G_m = (M/B) sum_{b in m, t} (h_bt^T e_bt, e_bt): one
+    with e = dL/d out per episode and time step, G_m = (M/B) sum_{b in m, t} (e_bt^T h_bt, e_bt): one
     backward pass gives every G_m of every run.
     Returns (students, log) with log of (steps, R) tensors: variance, kl_per_step (mean r_t over the
     batch, a single-sample estimate of the per-step KL), final_pos (mean s_T); task (steps,).
@@ -228,7 +236,7 @@ def distill_students(teachers: tuple[PolicyStack, PolicyStack], gammas: list[flo
     for step in range(steps):
         task = step % 2
         ep = rollout(student, torch.full((R,), task, device=device), normals(gens, B, T, device))
-        h, out = student.features(ep["ctx"].view(R, B * T, 3))  # (R, B*T, H), (R, B*T, 2)
+        s, out = student.features(ep["ctx"].view(R, B * T, 3))  # (R, B*T, H) with h = 2 s - 1, (R, B*T, 2)
         out.retain_grad()
         mu, std = student.gaussian(out)  # (R, B*T) each
         logp = gaussian_log_prob(ep["delta"], mu.view(R, B, T), std.view(R, B, T))  # (R, B, T)
@@ -237,8 +245,9 @@ def distill_students(teachers: tuple[PolicyStack, PolicyStack], gammas: list[flo
         opt.zero_grad(set_to_none=True)
         L.mean(1).sum().backward()  # sum over runs of each run's batch mean
         with torch.no_grad():
-            e = M * out.grad.view(R, M, -1, 2)  # (R, M, B/M*T, 2) = grad of each micro-batch mean per row
-            G = torch.cat([(h.view(R, M, -1, h.shape[-1]).transpose(2, 3) @ e).flatten(2), e.sum(2)], -1)  # (R, M, H*2+2)
+            e = M * out.grad.view(R * M, -1, 2)  # (R*M, B/M*T, 2): grad of each micro-batch mean per row
+            Gw = torch.baddbmm(-e.sum(1)[:, :, None], e.transpose(1, 2), s.view(R * M, -1, hidden), alpha=2)  # e^T h
+            G = torch.cat([Gw.flatten(1), e.sum(1)], -1).view(R, M, -1)  # (R, M, 2*H + 2) head gradients
             log["variance"].append(G.var(dim=1, unbiased=True).sum(-1))  # (R,)
             log["kl_per_step"].append((logp - logq).mean((1, 2)))  # (R,)
             log["final_pos"].append(ep["pos"][..., -1].mean(1))  # (R,)

@@ -276,6 +276,18 @@ def save(cfg, points, table, by_horizon, curves, train_summary, results, ctrl_su
     write_csv(os.path.join(cfg.out, "control_summary.csv"), ctrl_summary)
 
 
+def conclude(cfg, points, table, by_horizon, curves, train_summary, results, ctrl_summary):
+    """The end of a run: the reading, every CSV file, and the figures when wanted."""
+    print("\nReading:")
+    for line in reading(cfg, table, by_horizon, train_summary, ctrl_summary):
+        print("  " + line)
+    save(cfg, points, table, by_horizon, curves, train_summary, results, ctrl_summary)
+    if cfg.plots:
+        figures = plot_figures(cfg, points, table, curves, results)
+        print("figures: " + (", ".join(figures) if figures is not None else
+                             "matplotlib is not installed; `pip install matplotlib` and rerun to get the PNGs"))
+
+
 def plot_figures(cfg, points, table, curves, results) -> list[str] | None:
     """PNG figures; matplotlib is optional and imported only here. Returns the files written, None without
     matplotlib. With --sweep only the heatmaps are drawn (one row per point); they need --drift or --sweep."""
