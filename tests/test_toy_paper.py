@@ -24,7 +24,7 @@ def test_preset_paper_sets_the_published_settings():
     assert cfg.control_horizon == 20                     # horizon about 20
     assert cfg.student_steps == 2000                     # about 2,000 alternating-task iterations
     assert (cfg.control_batch, cfg.micro_batches) == (64, 8)
-    assert cfg.control_seeds[:3] == (42, 43, 2026) and len(set(cfg.control_seeds)) == 10  # the earlier three, and more
+    assert cfg.control_seeds == (42, 43, 2026)
     assert cfg.control_gammas == (0.0, 0.25, 0.5, 0.75, 1.0)
     assert (cfg.student_optimizer, cfg.student_lr) == ("adam", 3e-3)  # the paper names neither: the replica's
     assert cfg.sweep == ()
