@@ -358,14 +358,14 @@ def plot_figures(cfg, points, table, curves, results) -> list[str] | None:
         floor = 1 / (2 * S * cfg.eval_episodes)  # one visit of one episode
         cmap = plt.get_cmap("magma").copy()
         cmap.set_bad(cmap(0.0))  # never visited (0, masked by the log scale): the darkest colour
-        for row, (opt, lr, T), res in zip(axes, points, results):
+        for j, (row, (opt, lr, T), res) in enumerate(zip(axes, points, results)):
             for i, ax in enumerate(row):
                 freq = visitation(res["paths"][i], lo, hi, nbins).numpy()  # (bins, T+1) every episode of this gamma
                 im = ax.imshow(freq, origin="lower", aspect="auto", cmap=cmap, norm=LogNorm(floor, 1),
                                extent=(-0.5, T + 0.5, lo, hi), interpolation="nearest")
                 for z in TARGETS:
                     ax.axhline(z, color="c", ls="--", lw=0.8)
-                if row is axes[0]:
+                if j == 0:
                     ax.set_title(f"gamma={cfg.control_gammas[i]:g}", fontsize=10)
             row[0].set_ylabel((f"{OPT_NAMES[opt]} lr {lr:g}, T={T}\n" if cfg.sweep else "") + "position s_t")
         for ax in axes[-1]:
