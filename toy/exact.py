@@ -62,9 +62,12 @@ class TabularAR:
 
     def logits(self, theta: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Next-token logits at every position. theta: (P,) or (N, P); y: (N, T) -> (N, T, V).
+        With a run axis, theta (R, P) and y (R, n, T) -> (R, n, T, V): run r's model on its sequences.
 
         The logits at position t read only y_<t, so y may hold anything at positions >= t.
         """
+        if y.dim() == 3:
+            return self.run_logits(theta, y)
         N, T, V = y.shape[0], self.horizon, self.vocab
         if theta.dim() == 1:
             theta = theta.expand(N, -1)  # (N, P) one shared copy
@@ -79,8 +82,22 @@ class TabularAR:
             out[:, j:] = out[:, j:] + self.coupling * tables[rows, j - 1, y[:, :T - j]]  # (N, T-j, V)
         return out
 
+    def run_logits(self, thetas: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """logits() with a run axis: thetas (R, P), y (R, n, T) -> (R, n, T, V). Each run's tables are
+        indexed by its own sequences, so the gradient lands on (R, P) directly."""
+        (R, n, T), V = y.shape, self.vocab
+        out = thetas[:, :T * V].view(R, 1, T, V).expand(R, n, T, V)  # (R, n, T, V) the base
+        if self.coupling == 0.0:
+            return out
+        tables = thetas[:, T * V:].view(R, self.order, V, V)  # (R, order, V, V)
+        runs = torch.arange(R, device=y.device)[:, None, None]  # (R, 1, 1)
+        out = out.clone()
+        for j in range(1, min(self.order, T - 1) + 1):
+            out[:, :, j:] = out[:, :, j:] + self.coupling * tables[runs, j - 1, y[:, :, :T - j]]  # (R, n, T-j, V)
+        return out
+
     def token_logprobs(self, theta: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """log p(y_t | y_<t) at every position. y: (N, T) -> (N, T)."""
+        """log p(y_t | y_<t) at every position. y: (N, T) -> (N, T), or with a run axis (R, n, T) -> (R, n, T)."""
         logp_all = F.log_softmax(self.logits(theta, y), dim=-1)  # (N, T, V)
         return logp_all.gather(-1, y.unsqueeze(-1)).squeeze(-1)  # (N, T)
 
@@ -90,14 +107,15 @@ class TabularAR:
         """Ancestral sampling of n sequences, one position at a time. Returns (n, T) token ids.
 
         Each token inverts its position's CDF with one uniform (toy.runs.inverse_cdf, the draw of
-        nanoopd.rollout.sample): u (n, T) in (0, 1], drawn from `generator` when not given.
+        nanoopd.rollout.sample): u (n, T) in (0, 1], drawn from `generator` when not given. With a
+        run axis, theta (R, P) and u (R, n, T) give (R, n, T): run r's n sequences.
         """
         if u is None:
             u = 1.0 - torch.rand(n, self.horizon, generator=generator, device=theta.device)  # (n, T)
-        y = torch.zeros(n, self.horizon, dtype=torch.long, device=theta.device)  # (n, T)
+        y = torch.zeros(u.shape, dtype=torch.long, device=theta.device)  # (n, T) or (R, n, T)
         for t in range(self.horizon):
-            probs = F.softmax(self.logits(theta, y)[:, t].float(), dim=-1)  # (n, V)
-            y[:, t] = inverse_cdf(probs, u[:, t])
+            probs = F.softmax(self.logits(theta, y)[..., t, :].float(), dim=-1)  # (..., V)
+            y[..., t] = inverse_cdf(probs.reshape(-1, self.vocab), u[..., t].flatten()).view(u.shape[:-1])
         return y
 
 
@@ -197,8 +215,7 @@ def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
 def sequence_kls(student: TabularAR, thetas: torch.Tensor, teacher: TabularAR, phi: torch.Tensor,
                  seqs: torch.Tensor) -> torch.Tensor:
     """J of every run at once: thetas (R, P) -> (R,), run r's KL(pi_r || q) by enumeration."""
-    R, N = thetas.shape[0], seqs.shape[0]
-    logp = student.token_logprobs(thetas.repeat_interleave(N, 0), seqs.repeat(R, 1)).sum(-1).view(R, N)  # (R, N)
+    logp = student.token_logprobs(thetas, seqs.expand(thetas.shape[0], -1, -1)).sum(-1)  # (R, N)
     logq = teacher.token_logprobs(phi, seqs).sum(-1)  # (N,)
     return (logp.exp() * (logp - logq)).sum(-1)  # (R,)
 
@@ -226,6 +243,8 @@ def train_students(student: TabularAR, theta0: torch.Tensor, teacher: TabularAR,
     thetas = theta0.detach().expand(R, -1).clone().requires_grad_(True)  # (R, P) one student per run
     opt = make_optimizer(optimizer, [thetas], lr)  # element-wise: R independent optimizers
     logged_steps, kls = [], []
+    with torch.no_grad():
+        logq_all = teacher.token_logprobs(phi, seqs)  # (N, T) the teacher on every sequence, once
 
     def log(step):
         with torch.no_grad():
@@ -235,14 +254,16 @@ def train_students(student: TabularAR, theta0: torch.Tensor, teacher: TabularAR,
     log(0)
     for step in range(1, steps + 1):
         if batch_size is None:
-            y = seqs.repeat(R, 1)  # (R * N, T) every sequence for every run
+            y = seqs.expand(R, -1, -1)  # (R, N, T) every sequence for every run
         else:
-            rows = thetas.detach().repeat_interleave(B, 0)  # (R * B, P)
-            y = student.sample(rows, R * B, u=uniforms(gens, B, T, theta0.device).view(R * B, T))  # (R * B, T)
-        n = y.shape[0] // R  # sequences per run
-        logp = student.token_logprobs(thetas.repeat_interleave(n, 0), y).view(R, n, T)  # (R, n, T)
+            y = student.sample(thetas.detach(), B, u=uniforms(gens, B, T, theta0.device))  # (R, B, T)
+        n = y.shape[1]  # sequences per run
+        logp = student.token_logprobs(thetas, y)  # (R, n, T)
         with torch.no_grad():
-            logq = teacher.token_logprobs(phi, y).view(R, n, T)  # (R, n, T)
+            if batch_size is None:  # the same sequences at every step
+                logq = logq_all.expand(R, -1, -1)  # (R, N, T)
+            else:
+                logq = teacher.token_logprobs(phi, y.reshape(R * n, T)).view(R, n, T)  # (R, n, T)
             # weight of each row in the estimate: pi(y) over all sequences, or 1/B over a sample
             weight = logp.sum(-1).exp() if batch_size is None else torch.full_like(logp[..., 0], 1 / B)  # (R, n)
         loss = (weight * surrogate_per_run(logp, logq, gammas)).sum()  # sum over runs of each run's estimate
