@@ -29,10 +29,11 @@ sampling noise (on MPS, which has no float64, up to float32 rounding).
 A model's parameters are one flat vector theta (P,) = [base (T*V), tables (order*V*V)], so that
 gradients are plain vectors. Every function also accepts a per-sequence copy theta (N, P): row n
 is used for sequence n only, so one backward pass yields every per-sequence gradient at once.
+Training stacks the students of many runs as thetas (R, P), run r with its own sequences
+y (R, n, T) (toy/runs.py); train_student is one run of train_students.
 """
 
 import itertools
-import math
 from dataclasses import dataclass
 
 import torch
