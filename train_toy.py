@@ -175,8 +175,8 @@ def discrete_training(cfg: ToyConfig, device, dtype) -> tuple[dict, dict]:
     """Every gamma x seed from sampled batches in one batch (run r = gamma index * S + seed index), and one
     noise-free run per gamma in another: the two results of toy.exact.train_students."""
     problem = make_problem(cfg.vocab, cfg.horizon, cfg.train_coupling, cfg.problem_seed, dtype=dtype, device=device)
-    sampled = train_students(*problem, [g for g in cfg.gammas for _ in cfg.seeds], list(cfg.seeds) * len(cfg.gammas), cfg.steps, cfg.batch_size, cfg.lr,
-                             cfg.optimizer, cfg.eval_every)
+    sampled = train_students(*problem, [g for g in cfg.gammas for _ in cfg.seeds], list(cfg.seeds) * len(cfg.gammas),
+                             cfg.steps, cfg.batch_size, cfg.lr, cfg.optimizer, cfg.eval_every)
     noise_free = train_students(*problem, list(cfg.gammas), [0] * len(cfg.gammas), cfg.steps, None, cfg.lr,
                                 cfg.optimizer, cfg.eval_every)
     return sampled, noise_free
