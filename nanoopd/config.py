@@ -13,6 +13,8 @@ type, default and the comment that explains it.
 - every field becomes the flag --<field>; its help is the comment after the field;
 - the default shown in --help is the field's (or the chosen --preset's), so nothing can disagree;
 - bool fields are switches (--flag, --no-flag); `x | None = None` leaves the choice to the library;
+- `tuple[float, ...]` fields read a comma-separated list (--gammas 0,0.5,1); any other callable
+  annotation is the reader of its flag;
 - field(metadata={"choices": ...}) gives argparse choices (a callable is asked at parse time);
 - the config checks itself in __post_init__ and raises ConfigError(field, message); the command
   line turns it into the usage line and `--<field> <message>`, exit code 2.
@@ -58,9 +60,15 @@ def comments(cls) -> tuple[dict[str, str], dict[str, str]]:
 
 
 def _base_type(annotation):
-    """int for `int`, `int | None` and `Optional[int]`."""
+    """int for `int`, `int | None` and `Optional[int]`; for `tuple[float, ...]` a reader of a
+    comma-separated list, "0,0.5" -> (0.0, 0.5)."""
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
         return next(a for a in typing.get_args(annotation) if a is not type(None))
+    if typing.get_origin(annotation) is tuple:
+        kind = typing.get_args(annotation)[0]
+        read = lambda text: tuple(kind(x) for x in text.split(",") if x)
+        read.__name__ = f"comma-separated {kind.__name__}"  # argparse's message: invalid <__name__> value
+        return read
     return annotation
 
 

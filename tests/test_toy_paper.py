@@ -19,7 +19,7 @@ from toy.continuous import TARGETS, drift, visitation
 
 def test_preset_paper_sets_the_published_settings():
     cfg = train_toy.parse_args(["--preset", "paper"])
-    assert cfg.preset == "paper"
+    assert cfg.drift  # the paper's report: drift, orders of magnitude, heatmaps
     assert cfg.parts == ("control",)
     assert cfg.control_horizon == 20                     # horizon about 20
     assert cfg.student_steps == 2000                     # about 2,000 alternating-task iterations
@@ -31,13 +31,13 @@ def test_preset_paper_sets_the_published_settings():
 
 
 def test_explicit_flags_override_the_preset_and_default_is_untouched():
-    cfg = train_toy.parse_args(["--preset", "paper", "--student-optimizer", "sgd", "--student-lr", "1e-6",
-                                "--control-horizon", "10", "--control-seeds", "7"])
+    cfg = train_toy.parse_args(["--preset", "paper", "--student_optimizer", "sgd", "--student_lr", "1e-6",
+                                "--control_horizon", "10", "--control_seeds", "7"])
     assert (cfg.student_optimizer, cfg.student_lr, cfg.control_horizon, cfg.control_seeds) == ("sgd", 1e-6, 10, (7,))
     assert cfg.student_steps == 2000  # the rest still comes from the preset
 
     d = train_toy.parse_args([])  # no preset: the replica as before
-    assert (d.preset, d.control_horizon, d.student_steps, d.control_seeds) == (None, 10, 300, (0,))
+    assert (d.drift, d.control_horizon, d.student_steps, d.control_seeds) == (False, 10, 300, (0,))
     assert d.control_gammas == (0.0, 0.5, 1.0) and d.parts == ("exact", "train", "control")
 
 
@@ -63,7 +63,7 @@ def test_help_explains_every_new_flag(capsys):
     with pytest.raises(SystemExit):
         train_toy.parse_args(["--help"])
     out = capsys.readouterr().out
-    for flag in ("--preset", "--sweep", "--student-optimizer", "--control-seeds"):
+    for flag in ("--preset", "--sweep", "--student_optimizer", "--control_seeds", "--drift", "--quick"):
         assert flag in out, flag
 
 
@@ -128,8 +128,8 @@ def test_visitation_bins_positions_per_time_step():
 
 def test_preset_and_sweep_report_run_tiny_without_float64(tmp_path, capsys):
     """A few steps of --preset paper with a two-point sweep: the drift table is printed, no float64 is made."""
-    tiny = ["--preset", "paper", "--control-seeds", "42,43", "--control-gammas", "0,1", "--student-steps", "3",
-            "--teacher-steps", "3", "--eval-episodes", "8", "--dtype", "float32", "--no-plots", "--out", str(tmp_path)]
+    tiny = ["--preset", "paper", "--control_seeds", "42,43", "--control_gammas", "0,1", "--student_steps", "3",
+            "--teacher_steps", "3", "--eval_episodes", "8", "--dtype", "float32", "--no-plots", "--out", str(tmp_path)]
     with no_float64():
         out = train_toy.main(tiny + ["--sweep", "sgd:1e-6,adam:3e-3:5"])
     text = capsys.readouterr().out

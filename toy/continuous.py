@@ -26,6 +26,10 @@ trace of the sample covariance of those 8 gradients.
 Where the student ends up is measured by `drift` (the share of end points nearer the other task's
 target, and the distance to the own target), and where it goes on the way by `visitation` (the
 state-visitation frequency over position and time, the heatmaps of the published study).
+
+Every run of a study is trained at once (toy/runs.py): R policies are one PolicyStack, whose weights
+carry a leading run axis, and every tensor below is (R, ...). Run r is initialised and sampled from
+its own seed, so it ends the same (up to float rounding) alone or with any other runs.
 """
 
 import math
@@ -34,7 +38,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanoopd.sampled_token import g_gamma_surrogate, returns_to_go
+from nanoopd.sampled_token import returns_to_go
+from toy.runs import generators, normals, surrogate_per_run
 
 STARTS = (2.0, -2.0)    # s_0 of task 0 and task 1
 TARGETS = (-3.0, 3.0)   # where each task should end
@@ -44,11 +49,12 @@ OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}  # the student's
 
 
 # -----------------------------------------------------------------------------
-# the Gaussian policy
+# the Gaussian policy, one and many
 
 
 class GaussianPolicy(nn.Module):
-    """c_t = (task sign, s_t / 3, t / T) -> N(mu, sigma^2) over the move delta_t."""
+    """c_t = (task sign, s_t / 3, t / T) -> N(mu, sigma^2) over the move delta_t. One run: it fixes
+    the architecture and the initialisation that PolicyStack stacks."""
 
     def __init__(self, hidden: int = 32, min_std: float = 0.05, init_std: float = 0.5):
         super().__init__()
@@ -63,132 +69,204 @@ class GaussianPolicy(nn.Module):
         out = self.head(self.body(ctx))  # (..., 2)
         return out[..., 0], self.min_std + F.softplus(out[..., 1])
 
+
+def gaussian_log_prob(delta: torch.Tensor, mu: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """log N(delta; mu, std^2), element-wise."""
+    return -0.5 * ((delta - mu) / std) ** 2 - std.log() - 0.5 * math.log(2 * math.pi)
+
+
+class PolicyStack:
+    """R Gaussian MLP policies evaluated at once: each weight has a leading run axis R.
+
+        h1 = tanh(ctx W1 + b1),  h = tanh(h1 W2 + b2),  out = h W3 + b3       (R, N, .) batched matmuls
+        mu = out[..., 0],  sigma = min_std + softplus(out[..., 1])
+
+    W3, b3 form the output layer, the "head" whose gradient variance the study measures. Run r starts
+    from the weights of GaussianPolicy(hidden) under torch.manual_seed(seeds[r]).
+    """
+
+    def __init__(self, weights: list[torch.Tensor], min_std: float = 0.05):
+        self.weights, self.min_std = weights, min_std  # [W1 (R,3,H), b1 (R,1,H), W2 (R,H,H), b2, W3 (R,H,2), b3 (R,1,2)]
+
+    @classmethod
+    def init(cls, seeds: list[int], hidden: int, device) -> "PolicyStack":
+        per_run = []
+        for seed in seeds:
+            torch.manual_seed(seed)
+            m = GaussianPolicy(hidden)
+            per_run.append([p.detach().T if p.dim() == 2 else p.detach()[None]  # W: (in, out); b: (1, out)
+                            for layer in (m.body[0], m.body[2], m.head) for p in (layer.weight, layer.bias)])
+        return cls([torch.stack(w).to(device) for w in zip(*per_run)], m.min_std)
+
+    def select(self, runs: list[int]) -> "PolicyStack":
+        """The policies of the given runs, in that order (a copy)."""
+        idx = torch.tensor(runs, device=self.weights[0].device)
+        return PolicyStack([w[idx] for w in self.weights], self.min_std)
+
+    def folded(self) -> list[torch.Tensor]:
+        """The weights as features() applies them (see there); differentiable in self.weights."""
+        W1, b1, W2, b2, W3, b3 = self.weights
+        return [2 * W1, 2 * b1, 4 * W2, 2 * (b2 - W2.sum(1, keepdim=True)), 2 * W3, b3 - W3.sum(1, keepdim=True)]
+
+    def features(self, ctx: torch.Tensor, folded: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """ctx (R, N, 3) -> s (R, N, H), the last hidden layer as h = 2 s - 1, and the head's output (R, N, 2).
+
+        tanh(z) = 2 sigmoid(2z) - 1, and the factors and the -1 fold into the next layer's weights:
+        with h1 = 2 s1 - 1, 2 (h1 W2 + b2) = s1 (4 W2) + 2 (b2 - 1 W2), and h W3 + b3 = s (2 W3) + b3 - 1 W3,
+        1 W the sums of W's rows. The same function with two passes over the large (R, N, H)
+        activations per layer instead of five: torch's CPU tanh is several times slower than its
+        sigmoid, and these passes were most of a step. `folded` (from folded()) saves refolding
+        the weights at every move of a rollout.
+        """
+        A1, c1, A2, c2, A3, c3 = folded or self.folded()
+        s1 = torch.baddbmm(c1, ctx, A1).sigmoid()  # (R, N, H), h1 = tanh(ctx W1 + b1) = 2 s1 - 1
+        s = torch.baddbmm(c2, s1, A2).sigmoid()  # (R, N, H), h = 2 s - 1
+        return s, torch.baddbmm(c3, s, A3)  # (R, N, H), (R, N, 2)
+
+    def gaussian(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Head output (..., 2) -> mu (...), sigma (...)."""
+        return out[..., 0], self.min_std + F.softplus(out[..., 1])
+
+    def __call__(self, ctx: torch.Tensor, folded: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """ctx (R, N, 3) -> mu, sigma (R, N)."""
+        return self.gaussian(self.features(ctx, folded)[1])
+
     def log_prob(self, ctx: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """log N(delta; mu(ctx), sigma(ctx)^2). ctx: (B, T, 3), delta: (B, T) -> (B, T)."""
-        mu, std = self(ctx)  # (B, T), (B, T)
-        return -0.5 * ((delta - mu) / std) ** 2 - std.log() - 0.5 * math.log(2 * math.pi)
+        """log N(delta; mu(ctx), sigma(ctx)^2). ctx (R, B, T, 3), delta (R, B, T) -> (R, B, T)."""
+        R, B, T = delta.shape
+        mu, std = self(ctx.view(R, B * T, 3))  # (R, B*T) each
+        return gaussian_log_prob(delta, mu.view(R, B, T), std.view(R, B, T))
 
 
 @torch.no_grad()
-def rollout(policy: GaussianPolicy, task: int, n: int, horizon: int,
-            generator: torch.Generator | None = None) -> dict:
-    """Sample n episodes of task `task`.
+def rollout(policy: PolicyStack, task: torch.Tensor, noise: torch.Tensor) -> dict:
+    """Sample episodes: run r plays task[r] (R,) with the moves' standard normals noise (R, n, T).
 
-    Returns dict(ctx (n, T, 3), delta (n, T), pos (n, T+1)): the contexts the policy saw, the moves
-    it made and the positions s_0..s_T.
+    Returns dict(ctx (R, n, T, 3), delta (R, n, T), pos (R, n, T+1)): the contexts the policies saw,
+    the moves they made and the positions s_0..s_T.
     """
-    device = next(policy.parameters()).device
-    sign = 1.0 if task == 0 else -1.0
-    s = torch.full((n,), STARTS[task], device=device)  # (n,)
-    ctx, deltas, pos = [], [], [s]
-    for t in range(horizon):
-        c = torch.stack([torch.full_like(s, sign), s / POSITION_SCALE, torch.full_like(s, t / horizon)], -1)  # (n, 3)
-        mu, std = policy(c)  # (n,), (n,)
-        d = mu + std * torch.randn(n, generator=generator, device=device)  # (n,)
+    R, n, T = noise.shape
+    starts, signs = torch.tensor(STARTS, device=noise.device), torch.tensor([1.0, -1.0], device=noise.device)
+    sign = signs[task][:, None].expand(R, n)  # (R, n)
+    s = starts[task][:, None].expand(R, n)  # (R, n)
+    ctx, deltas, pos, folded = [], [], [s], policy.folded()
+    for t in range(T):
+        c = torch.stack([sign, s / POSITION_SCALE, torch.full_like(s, t / T)], -1)  # (R, n, 3)
+        mu, std = policy(c, folded)  # (R, n), (R, n)
+        d = mu + std * noise[:, :, t]  # (R, n)
         s = s + d
         ctx.append(c)
         deltas.append(d)
         pos.append(s)
-    return dict(ctx=torch.stack(ctx, 1), delta=torch.stack(deltas, 1), pos=torch.stack(pos, 1))
+    return dict(ctx=torch.stack(ctx, 2), delta=torch.stack(deltas, 2), pos=torch.stack(pos, 2))
 
 
 # -----------------------------------------------------------------------------
 # teachers: REINFORCE on the shaped reward
 
 
-def train_teacher(task: int, horizon: int, steps: int, batch_size: int, lr: float, seed: int,
-                  hidden: int = 32, device="cpu", progress=None) -> GaussianPolicy:
-    """REINFORCE with a per-step baseline.
+def train_teachers(tasks: list[int], seeds: list[int], horizon: int, steps: int, batch_size: int, lr: float,
+                   hidden: int = 32, device="cpu", progress=None) -> PolicyStack:
+    """One teacher per run r: task tasks[r], initialised and sampled with seeds[r]. REINFORCE with a
+    per-step baseline.
 
     Cost per move k_t = |s_{t+1} - target|; cost-to-go K_t = sum_{t' >= t} k_t' (returns_to_go with
     gamma = 1); loss = mean_b sum_t (K_t - mean_b K_t) log pi(delta_t | c_t), whose gradient is the
     REINFORCE estimate of grad E[sum_t k_t].
     """
-    torch.manual_seed(seed)
-    policy = GaussianPolicy(hidden).to(device)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    opt = torch.optim.Adam(policy.parameters(), lr=lr)
-    mask = torch.ones(batch_size, horizon, device=device)  # (B, T)
+    R, B, T = len(tasks), batch_size, horizon
+    policy = PolicyStack.init(seeds, hidden, device)
+    for w in policy.weights:
+        w.requires_grad_(True)
+    gens = generators(seeds, device)
+    opt = torch.optim.Adam(policy.weights, lr=lr)  # element-wise: one Adam per run
+    task = torch.tensor(tasks, device=device)  # (R,)
+    target = torch.tensor(TARGETS, device=device)[task].view(R, 1, 1)  # (R, 1, 1)
+    mask = torch.ones(R * B, T, device=device)  # (R*B, T)
     for _ in range(steps):
-        ep = rollout(policy, task, batch_size, horizon, gen)
-        cost = (ep["pos"][:, 1:] - TARGETS[task]).abs()  # (B, T)
-        K = returns_to_go(cost, mask, 1.0)  # (B, T)
-        adv = K - K.mean(0, keepdim=True)  # (B, T)
-        loss = (adv * policy.log_prob(ep["ctx"], ep["delta"])).sum(1).mean()
+        ep = rollout(policy, task, normals(gens, B, T, device))
+        cost = (ep["pos"][..., 1:] - target).abs()  # (R, B, T)
+        K = returns_to_go(cost.view(R * B, T), mask, 1.0).view(R, B, T)  # (R, B, T)
+        adv = K - K.mean(1, keepdim=True)  # (R, B, T)
+        loss = (adv * policy.log_prob(ep["ctx"], ep["delta"])).sum(2).mean(1).sum()  # sum over runs
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if progress is not None:
-            progress.update(1)
-    policy.requires_grad_(False)
+            progress.update(R)
+    for w in policy.weights:
+        w.requires_grad_(False)
     return policy
 
 
 # -----------------------------------------------------------------------------
-# the student: alternating-task OPD with g_gamma
+# the students: alternating-task OPD with g_gamma
 
 
-def head_grad_variance(micro_losses: torch.Tensor, head: nn.Linear) -> float:
-    """Trace of the sample covariance of the head's gradients over micro-batches. micro_losses: (M,)."""
-    grads = []
-    for loss in micro_losses:
-        gw, gb = torch.autograd.grad(loss, [head.weight, head.bias], retain_graph=True)
-        grads.append(torch.cat([gw.flatten(), gb]))  # (P_head,)
-    G = torch.stack(grads)  # (M, P_head)
-    return G.var(dim=0, unbiased=True).sum().item()
+def distill_students(teachers: tuple[PolicyStack, PolicyStack], gammas: list[float], seeds: list[int], horizon: int,
+                     steps: int, batch_size: int, micro_batches: int, lr: float, hidden: int = 32, device="cpu",
+                     progress=None, optimizer: str = "adam") -> tuple[PolicyStack, dict]:
+    """OPD of R = len(gammas) students at once, task = step mod 2: student r follows g_gamma with
+    gammas[r], is initialised and sampled with seeds[r], and is scored by teachers[task] row r.
 
-
-def distill_student(teachers: list[GaussianPolicy], gamma: float, horizon: int, steps: int,
-                    batch_size: int, micro_batches: int, lr: float, seed: int, hidden: int = 32,
-                    device="cpu", progress=None, optimizer: str = "adam") -> tuple[GaussianPolicy, list[dict]]:
-    """OPD of one student from both teachers, task = step mod 2.
-
-    Each step: rollout of batch_size episodes from the student, loss = mean of g_gamma_surrogate
+    Each step: rollout of batch_size episodes from every student, loss = mean of g_gamma_surrogate
     (gradient g_gamma), then an optimizer step: "adam" (each parameter's step is normalised by a
-    running estimate of its gradient's scale) or "sgd" (plain SGD, no momentum: the step is lr
-    times the sampled g_gamma itself, so its variance reaches the parameters unnormalised). Before
-    the step, the head-gradient variance over `micro_batches` equal micro-batches is recorded. Returns (student, log) with one dict per step:
-    step, task, variance, kl_per_step (mean r_t over the batch, a single-sample estimate of the
-    per-step KL), final_pos (mean s_T).
+    running estimate of its gradient's scale) or "sgd" (plain SGD, no momentum: the step is lr times
+    the sampled g_gamma itself, so its variance reaches the parameters unnormalised).
+
+    Head-gradient variance: the batch is split into M = micro_batches equal micro-batches; for micro-
+    batch m the head gradient is G_m = grad of mean_{b in m} L_b w.r.t. (W3, b3), and we record
+    sum over entries of the unbiased variance of G_1..G_M. The head is linear, out = h W3 + b3, so
+    with e = dL/d out per episode and time step, G_m = (M/B) sum_{b in m, t} (e_bt^T h_bt, e_bt): one
+    backward pass gives every G_m of every run.
+    Returns (students, log) with log of (steps, R) tensors: variance, kl_per_step (mean r_t over the
+    batch, a single-sample estimate of the per-step KL), final_pos (mean s_T); task (steps,).
     """
     if batch_size % micro_batches:
         raise ValueError(f"batch size {batch_size} is not divisible into {micro_batches} micro-batches")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
-    torch.manual_seed(seed)
-    student = GaussianPolicy(hidden).to(device)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    opt = OPTIMIZERS[optimizer](student.parameters(), lr=lr)
-    mask = torch.ones(batch_size, horizon, device=device)  # (B, T)
-    log = []
+    R, B, T, M = len(gammas), batch_size, horizon, micro_batches
+    student = PolicyStack.init(seeds, hidden, device)
+    for w in student.weights:
+        w.requires_grad_(True)
+    gens = generators(seeds, device)
+    opt = OPTIMIZERS[optimizer](student.weights, lr=lr)  # element-wise: one optimizer per run
+    log = dict(variance=[], kl_per_step=[], final_pos=[])
     for step in range(steps):
         task = step % 2
-        ep = rollout(student, task, batch_size, horizon, gen)
-        logp = student.log_prob(ep["ctx"], ep["delta"])  # (B, T)
-        logq = teachers[task].log_prob(ep["ctx"], ep["delta"])  # (B, T), no grad (frozen)
-        L = g_gamma_surrogate(logp, logq, mask, gamma)  # (B,)
-        micro = L.view(micro_batches, -1).mean(1)  # (M,)
-        variance = head_grad_variance(micro, student.head)
+        ep = rollout(student, torch.full((R,), task, device=device), normals(gens, B, T, device))
+        s, out = student.features(ep["ctx"].view(R, B * T, 3))  # (R, B*T, H) with h = 2 s - 1, (R, B*T, 2)
+        out.retain_grad()
+        mu, std = student.gaussian(out)  # (R, B*T) each
+        logp = gaussian_log_prob(ep["delta"], mu.view(R, B, T), std.view(R, B, T))  # (R, B, T)
+        logq = teachers[task].log_prob(ep["ctx"], ep["delta"])  # (R, B, T), frozen
+        L = surrogate_per_run(logp, logq, gammas)  # (R, B)
         opt.zero_grad(set_to_none=True)
-        L.mean().backward()
+        L.mean(1).sum().backward()  # sum over runs of each run's batch mean
+        with torch.no_grad():
+            e = M * out.grad.view(R * M, -1, 2)  # (R*M, B/M*T, 2): grad of each micro-batch mean per row
+            Gw = torch.baddbmm(-e.sum(1)[:, :, None], e.transpose(1, 2), s.view(R * M, -1, hidden), alpha=2)  # e^T h
+            G = torch.cat([Gw.flatten(1), e.sum(1)], -1).view(R, M, -1)  # (R, M, 2*H + 2) head gradients
+            log["variance"].append(G.var(dim=1, unbiased=True).sum(-1))  # (R,)
+            log["kl_per_step"].append((logp - logq).mean((1, 2)))  # (R,)
+            log["final_pos"].append(ep["pos"][..., -1].mean(1))  # (R,)
         opt.step()
-        log.append(dict(step=step, task=task, variance=variance,
-                        kl_per_step=(logp - logq).mean().item(), final_pos=ep["pos"][:, -1].mean().item()))
         if progress is not None:
-            progress.update(1)
-    return student, log
+            progress.update(R)
+    for w in student.weights:
+        w.requires_grad_(False)
+    return student, {k: torch.stack(v).cpu() for k, v in log.items()} | dict(task=torch.arange(steps) % 2)
 
 
-def trajectories(policy: GaussianPolicy, horizon: int, n: int, seed: int) -> list[torch.Tensor]:
-    """Positions s_0..s_T of n sampled episodes per task: [ (n, T+1) for task 0, (n, T+1) for task 1 ], on the CPU."""
-    device = next(policy.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(seed)
-    return [rollout(policy, task, n, horizon, gen)["pos"].cpu() for task in (0, 1)]
-
-
-def final_positions(policy: GaussianPolicy, horizon: int, n: int, seed: int) -> list[torch.Tensor]:
-    """s_T of n sampled episodes per task: [ (n,) for task 0, (n,) for task 1 ], on the CPU."""
-    return [pos[:, -1] for pos in trajectories(policy, horizon, n, seed)]
+def trajectories(policy: PolicyStack, horizon: int, n: int, seeds: list[int]) -> torch.Tensor:
+    """Positions s_0..s_T of n sampled episodes per task and run, (R, 2, n, T+1) on the CPU: run r
+    samples task 0, then task 1, from a generator seeded with seeds[r]."""
+    R, device = len(seeds), policy.weights[0].device
+    gens = generators(seeds, device)
+    paths = [rollout(policy, torch.full((R,), task, device=device), normals(gens, n, horizon, device))["pos"]
+             for task in (0, 1)]  # [(R, n, T+1)] * 2; every run's draws for task 0 come before its task 1's
+    return torch.stack(paths, 1).cpu()  # (R, 2, n, T+1)
 
 
 # -----------------------------------------------------------------------------

@@ -29,16 +29,18 @@ sampling noise (on MPS, which has no float64, up to float32 rounding).
 A model's parameters are one flat vector theta (P,) = [base (T*V), tables (order*V*V)], so that
 gradients are plain vectors. Every function also accepts a per-sequence copy theta (N, P): row n
 is used for sequence n only, so one backward pass yields every per-sequence gradient at once.
+Training stacks the students of many runs as thetas (R, P), run r with its own sequences
+y (R, n, T) (toy/runs.py); train_student is one run of train_students.
 """
 
 import itertools
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from nanoopd.sampled_token import g_gamma_surrogate
+from toy.runs import generators, inverse_cdf, surrogate_per_run, uniforms
 
 MAX_SEQUENCES = 200_000  # V^T above this is too many sequences to enumerate in a few seconds
 
@@ -61,9 +63,12 @@ class TabularAR:
 
     def logits(self, theta: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Next-token logits at every position. theta: (P,) or (N, P); y: (N, T) -> (N, T, V).
+        With a run axis, theta (R, P) and y (R, n, T) -> (R, n, T, V): run r's model on its sequences.
 
         The logits at position t read only y_<t, so y may hold anything at positions >= t.
         """
+        if y.dim() == 3:
+            return self.run_logits(theta, y)
         N, T, V = y.shape[0], self.horizon, self.vocab
         if theta.dim() == 1:
             theta = theta.expand(N, -1)  # (N, P) one shared copy
@@ -78,18 +83,40 @@ class TabularAR:
             out[:, j:] = out[:, j:] + self.coupling * tables[rows, j - 1, y[:, :T - j]]  # (N, T-j, V)
         return out
 
+    def run_logits(self, thetas: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """logits() with a run axis: thetas (R, P), y (R, n, T) -> (R, n, T, V). Each run's tables are
+        indexed by its own sequences, so the gradient lands on (R, P) directly."""
+        (R, n, T), V = y.shape, self.vocab
+        out = thetas[:, :T * V].view(R, 1, T, V).expand(R, n, T, V)  # (R, n, T, V) the base
+        if self.coupling == 0.0:
+            return out
+        tables = thetas[:, T * V:].view(R, self.order, V, V)  # (R, order, V, V)
+        runs = torch.arange(R, device=y.device)[:, None, None]  # (R, 1, 1)
+        out = out.clone()
+        for j in range(1, min(self.order, T - 1) + 1):
+            out[:, :, j:] = out[:, :, j:] + self.coupling * tables[runs, j - 1, y[:, :, :T - j]]  # (R, n, T-j, V)
+        return out
+
     def token_logprobs(self, theta: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """log p(y_t | y_<t) at every position. y: (N, T) -> (N, T)."""
+        """log p(y_t | y_<t) at every position. y: (N, T) -> (N, T), or with a run axis (R, n, T) -> (R, n, T)."""
         logp_all = F.log_softmax(self.logits(theta, y), dim=-1)  # (N, T, V)
         return logp_all.gather(-1, y.unsqueeze(-1)).squeeze(-1)  # (N, T)
 
     @torch.no_grad()
-    def sample(self, theta: torch.Tensor, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Ancestral sampling of n sequences, one position at a time. Returns (n, T) token ids."""
-        y = torch.zeros(n, self.horizon, dtype=torch.long, device=theta.device)  # (n, T)
+    def sample(self, theta: torch.Tensor, n: int, generator: torch.Generator | None = None,
+               u: torch.Tensor | None = None) -> torch.Tensor:
+        """Ancestral sampling of n sequences, one position at a time. Returns (n, T) token ids.
+
+        Each token inverts its position's CDF with one uniform (toy.runs.inverse_cdf, the draw of
+        nanoopd.rollout.sample): u (n, T) in (0, 1], drawn from `generator` when not given. With a
+        run axis, theta (R, P) and u (R, n, T) give (R, n, T): run r's n sequences.
+        """
+        if u is None:
+            u = 1.0 - torch.rand(n, self.horizon, generator=generator, device=theta.device)  # (n, T)
+        y = torch.zeros(u.shape, dtype=torch.long, device=theta.device)  # (n, T) or (R, n, T)
         for t in range(self.horizon):
-            probs = F.softmax(self.logits(theta, y)[:, t].float(), dim=-1)  # (n, V)
-            y[:, t] = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            probs = F.softmax(self.logits(theta, y)[..., t, :].float(), dim=-1)  # (..., V)
+            y[..., t] = inverse_cdf(probs.reshape(-1, self.vocab), u[..., t].flatten()).view(u.shape[:-1])
         return y
 
 
@@ -186,48 +213,75 @@ def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer {name!r}: use 'sgd' or 'adam'")
 
 
-def train_student(student: TabularAR, theta0: torch.Tensor, teacher: TabularAR, phi: torch.Tensor,
-                  gamma: float, steps: int, batch_size: int | None, lr: float, seed: int,
-                  optimizer: str = "sgd", eval_every: int = 10) -> dict:
-    """Descend the batch mean of g_gamma_surrogate, with rollouts sampled from the current student.
+def sequence_kls(student: TabularAR, thetas: torch.Tensor, teacher: TabularAR, phi: torch.Tensor,
+                 seqs: torch.Tensor) -> torch.Tensor:
+    """J of every run at once: thetas (R, P) -> (R,), run r's KL(pi_r || q) by enumeration."""
+    logp = student.token_logprobs(thetas, seqs.expand(thetas.shape[0], -1, -1)).sum(-1)  # (R, N)
+    logq = teacher.token_logprobs(phi, seqs).sum(-1)  # (N,)
+    return (logp.exp() * (logp - logq)).sum(-1)  # (R,)
+
+
+def train_students(student: TabularAR, theta0: torch.Tensor, teacher: TabularAR, phi: torch.Tensor,
+                   gammas: list[float], seeds: list[int], steps: int, batch_size: int | None, lr: float,
+                   optimizer: str = "sgd", eval_every: int = 10) -> dict:
+    """R = len(gammas) runs at once (toy/runs.py), run r descending the batch mean of
+    g_gamma_surrogate with gammas[r], its rollouts sampled from its own current student with seeds[r].
 
     batch_size=None replaces the sampled batch by every sequence weighted by sg(pi(y)), so the step
-    is the exact expected gradient E[g_gamma]: the same run without sampling noise. Comparing the
-    two separates what gamma costs through bias (the noise-free run) from what it costs through
-    variance (the gap between the sampled run and the noise-free one).
+    is the exact expected gradient E[g_gamma]: the same run without sampling noise (seeds unused).
+    Comparing the two separates what gamma costs through bias (the noise-free run) from what it costs
+    through variance (the gap between the sampled run and the noise-free one).
 
     With plain SGD the step is proportional to the sampled g_gamma, so its variance shows up
     directly in the trajectory; Adam rescales every coordinate and hides part of it.
-    The exact sequence KL J is evaluated by enumeration every `eval_every` steps. A run counts as
-    unstable when J becomes non-finite or when it ends above where it started.
-    Returns dict(steps, kl, final_kl, unstable).
+    The exact sequence KL J of every run is evaluated by enumeration every `eval_every` steps. A run
+    is unstable when J becomes non-finite or when it ends above where it started.
+    Returns dict(steps [S], kl (S, R), final_kl (R,), unstable (R,) bool), S the evaluations.
     """
-    seqs = all_sequences(student.vocab, student.horizon, device=theta0.device)  # (N, T)
-    gen = torch.Generator(device=theta0.device).manual_seed(seed)
-    theta = theta0.detach().clone().requires_grad_(True)  # (P,)
-    opt = make_optimizer(optimizer, [theta], lr)
+    R, B, T = len(gammas), batch_size, student.horizon
+    seqs = all_sequences(student.vocab, T, device=theta0.device)  # (N, T)
+    gens = generators(seeds, theta0.device) if batch_size is not None else []
+    thetas = theta0.detach().expand(R, -1).clone().requires_grad_(True)  # (R, P) one student per run
+    opt = make_optimizer(optimizer, [thetas], lr)  # element-wise: R independent optimizers
     logged_steps, kls = [], []
+    with torch.no_grad():
+        logq_all = teacher.token_logprobs(phi, seqs)  # (N, T) the teacher on every sequence, once
 
     def log(step):
         with torch.no_grad():
             logged_steps.append(step)
-            kls.append(sequence_kl(student, theta, teacher, phi, seqs).item())
+            kls.append(sequence_kls(student, thetas, teacher, phi, seqs))  # (R,)
 
     log(0)
     for step in range(1, steps + 1):
-        y = seqs if batch_size is None else student.sample(theta, batch_size, gen)  # (B, T)
-        logp = student.token_logprobs(theta, y)  # (B, T)
+        if batch_size is None:
+            y = seqs.expand(R, -1, -1)  # (R, N, T) every sequence for every run
+        else:
+            y = student.sample(thetas.detach(), B, u=uniforms(gens, B, T, theta0.device))  # (R, B, T)
+        n = y.shape[1]  # sequences per run
+        logp = student.token_logprobs(thetas, y)  # (R, n, T)
         with torch.no_grad():
-            logq = teacher.token_logprobs(phi, y)  # (B, T)
+            if batch_size is None:  # the same sequences at every step
+                logq = logq_all.expand(R, -1, -1)  # (R, N, T)
+            else:
+                logq = teacher.token_logprobs(phi, y.reshape(R * n, T)).view(R, n, T)  # (R, n, T)
             # weight of each row in the estimate: pi(y) over all sequences, or 1/B over a sample
-            weight = logp.sum(-1).exp() if batch_size is None else torch.full_like(logp[:, 0], 1 / batch_size)  # (B,)
-        loss = (weight * g_gamma_surrogate(logp, logq, torch.ones_like(logp), gamma)).sum()
+            weight = logp.sum(-1).exp() if batch_size is None else torch.full_like(logp[..., 0], 1 / B)  # (R, n)
+        loss = (weight * surrogate_per_run(logp, logq, gammas)).sum()  # sum over runs of each run's estimate
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if step % eval_every == 0 or step == steps:
             log(step)
-            if not math.isfinite(kls[-1]):
-                break
-    unstable = (not all(math.isfinite(k) for k in kls)) or kls[-1] > kls[0]
-    return dict(steps=logged_steps, kl=kls, final_kl=kls[-1], unstable=unstable)
+    kl = torch.stack(kls).cpu()  # (S, R)
+    unstable = ~torch.isfinite(kl).all(0) | ~(kl[-1] <= kl[0])  # (R,) non-finite, or ends above its start
+    return dict(steps=logged_steps, kl=kl, final_kl=kl[-1], unstable=unstable)
+
+
+def train_student(student: TabularAR, theta0: torch.Tensor, teacher: TabularAR, phi: torch.Tensor,
+                  gamma: float, steps: int, batch_size: int | None, lr: float, seed: int,
+                  optimizer: str = "sgd", eval_every: int = 10) -> dict:
+    """One run of train_students. Returns dict(steps, kl, final_kl, unstable) as plain Python numbers."""
+    res = train_students(student, theta0, teacher, phi, [gamma], [seed], steps, batch_size, lr, optimizer, eval_every)
+    return dict(steps=res["steps"], kl=res["kl"][:, 0].tolist(), final_kl=res["final_kl"][0].item(),
+                unstable=bool(res["unstable"][0]))
