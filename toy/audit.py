@@ -37,6 +37,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -134,27 +135,48 @@ def problem(cfg: AuditConfig, at_teacher: bool = False) -> Problem:
     return Problem(student, theta, teacher, phi, seqs, weight)
 
 
-def per_sample_grads(pb: Problem, name: str, options: dict) -> torch.Tensor:
-    """grad L(y) for every sequence y, (N, P): the objective's loss summed over y's positions."""
+def per_sample_grads(pb: Problem, objective: Callable, options: dict) -> torch.Tensor:
+    """grad L(y) for every sequence y, (N, P): the loss of `objective` (registry calling
+    convention, a per-token mean) summed over y's T positions, differentiated in theta.
+
+    One private copy of theta per sequence, theta_rows (N, P): row n is used for sequence n only,
+    so one backward pass of the batch loss gives every per-sample gradient at once."""
+    # lab:audit begin
     N, T = pb.seqs.shape
     theta_rows = pb.theta.detach().expand(N, -1).clone().requires_grad_(True)  # (N, P)
     student_logits = pb.student.logits(theta_rows, pb.seqs)  # (N, T, V)
     with torch.no_grad():
         teacher_logits = pb.teacher.logits(pb.phi, pb.seqs)  # (N, T, V)
     mask = torch.ones(N, T, dtype=torch.bool)  # every position is a response token
-    loss, _ = OBJECTIVES[name](student_logits, teacher_logits, pb.seqs, mask, **options)
+    loss, _ = objective(student_logits, teacher_logits, pb.seqs, mask, **options)
     (grads,) = torch.autograd.grad(loss * (N * T), theta_rows, allow_unused=True)  # undo the mean
     return torch.zeros_like(theta_rows) if grads is None else grads  # (N, P)
+    # lab:audit end
+
+
+def expectation(grads: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(g_L, tr Cov) from the per-sample gradients grads (N, P) and the weights pi(y) (N,):
+
+        g_L = sum_y pi(y) grad L(y)   (P,)        tr Cov = sum_y pi(y) || grad L(y) - g_L ||^2"""
+    # lab:audit begin
+    g = weight @ grads  # (P,)
+    return g, (weight @ (grads - g).pow(2).sum(-1)).item()
+    # lab:audit end
 
 
 def token_divergence(pb: Problem, theta: torch.Tensor, forward: bool) -> torch.Tensor:
-    """sum_y sg(pi(y)) sum_t KL at c_t (reverse KL(pi||q), or forward KL(q||pi)). Scalar."""
+    """sum_y sg(pi(y)) sum_t KL at c_t (reverse KL(pi||q), or forward KL(q||pi)). Scalar.
+
+    Differentiable in theta through the per-prefix distributions pi(.|c_t) only: the weights pi(y)
+    (the distribution of the prefixes) are held fixed, so its gradient is grad K_tok (grad F_tok)."""
+    # lab:audit begin
     logp = torch.log_softmax(pb.student.logits(theta, pb.seqs), -1)  # (N, T, V)
     with torch.no_grad():
         logq = torch.log_softmax(pb.teacher.logits(pb.phi, pb.seqs), -1)  # (N, T, V)
     a, b = (logq, logp) if forward else (logp, logq)
     kl = (a.exp() * (a - b)).sum(-1)  # (N, T)
     return pb.weight @ kl.sum(-1)
+    # lab:audit end
 
 
 def support_mass(pb: Problem, theta: torch.Tensor, k: int) -> torch.Tensor:
@@ -183,28 +205,39 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a @ b / denominator).item() if denominator > 0 else 0.0
 
 
+def follows(g: torch.Tensor, goals: dict[str, torch.Tensor]) -> tuple[str, dict[str, float], dict[str, float]]:
+    """Which target g follows: (verdict, cosines, relative errors), the last two by target name.
+
+    err_X = ||g - grad X|| / ||grad X||. Verdict: "X exactly" for the target of smallest error when
+    it is below EXACT; else "~X" for the target of largest cosine when it is at least NEAR; else
+    "none"."""
+    # lab:audit begin
+    cos = {t: cosine(g, goal) for t, goal in goals.items()}
+    err = {t: ((g - goal).norm() / goal.norm()).item() for t, goal in goals.items()}
+    best, nearest = min(err, key=err.get), max(cos, key=cos.get)
+    verdict = (best + " exactly" if err[best] < EXACT else "~" + nearest if cos[nearest] >= NEAR else "none")
+    return verdict, cos, err
+    # lab:audit end
+
+
 # -----------------------------------------------------------------------------
 # the audit
 
 
 def audit_one(cfg, pb, pb_eq, goals, name, options, claims) -> dict:
     """Every number and flag of one (objective, options) row."""
-    grads = per_sample_grads(pb, name, options)  # (N, P)
-    g = pb.weight @ grads  # (P,) g_L
+    grads = per_sample_grads(pb, OBJECTIVES[name], options)  # (N, P)
+    g, trace_cov = expectation(grads, pb.weight)  # (P,) g_L, and tr Cov
     scale = goals["J"].norm().item()
     row = dict(objective=name, options=" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                                 for k, v in options.items()) or "-",
                claims=claims or "-", g_norm=g.norm().item())
+    row["follows"], cos, err = follows(g, goals)
     for t in TARGETS:
-        row[f"cos_{t}"] = cosine(g, goals[t])
-        row[f"err_{t}"] = ((g - goals[t]).norm() / goals[t].norm()).item()
-    best = min(TARGETS, key=lambda t: row[f"err_{t}"])
-    nearest = max(TARGETS, key=lambda t: row[f"cos_{t}"])
-    row["follows"] = (best + " exactly" if row[f"err_{best}"] < EXACT
-                      else "~" + nearest if row[f"cos_{nearest}"] >= NEAR else "none")
-    row["trace_cov"] = (pb.weight @ (grads - g).pow(2).sum(-1)).item()
+        row[f"cos_{t}"], row[f"err_{t}"] = cos[t], err[t]
+    row["trace_cov"] = trace_cov
     # at pi = q: the gradient, and what a step along -g_L does to the mass on the teacher's top-K
-    g_eq = pb_eq.weight @ per_sample_grads(pb_eq, name, options)  # (P,)
+    g_eq, _ = expectation(per_sample_grads(pb_eq, OBJECTIVES[name], options), pb_eq.weight)  # (P,)
     row["g_norm_at_q"] = g_eq.norm().item()
     mass_grad = grad_of(lambda x: support_mass(pb_eq, x, cfg.k), pb_eq.theta)  # (P,)
     row["mass_slope_at_q"] = -(mass_grad @ g_eq).item()  # d(mass)/d(step) along -g_L
