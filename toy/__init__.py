@@ -2,4 +2,5 @@
 
 exact.py       tabular student and teacher, every sequence enumerated: exact bias and variance of g_gamma
 continuous.py  the 1-D two-task reaching replica: REINFORCE teachers, one student distilled with g_gamma
+audit.py       the estimator audit: every registered objective against the divergence it claims (python -m toy.audit)
 """

@@ -23,13 +23,14 @@ the sampling distribution pi(y) held fixed, as a sampled estimator sees it):
     grad K_tok = sum_y sg(pi(y)) sum_t grad KL(pi(.|c_t) || q(.|c_t))   token-level reverse KL
     grad F_tok = sum_y sg(pi(y)) sum_t grad KL(q(.|c_t) || pi(.|c_t))   token-level forward KL
 
-Per objective: the cosine and relative error ||g_L - g*|| / ||g*|| to each target g*, which target
-it follows (relative error < 1e-6: "K exactly"; else cosine >= 0.99: "~K"; else none), ||g_L|| at pi = q (a
-second problem where the teacher is the student itself: 0 for a proper objective), tr Cov, and the
-change of J after a step of length --step along -g_L. Flags: constant in theta (every grad L(y) is
-0), zero expected gradient, wrong divergence (it follows another target than the one it claims),
-points away from its claimed target (cosine <= 0), drains S / fills S (at pi = q its step lowers / raises the student's mass on the teacher's top-K),
-not stationary at pi = q, raises J.
+Per objective: the cosine and relative error ||g_L - g*|| / ||g*|| to each target g*, which
+target it follows (relative error < 1e-6: "K exactly"; else cosine >= 0.99: "~K"; else none),
+||g_L|| at pi = q (a second problem where the teacher is the student itself: 0 for a proper
+objective), tr Cov, and the change of J after a step of length --step along -g_L. Flags: constant
+in theta (every grad L(y) is 0), zero expected gradient, wrong divergence (it follows another
+target than the one it claims), points away from its claimed target (cosine <= 0), drains S /
+fills S (at pi = q its step lowers / raises the student's mass on the teacher's top-K), not
+stationary at pi = q, raises J.
 """
 
 import csv
