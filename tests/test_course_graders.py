@@ -353,6 +353,10 @@ def test_hidden_tokens_in_a_ragged_batch_are_as_if_they_were_not_there():
     responses = [TOK.encode("7+5+") + [X, X] + TOK.encode("0=12"), [X] + TOK.encode("13+4+0=7") + [X]]
     with torch.no_grad():
         hidden = HiddenTokens((X,))(teacher, hidden_rollout(prompts, responses))  # (B, N, V)
+        alone = HiddenTokens((X,))(teacher, hidden_rollout(prompts[1:], responses[1:]))[0]  # row 1, no padding
+        assert torch.allclose(hidden[1], alone, atol=1e-5), (
+            "row 1 gets other scores in a batch, where its short prompt is left-padded, than alone: the padding "
+            "became visible; a position is visible only if it is valid and not a hidden response token")
         for i, (prompt, response) in enumerate(zip(prompts, responses)):
             shown = [t for t in response if t != X]
             plain = response_logits(teacher, hidden_rollout([prompt], [shown]))[0]  # (N', V)
@@ -360,9 +364,15 @@ def test_hidden_tokens_in_a_ragged_batch_are_as_if_they_were_not_there():
             for j, token in enumerate(response):
                 if token == X:
                     continue
+                after_hidden = X in response[:j]
                 assert torch.allclose(hidden[i, j], plain[seen], atol=1e-5), (
                     f"row {i}, response token {j}: HiddenTokens must give the teacher's logits of the same context "
-                    f"with the hidden tokens left out (read at the last visible position before it)")
+                    f"with the hidden tokens left out (read at the last visible position before it)" + (
+                        "; this token comes after a hidden one: the hidden token must be left out of the context "
+                        "(valid=False at its position, not replaced by another id), and the flags must sit on the "
+                        "hidden token's own position in rollout.tokens[:, :-1], not one off" if after_hidden else
+                        "; no hidden token precedes it yet: the context before the first hidden token must be "
+                        "scored exactly as without hiding (prompt and padding untouched)"))
                 seen += 1
 
 
