@@ -52,14 +52,27 @@ def error_line(text: str | None, root: Path | None = None) -> str:
     return why.replace(f"{root.resolve()}{os.sep}", "") if root else why
 
 
+NAN = re.compile(r"difference: nan|\bnan\b.*(?:not close|allclose)|tensor\(\[?nan|Expected .*nan", re.IGNORECASE)
+
+
 def failure_line(message: str | None, text: str | None) -> str:
     """The first line of why a test failed. A bare `assert ...` or a generic torch message says
-    little, so the failing line of the test's source comes with it."""
+    little, so the failing line of the test's source comes with it; a NaN is named first; a
+    `pytest.raises(match=...)` that did not match shows the pattern expected and the message got."""
     why = first_line(message) or error_line(text)
+    body = (message or "") + "\n" + (text or "")
+    if why.startswith("AssertionError: Regex pattern did not match"):
+        expected = re.search(r"Expected regex: (.+)", body)
+        got = re.search(r"Actual message: (.+)", body)
+        if expected:
+            return (f"the error message must match {expected.group(1).strip()}, got "
+                    f"{got.group(1).strip() if got else 'another message'}")
+    if NAN.search(body) and "nan" not in why.lower().split(":")[0]:
+        why = f"NaN in your result (a -inf mask over a whole row, log 0, 0/0?): {why}"
     source = [line[1:].strip() for line in (text or "").splitlines() if line.startswith(">")]
     if source and why.startswith("assert "):
         return f"failed: {source[-1]}"
-    if source and why.startswith(("AssertionError: Tensor-likes are not", "AssertionError: Scalars are not")):
+    if source and "Tensor-likes are not" in why or source and "Scalars are not" in why:
         return f"{why} at: {source[-1]}"
     return why
 

@@ -64,7 +64,8 @@ LABS = (
              ("tests/test_objectives_gamma.py::test_gamma_0_on_logits_is_sampled_token_opd",
               "tests/test_objectives_gamma.py::test_sampled_token_with_and_without_baseline_is_unbiased_for_the_token_kl",
               "tests/test_objectives_gamma.py::test_vopd_baseline_lowers_the_variance",
-              "tests/test_objectives_gamma.py::test_clamp_clips_the_cost_on_the_sampled_token")),
+              "tests/test_objectives_gamma.py::test_clamp_clips_the_cost_on_the_sampled_token",
+              G + "test_sampled_token_clamps_the_cost_before_the_baseline")),
         Task("toy", "the exact toy, run on your code: bias 0 at gamma = 1 and at coupling 0; variance rises",
              ("tests/test_toy.py::test_bias_vanishes_at_gamma_one_and_at_zero_coupling",
               "tests/test_toy.py::test_bias_and_variance_shape",
@@ -74,8 +75,8 @@ LABS = (
         "course/labs/03_topk.md", (
         Task("unnormalized", "sum_S pi (log pi - log q): keeps the +1 term, drains mass to q/e on S",
              (G + "test_topk_unnormalized_keeps_its_plus_one_term",
-              "tests/test_objectives_topk.py::test_unnormalized_gradient_carries_the_extra_grad_of_the_support_mass",
-              "tests/test_objectives_topk.py::test_unnormalized_drains_mass_out_of_the_support",
+              G + "test_topk_unnormalized_gradient_is_the_truncated_one_plus_the_mass_term",
+              G + "test_topk_unnormalized_step_drains_mass_out_of_the_support",
               "tests/test_objectives_topk.py::test_unnormalized_settles_with_a_third_of_the_teachers_mass_on_the_support")),
         Task("stopgrad", "sum_S pi (sg(log pi) - log q): the full reverse-KL gradient truncated to S",
              (G + "test_topk_stopgrad_has_no_plus_one_term",
@@ -121,6 +122,17 @@ LABS = (
              (G + "test_sft_batch_targets_are_the_next_response_tokens",
               "tests/test_sft_checkpoint.py::test_batch_targets_cover_exactly_the_response",
               "tests/test_sft_checkpoint.py::test_tiny_sft_lowers_the_loss")),
+    )),
+    Lab("audit", "The estimator audit: which divergence does an estimator follow?", "course/labs/07_audit.md", (
+        Task("enumerate", "per_sample_grads and expectation: every grad L(y), then g_L and tr Cov, exactly",
+             (G + "test_audit_per_sample_grads_are_the_gradients_of_each_sequence_alone",
+              G + "test_audit_expectation_is_the_pi_weighted_mean_and_trace_covariance")),
+        Task("targets", "token_divergence: the reverse and forward KL at the visited prefixes, pi(y) held fixed",
+             (G + "test_audit_token_divergences_are_the_reverse_and_forward_kl_at_visited_prefixes",)),
+        Task("follows", "follows: 'X exactly' by relative error, '~X' by cosine, else 'none'",
+             (G + "test_audit_follows_names_the_target_an_estimator_follows",)),
+        Task("mystery", "the three together: an unknown estimator, k2 and k3 identified",
+             (G + "test_audit_finds_what_an_unknown_estimator_follows",)),
     )),
 )
 

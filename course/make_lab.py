@@ -13,7 +13,8 @@ In the copy, the code between a lab's markers in the library,
 is replaced by `raise NotImplementedError(...)` that names the function and the handout; the
 markers stay, so the student sees where the code goes. Everything else is copied as it is: the
 library stays the reference solution and nothing is written twice. The instructor-only files
-(the mutants, which hold pieces of the reference solutions, and the kit's own tests) are left out.
+(the mutants, which hold pieces of the reference solutions, the kit's own tests, and the
+instructor's page course/README.md, which lists every lab's classic mistakes) are left out.
 
 What is copied: the files git tracks plus the untracked ones it does not ignore, when the project is
 a git checkout; otherwise every file except .git, .venv, out/, runs/ and caches.
@@ -34,7 +35,8 @@ sys.path.insert(0, str(ROOT))
 from course.labs import LABS, Lab, get_lab  # noqa: E402
 
 MARKER = re.compile(r"^(?P<indent>[ \t]*)# lab:(?P<lab>\w+) (?P<edge>begin|end)[ \t]*$")
-KIT_ONLY = ("course/mutants.py", "tests/test_course.py")  # never in a student copy
+KIT_ONLY = ("course/mutants.py", "tests/test_course.py", "course/README.md")  # never in a student copy
+# (course/README.md is the instructor's page: it lists every lab's classic mistakes and their messages)
 SKIP_DIRS = {".git", ".venv", "venv", "out", "runs", "__pycache__", ".pytest_cache"}
 SKIP_SUFFIXES = (".pyc", ".pt", ".tmp")
 

@@ -45,6 +45,23 @@ MUTANTS: dict[str, tuple[Mutant, ...]] = {
                "self.v[layer, :, :, self.length:self.length + T] = v",
                "self.v[layer, :, :, self.length:self.length + T] = k",
                "write", "keys go to self.k, values to self.v"),
+        Mutant("cache.length advanced inside write (GPT.forward advances it)",
+               "        return self.k[layer, :, :, :self.length + T], self.v[layer, :, :, :self.length + T]",
+               "        self.length += T\n"
+               "        return self.k[layer, :, :, :self.length], self.v[layer, :, :, :self.length]",
+               "write", "write must not advance it"),
+        Mutant("every step written to slot 0",
+               "        self.k[layer, :, :, self.length:self.length + T] = k\n"
+               "        self.v[layer, :, :, self.length:self.length + T] = v",
+               "        self.k[layer, :, :, :T] = k\n"
+               "        self.v[layer, :, :, :T] = v",
+               "write", "every step was written to slot 0"),
+        Mutant("the buffers allocated in float32 whatever the dtype written",
+               "            self.k = torch.zeros(shape, dtype=k.dtype, device=k.device)\n"
+               "            self.v = torch.zeros(shape, dtype=v.dtype, device=v.device)",
+               "            self.k = torch.zeros(shape, device=k.device)\n"
+               "            self.v = torch.zeros(shape, device=v.device)",
+               "write", "dtype of the k and v"),
     ),
     "g_gamma": (
         Mutant("the KL direction swapped: r_t = log q - log pi",
@@ -59,6 +76,28 @@ MUTANTS: dict[str, tuple[Mutant, ...]] = {
                "        acc = r[:, t] + gamma * acc\n        out[:, t] = acc",
                "        out[:, t] = gamma * acc\n        acc = r[:, t] + gamma * acc",
                "returns", "r_t itself counts"),
+        Mutant("the vOPD baseline applied before the clamp (r_t - b_t clipped)",
+               "    if clamp is not None:\n"
+               "        r = r.clamp(-clamp, clamp)\n"
+               "    if baseline is not None:\n"
+               "        r = r - baseline.detach()  # (B, T)",
+               "    if baseline is not None:\n"
+               "        r = r - baseline.detach()  # (B, T)\n"
+               "    if clamp is not None:\n"
+               "        r = r.clamp(-clamp, clamp)",
+               "sampled", "the baseline was applied before the clamp"),
+        Mutant("no ValueError for a clamp <= 0",
+               '        raise ValueError(f"clamp must be a positive number (or None for no clamp), got {clamp}")',
+               "        pass",
+               "sampled", "must raise ValueError: a clamp is None"),
+        Mutant("a masked position breaks the discount chain",
+               "        acc = r[:, t] + gamma * acc\n        out[:, t] = acc",
+               "        acc = (r[:, t] + gamma * acc) * mask[:, t].to(dtype)\n        out[:, t] = acc",
+               "returns", "broke the discount chain"),
+        Mutant("the baseline's sign flipped (r_t + b_t)",
+               "        r = r - baseline.detach()  # (B, T)",
+               "        r = r + baseline.detach()  # (B, T)",
+               "sampled", "sign is flipped"),
     ),
     "topk": (
         Mutant("the +1 term dropped from the unnormalised form (it became the stop-gradient one)",
@@ -73,6 +112,15 @@ MUTANTS: dict[str, tuple[Mutant, ...]] = {
                "return (member * logp_hat.exp() * (logp_hat - logq_hat)).sum(-1)",
                "return (member * logq_hat.exp() * (logq_hat - logp_hat)).sum(-1)",
                "renorm", "the direction is swapped"),
+        Mutant("float64 dropped in the stop-gradient form (.float())",
+               "return (member * logp.exp() * (logp.detach() - logq)).sum(-1)",
+               "return (member * logp.float().exp() * (logp.float().detach() - logq.float())).sum(-1)",
+               "stopgrad", "keep float64 in float64"),
+        Mutant("a hand-written -inf mask: NaN over an empty S",
+               "    logp_hat = _log_softmax_on(student_logits.gather(-1, index), member)  # (B, T, K')",
+               "    logp_hat = torch.log_softmax(student_logits.gather(-1, index).masked_fill(~member, float('-inf')),"
+               " -1)",
+               "renorm", "NaN"),
     ),
     "masking": (
         Mutant("the mask inverted: only the listed tokens are kept",
@@ -87,6 +135,18 @@ MUTANTS: dict[str, tuple[Mutant, ...]] = {
                "visible = valid & ~(contains(tokens, self.ids) & (position >= P))",
                "visible = valid & ~contains(tokens, self.ids)",
                "hide", "prompts are never hidden"),
+        Mutant("the left padding made visible",
+               "visible = valid & ~(contains(tokens, self.ids) & (position >= P))",
+               "visible = ~(contains(tokens, self.ids) & (position >= P))",
+               "hide", "the padding became visible"),
+        Mutant("the hidden token replaced (by the pad id) instead of hidden",
+               "        logits = teacher(tokens, visible)  # (B, L, V)",
+               "        logits = teacher(tokens.masked_fill(valid & ~visible, 0), valid)  # (B, L, V)",
+               "hide", "not replaced by another id"),
+        Mutant("mask_tokens flips the mask (^) instead of removing positions",
+               "mask = mask & ~contains(tokens, mask_tokens)",
+               "mask = mask ^ contains(tokens, mask_tokens)",
+               "mask", "never flip them"),
     ),
     "opsd": (
         Mutant("PI leaked to the student: the student's rollout rewritten in place",
@@ -104,6 +164,14 @@ MUTANTS: dict[str, tuple[Mutant, ...]] = {
                "body = RULE",
                "body = f\"{RULE} ({problem.answer})\"",
                "pi_text", "must be the same for every problem"),
+        Mutant("<|bos|> doubled in the teacher's prompt",
+               "prompts.append(student_prompt[:1] + list(pi) + student_prompt[1:])",
+               "prompts.append(student_prompt[:1] + list(pi) + student_prompt)",
+               "context", "holds <|bos|> 2 times"),
+        Mutant("no ValueError for a wrong number of PIs",
+               '        raise ValueError(f"need one PI per rollout row: {len(pi_ids)} for {rollout.tokens.shape[0]} rows")',
+               "        pass",
+               "context", "one PI per rollout row"),
     ),
     "rlvr": (
         Mutant("the loss normalised per sequence instead of per token",
@@ -118,6 +186,30 @@ MUTANTS: dict[str, tuple[Mutant, ...]] = {
                "y[i, len(p) - 1:len(seq) - 1] = seq[len(p):]",
                "y[i, :len(seq) - 1] = seq[1:]",
                "cold_start", "the prompt is context only"),
+        Mutant("the advantages normalised over the whole batch, not per group",
+               "    centred = rewards - rewards.mean(1, keepdim=True)  # (n, G)\n"
+               "    std = rewards.std(1, unbiased=False, keepdim=True)  # (n, 1)",
+               "    centred = rewards - rewards.mean()  # (n, G)\n"
+               "    std = rewards.std(unbiased=False)  # (n, 1)",
+               "advantages", "normalised over the whole batch"),
+    ),
+    "audit": (
+        Mutant("the per-token mean not undone (the loss not multiplied by N*T)",
+               "(grads,) = torch.autograd.grad(loss * (N * T), theta_rows, allow_unused=True)",
+               "(grads,) = torch.autograd.grad(loss, theta_rows, allow_unused=True)",
+               "enumerate", "multiply the per-token mean by N*T"),
+        Mutant("the expectation unweighted: a plain mean over the sequences",
+               "    g = weight @ grads  # (P,)",
+               "    g = grads.mean(0)  # (P,)",
+               "enumerate", "weighted by pi(y)"),
+        Mutant("the forward and reverse KL swapped",
+               "a, b = (logq, logp) if forward else (logp, logq)",
+               "a, b = (logp, logq) if forward else (logq, logp)",
+               "targets", "directions swapped"),
+        Mutant("'exactly' decided by the cosine: a scaled gradient passes as exact",
+               'verdict = (best + " exactly" if err[best] < EXACT',
+               'verdict = (nearest + " exactly" if cos[nearest] > 1 - EXACT',
+               "follows", "decided by the relative error"),
     ),
 }
 

@@ -13,13 +13,22 @@ tokens), n_tokens, plus a few per objective. The teacher is always a constant (d
 log-softmaxes and losses are computed in float32 at least (float64 inputs stay float64).
 
   name               estimator (DESIGN.md section 3)                options
-  sampled_token      A_t = sg(-r_t [+ KL(pi||q)(c_t)]) on y_t       clamp=None, baseline=False
+  sampled_token      A_t = sg(-r_t [+ b(c_t)]) on y_t, vOPD b =      clamp=None, baseline=False,
+                     KL(pi||q)(c_t) ("full") or its top-k part      k (for baseline="topk")
   sequence_kl        g_gamma, REINFORCE on sum_t r_t at gamma = 1   gamma=1.0
   full_reverse_kl    sum_v pi (log pi - log q), exact gradient      -
   jsd                generalised JSD(beta), P = teacher, Q = student beta=0.5
   topk_unnormalized  sum_S pi (log pi - log q)       (biased)       k=16, support='teacher',
   topk_stopgrad      sum_S pi (sg(log pi) - log q)                  add_sampled=False
   topk_renorm        KL(pi_hat || q_hat) on S
+
+and what other frameworks ship (field_estimators.py; the audit, toy/audit.py, says what each follows):
+  kl_k1              r_t on y_t (expected gradient 0)               -
+  kl_k2              r_t^2 / 2 (follows the reverse KL)             -
+  kl_k3              exp(-r_t) - 1 + r_t (follows the FORWARD KL)   clamp=None
+  topk_forward_kl    sum_S q (log q - max(log pi, m))               k, m=None, support, add_sampled
+  topk_tail          KL on S + one tail bucket                      k, support, add_sampled
+  topk_bregman       sum_S [pi (log pi - log q) - pi + q]           k, support, add_sampled
 
 (top-K: k defaults to 16, or V if the vocabulary is smaller; support is 'teacher', 'student' or
 'intersection'; add_sampled also puts the sampled token y_t in S_t.)
@@ -45,6 +54,7 @@ from nanoopd.sequence_kl import full_reverse_kl, generalized_jsd, sequence_rever
 from nanoopd.special_tokens import contains
 from nanoopd.topk import (support_mass, topk_renormalized, topk_stopgrad, topk_support,
                           topk_unnormalized)
+from nanoopd import field_estimators as field
 
 OBJECTIVES: dict[str, Callable] = {}
 
@@ -157,19 +167,33 @@ def _token_sum(per_token: torch.Tensor, batch: Batch) -> torch.Tensor:
 # the objectives
 
 
+BASELINES = (False, True, "full", "topk")  # sampled_token's baseline option (True = "full")
+
+
 @register("sampled_token")
 def sampled_token_loss(student_logits, teacher_logits, tokens, mask, **options):
-    """Sampled-token OPD. clamp: clip r_t to [-clamp, clamp]; baseline: vOPD, subtract
-    KL(pi(.|c_t) || q(.|c_t)) from r_t (unbiased, lower variance). Unbiased for the token-level
-    reverse KL only when y ~ pi (T = 1, no top-k/top-p)."""
-    opt = _options("sampled_token", options, clamp=None, baseline=False)
-    _check_bool("baseline", opt["baseline"])
+    """Sampled-token OPD. clamp: clip r_t to [-clamp, clamp]; baseline: vOPD, subtract a b(c_t)
+    from r_t (unbiased, lower variance): True or "full" b = KL(pi(.|c_t) || q(.|c_t)), "topk" its
+    part on the teacher's top-k, b = sum_S pi (log pi - log q) (k columns read, option k). Unbiased
+    for the token-level reverse KL only when y ~ pi (T = 1, no top-k/top-p)."""
+    opt = _options("sampled_token", options, clamp=None, baseline=False, k=None)
+    if not any(opt["baseline"] is b or (isinstance(b, str) and opt["baseline"] == b) for b in BASELINES):
+        raise ValueError(f"option baseline must be True or False, or 'full' (= True) or 'topk', "
+                         f"got {opt['baseline']!r}")
+    if opt["k"] is not None and opt["baseline"] != "topk":
+        raise ValueError(f"option k sets the support of baseline='topk'; got k={opt['k']!r} with "
+                         f"baseline={opt['baseline']!r}")
     batch = _prepare(student_logits, teacher_logits, tokens, mask, opt["mask_tokens"])
     logp, logq = sampled_logprobs(batch.student, batch.teacher, batch.tokens)  # (B, T) each
     baseline = None
-    if opt["baseline"]:
+    if opt["baseline"] is True or opt["baseline"] == "full":
         with torch.no_grad():
             baseline = full_reverse_kl(batch.student, batch.teacher)  # (B, T)
+    elif opt["baseline"] == "topk":
+        k = min(16, batch.student.shape[-1]) if opt["k"] is None else opt["k"]
+        index, member = topk_support(batch.student, batch.teacher, batch.tokens, k)  # (B, T, k)
+        with torch.no_grad():
+            baseline = topk_unnormalized(batch.student, batch.teacher, index, member)  # (B, T)
     per_seq = sampled_token_surrogate(logp, logq, batch.mask, opt["clamp"], baseline)  # (B,)
     return _finish(per_seq.sum(), batch)
 
@@ -239,3 +263,80 @@ def topk_renorm_loss(student_logits, teacher_logits, tokens, mask, **options):
     """Renormalised top-K reverse KL(pi_hat || q_hat) on S (local support matching)."""
     return _topk("topk_renorm", topk_renormalized, student_logits, teacher_logits, tokens, mask,
                  options)
+
+
+# ----------------------------------------------------------------------------------------------
+# what other frameworks ship (field_estimators.py): registered so that the audit can test them
+
+
+def _sampled_field(name: str, form: Callable, student_logits, teacher_logits, tokens, mask,
+                   options, **defaults):
+    """k1/k2/k3: a per-position formula of (log pi(y_t), log q(y_t)) on the sampled token."""
+    opt = _options(name, options, **defaults)
+    extra = {key: opt[key] for key in defaults}
+    if extra.get("clamp") is not None and not extra["clamp"] > 0:
+        raise ValueError(f"clamp must be a positive number (or None for no clamp), got {extra['clamp']}")
+    batch = _prepare(student_logits, teacher_logits, tokens, mask, opt["mask_tokens"])
+    logp, logq = sampled_logprobs(batch.student, batch.teacher, batch.tokens)  # (B, T) each
+    return _finish(_token_sum(form(logp, logq, **extra), batch), batch)
+
+
+@register("kl_k1")
+def kl_k1_loss(student_logits, teacher_logits, tokens, mask, **options):
+    """k1 = r_t as a loss (RL frameworks' KL-loss option 'kl'): expected gradient 0."""
+    return _sampled_field("kl_k1", field.kl_k1, student_logits, teacher_logits, tokens, mask, options)
+
+
+@register("kl_k2")
+def kl_k2_loss(student_logits, teacher_logits, tokens, mask, **options):
+    """k2 = r_t^2 / 2 as a loss ('mse'): expected gradient grad of the token-level reverse KL."""
+    return _sampled_field("kl_k2", field.kl_k2, student_logits, teacher_logits, tokens, mask, options)
+
+
+@register("kl_k3")
+def kl_k3_loss(student_logits, teacher_logits, tokens, mask, **options):
+    """k3 = exp(-r_t) - 1 + r_t as a loss ('low_var_kl'), clipped to [-clamp, clamp] when clamp
+    is given: expected gradient grad of the token-level FORWARD KL(q || pi)."""
+    return _sampled_field("kl_k3", field.kl_k3, student_logits, teacher_logits, tokens, mask, options,
+                          clamp=None)
+
+
+def _topk_field(name: str, form: Callable, student_logits, teacher_logits, tokens, mask, options,
+                **defaults):
+    """The top-K forms of the field: the same support options and stats as _topk, plus `defaults`."""
+    opt = _options(name, options, k=None, support="teacher", add_sampled=False, **defaults)
+    _check_bool("add_sampled", opt["add_sampled"])
+    batch = _prepare(student_logits, teacher_logits, tokens, mask, opt["mask_tokens"])
+    k = min(16, batch.student.shape[-1]) if opt["k"] is None else opt["k"]
+    index, member = topk_support(batch.student, batch.teacher, batch.tokens, k,
+                                 opt["support"], opt["add_sampled"])  # (B, T, K') each
+    per_token = form(batch.student, batch.teacher, index, member,
+                     **{key: opt[key] for key in defaults})  # (B, T)
+    mass_pi, mass_q = support_mass(batch.student, batch.teacher, index, member)  # (B, T) each
+    return _finish(_token_sum(per_token, batch), batch,
+                   support_mass_student=masked_mean(mass_pi, batch.mask),
+                   support_mass_teacher=masked_mean(mass_q, batch.mask))
+
+
+@register("topk_forward_kl")
+def topk_forward_kl_loss(student_logits, teacher_logits, tokens, mask, **options):
+    """Forward KL on the teacher's top-K, log pi clamped from below at m (off by default)."""
+    m = options.get("m")
+    if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not m < 0):
+        raise ValueError(f"m (the lower clamp of log pi) must be a negative number or None, got {m!r}")
+    return _topk_field("topk_forward_kl", field.topk_forward_kl, student_logits, teacher_logits,
+                       tokens, mask, options, m=None)
+
+
+@register("topk_tail")
+def topk_tail_loss(student_logits, teacher_logits, tokens, mask, **options):
+    """Reverse KL of the distributions coarsened to the top-K plus one tail bucket."""
+    return _topk_field("topk_tail", field.topk_tail, student_logits, teacher_logits, tokens, mask,
+                       options)
+
+
+@register("topk_bregman")
+def topk_bregman_loss(student_logits, teacher_logits, tokens, mask, **options):
+    """Unnormalised top-K with the Bregman correction - pi + q: the stop-gradient gradient."""
+    return _topk_field("topk_bregman", field.topk_bregman, student_logits, teacher_logits, tokens,
+                       mask, options)

@@ -14,8 +14,8 @@ from nanoopd.model import GPT, GPTConfig, KVCache
 from nanoopd.objectives import OBJECTIVES
 from nanoopd.rlvr import group_advantages, policy_gradient_loss
 from nanoopd.rollout import Rollout, left_pad, response_logits
-from nanoopd.sampled_token import g_gamma_surrogate, returns_to_go
-from nanoopd.self_distill import RULE, PrivilegedTeacher, pi_text, with_privileged_context
+from nanoopd.sampled_token import g_gamma_surrogate, returns_to_go, sampled_token_surrogate
+from nanoopd.self_distill import RULE, pi_text, with_privileged_context
 from nanoopd.sft import make_batch
 from nanoopd.special_tokens import HiddenTokens
 from nanoopd.tasks import Problem, encode_example, trace_text
@@ -58,11 +58,20 @@ def test_kv_cache_write_returns_the_cached_keys_then_the_new_ones():
     for new_k, new_v, length in ((k1, v1, 0), (k2, v2, 3)):
         cache.length = length  # GPT.forward advances it after the last layer
         k, v = cache.write(0, new_k, new_v)
+        assert cache.length == length, (
+            f"KVCache.write moved cache.length from {length} to {cache.length}: write must not advance it, "
+            f"GPT.forward does so once after the last layer (every layer of a step writes at the same position)")
+        assert k.dtype == new_k.dtype and v.dtype == new_v.dtype, (
+            f"write returned {k.dtype} keys for {new_k.dtype} ones written: allocate self.k and self.v in the "
+            f"dtype of the k and v of the first write (k.dtype), not torch's default float32")
         T = new_k.shape[2]
         assert tuple(k.shape) == (2, 2, length + T, 4) and tuple(v.shape) == (2, 2, length + T, 4), (
             f"at length {length}, writing T={T} tokens returned keys of shape {tuple(k.shape)}, expected "
             f"(B, H, length + T, hd) = (2, 2, {length + T}, 4): the cached tokens and the new ones")
     expected_k, expected_v = torch.cat([k1, k2], 2), torch.cat([v1, v2], 2)
+    assert not torch.equal(k[:, :, 0], k2[:, :, 0]), (
+        "the key of the decoding step (written at length 3) came back in slot 0: every step was written to "
+        "slot 0, over the cached ones; the new keys go to [self.length, self.length + T)")
     for slot in range(4):
         assert torch.equal(k[:, :, slot], expected_k[:, :, slot]), (
             f"slot {slot} of the returned keys is not the key of token {slot}: token t lives in slot t, "
@@ -94,7 +103,15 @@ def test_returns_to_go_is_the_discounted_sum_of_the_costs_from_t_on():
     for gamma in (0.0, 0.5, 1.0):
         R = returns_to_go(r, mask, gamma)
         assert tuple(R.shape) == (2, 5), f"returns_to_go must return (B, T) = (2, 5), got {tuple(R.shape)}"
-        assert R.dtype == torch.float64, f"returns_to_go must keep float64 inputs in float64, got {R.dtype}"
+        assert R.dtype == torch.float64, (
+            f"returns_to_go returned {R.dtype} for float64 costs: compute in torch.promote_types(r.dtype, "
+            f"torch.float32), so that float64 stays float64 (the exact checks need it); do not call .float()")
+        broken = mask[0, 0] * (r[0, 0] + gamma * r[0, 1])  # row 0: the chain stopped at the hole at t = 2
+        if gamma > 0:
+            assert abs(R[0, 0].item() - broken.item()) > 1e-9, (
+                f"returns_to_go(gamma={gamma}): the masked position t=2 broke the discount chain (R_0 leaves out "
+                f"the costs after it); a masked position adds no cost, but the chain runs over time steps: "
+                f"R_0 = r_0 + gamma r_1 + gamma^3 r_3 + gamma^4 r_4")
         for b in range(2):
             for t in range(5):
                 expected = mask[b, t] * sum(gamma ** (u - t) * r[b, u] * mask[b, u] for u in range(t, 5))
@@ -137,6 +154,34 @@ def test_g_gamma_treats_the_teacher_as_a_constant():
     assert logp.grad is not None and logp.grad.any(), "g_gamma_surrogate gave the student no gradient"
 
 
+def test_sampled_token_clamps_the_cost_before_the_baseline():
+    logp = torch.tensor([[-0.1, -3.0, -0.5]], dtype=torch.float64, requires_grad=True)
+    logq = torch.tensor([[-2.5, -0.2, -0.6]], dtype=torch.float64)  # r = 2.4, -2.8, 0.1
+    baseline = torch.tensor([[0.7, 0.7, -0.4]], dtype=torch.float64)
+    mask = torch.ones(1, 3, dtype=torch.float64)
+    r = (logp - logq).detach()
+    L = sampled_token_surrogate(logp, logq, mask, clamp=1.0, baseline=baseline)
+    assert L.dtype == torch.float64, (
+        f"sampled_token_surrogate returned {L.dtype} for float64 inputs: keep float64 in float64 (do not call .float())")
+    (grad,) = torch.autograd.grad(L.sum(), logp)  # dL/dlog pi(y_t) = -A_t = r_t - b_t, r_t clipped first
+    right = r.clamp(-1, 1) - baseline
+    assert not torch.allclose(grad, (r - baseline).clamp(-1, 1), atol=1e-9), (
+        "sampled_token_surrogate clips r_t - b_t: the baseline was applied before the clamp; clip r_t to "
+        "[-clamp, clamp] first, then subtract b_t (A_t = sg(-clip(r_t) + b_t))")
+    assert not torch.allclose(grad, r.clamp(-1, 1) + baseline, atol=1e-9), (
+        "the baseline's sign is flipped: A_t = sg(-r_t + b_t), so dL/dlog pi(y_t) = r_t - b_t, not r_t + b_t")
+    assert torch.allclose(grad, right, atol=1e-9), (
+        f"with clamp=1 and a baseline, dL/dlog pi(y_t) = {grad[0].tolist()}, expected clip(r_t, -1, 1) - b_t = "
+        f"{right[0].tolist()}")
+    for clamp in (0.0, -1.0):
+        try:
+            sampled_token_surrogate(logp, logq, mask, clamp=clamp)
+        except ValueError:
+            continue
+        raise AssertionError(f"sampled_token_surrogate(clamp={clamp}) must raise ValueError: a clamp is None "
+                             f"(no clamp) or a positive number")
+
+
 # ----------------------------------------------------------------------------------------------
 # lab topk: topk_unnormalized, topk_stopgrad, topk_renormalized
 
@@ -153,6 +198,23 @@ def grad_of(form, student, teacher, index, member):
     return torch.autograd.grad(form(x, teacher, index, member).sum(), x)[0]
 
 
+def test_topk_unnormalized_gradient_is_the_truncated_one_plus_the_mass_term():
+    student, teacher, index, member = topk_batch(k=3)
+    got = topk_unnormalized(student, teacher, index, member)
+    assert got.dtype == torch.float64, (
+        f"topk_unnormalized returned {got.dtype} for float64 logits: keep float64 in float64 (no .float())")
+    grad = grad_of(topk_unnormalized, student, teacher, index, member)
+    assert torch.isfinite(grad).all(), "topk_unnormalized gives NaN/inf gradients"
+    pi = torch.softmax(student, -1)
+    r = torch.log_softmax(student, -1) - torch.log_softmax(teacher, -1)
+    in_s = torch.zeros_like(pi).scatter(-1, index, member.double())  # (B, T, V) 1 on S
+    weights = in_s * pi * (r + 1)  # sum_S pi (r + 1) grad log pi, grad_z log pi(v) = e_v - pi
+    expected = weights - pi * weights.sum(-1, keepdim=True)
+    assert torch.allclose(grad, expected, atol=1e-10), (
+        "the gradient of topk_unnormalized must be sum_S pi (log pi - log q + 1) grad log pi: both log pi "
+        "factors differentiable, log q a constant")
+
+
 def test_topk_unnormalized_keeps_its_plus_one_term():
     student, teacher, index, member = topk_batch(equal=True)  # pi = q: every r(v) = 0
     grad = grad_of(topk_unnormalized, student, teacher, index, member)
@@ -166,9 +228,22 @@ def test_topk_unnormalized_keeps_its_plus_one_term():
         "at pi = q the gradient of topk_unnormalized must be exactly grad sum_S pi")
 
 
+def test_topk_unnormalized_step_drains_mass_out_of_the_support():
+    student, teacher, index, member = topk_batch(equal=True)  # pi = q: the full KL is at its minimum
+    grad = grad_of(topk_unnormalized, student, teacher, index, member)
+    mass = lambda z: (torch.softmax(z, -1).gather(-1, index) * member).sum(-1)  # noqa: E731  (B, T) sum_S pi
+    assert (mass(student - 1.0 * grad) < mass(student)).all(), (
+        "one descent step of topk_unnormalized at pi = q must lower the student's mass on S at every position "
+        "(its gradient there is grad sum_S pi, the +1 term)")
+
+
 def test_topk_stopgrad_has_no_plus_one_term():
     student, teacher, index, member = topk_batch(equal=True)
+    got = topk_stopgrad(student, teacher, index, member)
+    assert got.dtype == torch.float64, (
+        f"topk_stopgrad returned {got.dtype} for float64 logits: keep float64 in float64 (no .float())")
     grad = grad_of(topk_stopgrad, student, teacher, index, member)
+    assert torch.isfinite(grad).all(), "topk_stopgrad gives NaN/inf gradients"
     assert grad.abs().max() < 1e-12, (
         "topk_stopgrad still carries the +1 term (grad sum_S pi): at pi = q its gradient must be 0; "
         "stop the gradient of log pi inside the bracket, sum_S pi (sg(log pi) - log q)")
@@ -178,6 +253,17 @@ def test_topk_renormalized_is_the_reverse_kl_of_the_renormalised_pair():
     student, teacher, index, member = topk_batch(k=3)
     got = topk_renormalized(student, teacher, index, member)
     assert tuple(got.shape) == (2, 3), f"topk_renormalized must return one value per position, (B, T), got {tuple(got.shape)}"
+    assert got.dtype == torch.float64, (
+        f"topk_renormalized returned {got.dtype} for float64 logits: keep float64 in float64 (no .float())")
+    empty = member.clone()
+    empty[0, 0] = False  # S_t empty at one position: its value and gradient must be 0, not NaN
+    x = student.clone().requires_grad_()
+    value = topk_renormalized(x, teacher, index, empty)
+    (grad,) = torch.autograd.grad(value.sum(), x)
+    assert torch.isfinite(value).all() and torch.isfinite(grad).all(), (
+        "NaN with an empty support S_t: a -inf mask over every column of a row makes log_softmax NaN; "
+        "give an empty row finite logits (e.g. 0) and zero its terms, as _log_softmax_on does")
+    assert value[0, 0] == 0 and not grad[0, 0].any(), "an empty S_t must give the value 0 and no gradient"
     p_hat = torch.softmax(student.gather(-1, index), -1)  # every column is a member here
     q_hat = torch.softmax(teacher.gather(-1, index), -1)
     reverse = (p_hat * (p_hat.log() - q_hat.log())).sum(-1)
@@ -211,12 +297,16 @@ def test_mask_tokens_tames_a_token_the_teacher_never_saw():
     tokens[1, 0] = tokens[2, 3] = special
     mask = torch.ones(3, 5, dtype=torch.bool)
     mask[0, 4] = False
+    tokens[0, 4] = special  # padding that happens to hold the listed id: it must stay masked out
     kept = mask.clone()
     _, plain = OBJECTIVES["full_reverse_kl"](student, teacher, tokens, mask)
     _, masked = OBJECTIVES["full_reverse_kl"](student, teacher, tokens, mask, mask_tokens=[special])
     assert torch.equal(mask, kept), "mask_tokens changed the caller's mask in place: build a new mask"
     assert plain["logratio_max_abs"] > 40, "without mask_tokens the special token must still be in the loss"
     n = int(mask.sum()) - 2
+    assert masked["n_tokens"] != n + 1, (
+        "a position that was already masked out (padding holding a listed id) came back into the loss: "
+        "mask_tokens may only remove positions, mask & ~contains(tokens, ids), never flip them (not ^)")
     assert masked["n_tokens"] == n, (
         f"mask_tokens=[{special}] must remove exactly the 2 positions whose sampled token is {special} from the "
         f"mask: the loss saw {masked['n_tokens']:.0f} tokens, expected {n} (mask & not special)")
@@ -263,6 +353,10 @@ def test_hidden_tokens_in_a_ragged_batch_are_as_if_they_were_not_there():
     responses = [TOK.encode("7+5+") + [X, X] + TOK.encode("0=12"), [X] + TOK.encode("13+4+0=7") + [X]]
     with torch.no_grad():
         hidden = HiddenTokens((X,))(teacher, hidden_rollout(prompts, responses))  # (B, N, V)
+        alone = HiddenTokens((X,))(teacher, hidden_rollout(prompts[1:], responses[1:]))[0]  # row 1, no padding
+        assert torch.allclose(hidden[1], alone, atol=1e-5), (
+            "row 1 gets other scores in a batch, where its short prompt is left-padded, than alone: the padding "
+            "became visible; a position is visible only if it is valid and not a hidden response token")
         for i, (prompt, response) in enumerate(zip(prompts, responses)):
             shown = [t for t in response if t != X]
             plain = response_logits(teacher, hidden_rollout([prompt], [shown]))[0]  # (N', V)
@@ -270,9 +364,15 @@ def test_hidden_tokens_in_a_ragged_batch_are_as_if_they_were_not_there():
             for j, token in enumerate(response):
                 if token == X:
                     continue
+                after_hidden = X in response[:j]
                 assert torch.allclose(hidden[i, j], plain[seen], atol=1e-5), (
                     f"row {i}, response token {j}: HiddenTokens must give the teacher's logits of the same context "
-                    f"with the hidden tokens left out (read at the last visible position before it)")
+                    f"with the hidden tokens left out (read at the last visible position before it)" + (
+                        "; this token comes after a hidden one: the hidden token must be left out of the context "
+                        "(valid=False at its position, not replaced by another id), and the flags must sit on the "
+                        "hidden token's own position in rollout.tokens[:, :-1], not one off" if after_hidden else
+                        "; no hidden token precedes it yet: the context before the first hidden token must be "
+                        "scored exactly as without hiding (prompt and padding untouched)"))
                 seen += 1
 
 
@@ -315,14 +415,25 @@ def student_side():
                             tokens.shape[1], response, response_mask, zeros, zeros)
 
 
+PI_TEXTS = {  # written out, so that the context task's tests do not call the student's pi_text
+    "answer": [f"<|pi|>answer: {p.answer}<|pi|>" for p in PROBLEMS],
+    "rule": [f"<|pi|>{RULE}<|pi|>"] * len(PROBLEMS),
+}
+
+
 def pi_ids(kind="answer"):
-    return [TOK.encode(pi_text(p, kind), allow_special=True) for p in PROBLEMS]
+    return [TOK.encode(text, allow_special=True) for text in PI_TEXTS[kind]]
 
 
 def test_privileged_context_is_bos_pi_prompt_then_the_same_response():
     prompts, ro = student_side()
     ctx = with_privileged_context(ro, pi_ids(), TOK.pad_id)
     P = ctx.prompt_len
+    for row in range(len(PROBLEMS)):
+        got = [t for t, keep in zip(ctx.tokens[row, :P].tolist(), ctx.valid[row, :P].tolist()) if keep]
+        assert got.count(TOK.bos_id) == 1, (
+            f"row {row}: the teacher's prompt holds <|bos|> {got.count(TOK.bos_id)} times: the student's prompt "
+            f"already starts with it, so it is [bos] + PI + prompt[1:], not [bos] + PI + prompt")
     assert P == max(len(p) + len(i) for p, i in zip(prompts, pi_ids())), (
         f"the teacher's prompts must be left-padded to the longest [bos] + PI + prompt, got prompt_len {P}")
     for row, (prompt, pi) in enumerate(zip(prompts, pi_ids())):
@@ -334,13 +445,24 @@ def test_privileged_context_is_bos_pi_prompt_then_the_same_response():
         "the student's response tokens and mask must follow the teacher's prompts unchanged")
     assert torch.equal(ctx.response, ro.response) and torch.equal(ctx.response_mask, ro.response_mask), (
         "the teacher's Rollout must keep the student's response and response_mask")
+    try:
+        with_privileged_context(ro, pi_ids()[:2], TOK.pad_id)
+    except ValueError:
+        pass
+    except Exception as e:
+        raise AssertionError(f"with_privileged_context with 2 PIs for {len(PROBLEMS)} rows must raise ValueError "
+                             f"(one PI per rollout row), got {type(e).__name__}: {e}")
+    else:
+        raise AssertionError(f"with_privileged_context with 2 PIs for {len(PROBLEMS)} rows must raise ValueError: "
+                             f"one PI per rollout row")
 
 
 def test_privileged_teacher_scores_equal_a_manual_pass_on_the_concatenation():
     model = small_teacher()
     prompts, ro = student_side()
     with torch.no_grad():
-        logits = PrivilegedTeacher(TOK, "answer")(model, ro, PROBLEMS)  # (B, N, V)
+        ctx = with_privileged_context(ro, pi_ids(), TOK.pad_id)  # pi_ids written out: no call to pi_text
+        logits = response_logits(model, ctx)  # (B, N, V), as PrivilegedTeacher scores
         assert logits.shape[:2] == ro.response.shape, "the teacher's logits must be (B, N, V) on the response positions"
         logq = torch.log_softmax(logits.float(), -1).gather(-1, ro.response.unsqueeze(-1)).squeeze(-1)
         for row, (prompt, pi) in enumerate(zip(prompts, pi_ids())):
@@ -371,8 +493,15 @@ def test_group_advantages_by_hand():
     adv = group_advantages(rewards, eps=1e-6)
     assert tuple(adv.shape) == (3, 4) and adv.dtype == torch.float32, (
         f"group_advantages must return (n_groups, G) = (3, 4) in float32, got {tuple(adv.shape)} {adv.dtype}")
-    assert torch.isfinite(adv).all() and (adv[1] == 0).all(), (
+    assert torch.isfinite(adv).all(), (
         f"a group of equal rewards must get advantage exactly 0, not NaN: divide by std + eps, got {adv[1].tolist()}")
+    centred_on_batch = rewards - rewards.mean()
+    assert not torch.allclose(adv[1], centred_on_batch[1] / (rewards.std(unbiased=False) + 1e-6), atol=1e-4), (
+        "the advantages are normalised over the whole batch: the mean and std are per group (one row of rewards "
+        "per prompt), rewards.mean(1, keepdim=True) and rewards.std(1, unbiased=False, keepdim=True)")
+    assert (adv[1] == 0).all(), (
+        f"a group of equal rewards must get advantage exactly 0: (R - mean of its group) / (std + eps), "
+        f"got {adv[1].tolist()}")
     std = math.sqrt(3) / 4  # group 0: mean 1/4, population std sqrt(3)/4
     expected = [(1 - 0.25) / (std + 1e-6)] + [-0.25 / (std + 1e-6)] * 3
     assert torch.allclose(adv[0], torch.tensor(expected), rtol=1e-5), (
@@ -413,3 +542,117 @@ def test_sft_batch_targets_are_the_next_response_tokens():
     assert y.tolist() == [[-1, -1, 4, 5, 6], [8, 9, -1, -1, -1]], (
         f"the target at position t must be the token after x[t], on response tokens only: expected "
         f"[[-1, -1, 4, 5, 6], [8, 9, -1, -1, -1]], got {y.tolist()} (an off-by-one shift?)")
+
+
+# ----------------------------------------------------------------------------------------------
+# lab audit: per_sample_grads, expectation, token_divergence, follows (toy/audit.py)
+# (only objectives that no other lab writes: full_reverse_kl and the field's k1/k2/k3)
+
+
+def audit_problem(coupling=1.0):
+    from toy.audit import AuditConfig, problem
+    return problem(AuditConfig(vocab=4, horizon=3, k=2, coupling=coupling, plots=False))
+
+
+def test_audit_per_sample_grads_are_the_gradients_of_each_sequence_alone():
+    from toy.audit import per_sample_grads
+    pb = audit_problem()
+    N, T = pb.seqs.shape
+    grads = per_sample_grads(pb, OBJECTIVES["kl_k2"], {})
+    assert tuple(grads.shape) == (N, pb.theta.numel()), (
+        f"per_sample_grads must return (N, P) = ({N}, {pb.theta.numel()}), one gradient per sequence, got "
+        f"{tuple(grads.shape)}")
+    assert grads.dtype == torch.float64, f"per_sample_grads returned {grads.dtype}: the exact toy stays in float64"
+    for n in (0, 17, N - 1):  # sequence n alone, with one shared theta: the loss summed over its T positions
+        theta = pb.theta.detach().clone().requires_grad_()
+        y = pb.seqs[n:n + 1]
+        loss, _ = OBJECTIVES["kl_k2"](pb.student.logits(theta, y), pb.teacher.logits(pb.phi, y), y,
+                                       torch.ones(1, T, dtype=torch.bool))
+        (alone,) = torch.autograd.grad(loss * T, theta)
+        assert not torch.allclose(grads[n], alone / (N * T), atol=1e-12), (
+            "per_sample_grads returned grad L(y) / (N T): the objective's loss is a per-token mean over the "
+            "whole batch; multiply the per-token mean by N*T to get each sequence's sum over its positions")
+        assert torch.allclose(grads[n], alone, atol=1e-12), (
+            f"row {n} of per_sample_grads is not the gradient of L(y_{n}) computed on that sequence alone: use one "
+            f"private copy of theta per sequence (theta_rows (N, P)), so that row n only sees sequence n")
+
+
+def test_audit_expectation_is_the_pi_weighted_mean_and_trace_covariance():
+    from toy.audit import expectation
+    grads, weight = randn(5, 3, seed=0), torch.softmax(randn(5, seed=1), 0)
+    g, trace_cov = expectation(grads, weight)
+    expected = sum(weight[n] * grads[n] for n in range(5))
+    assert not torch.allclose(g, grads.mean(0), atol=1e-9), (
+        "expectation gave the plain mean over sequences: g_L = sum_y pi(y) grad L(y), weighted by pi(y)")
+    assert torch.allclose(g, expected, atol=1e-12), "g_L must be sum_y pi(y) grad L(y)"
+    variance = sum(weight[n] * (grads[n] - expected).pow(2).sum() for n in range(5)).item()
+    assert isinstance(trace_cov, float) and trace_cov == pytest.approx(variance, rel=1e-10), (
+        f"tr Cov must be sum_y pi(y) ||grad L(y) - g_L||^2 = {variance:.6f} (a python float), got {trace_cov!r}")
+
+
+def test_audit_token_divergences_are_the_reverse_and_forward_kl_at_visited_prefixes():
+    from toy.audit import token_divergence
+    pb = audit_problem()
+    logp = torch.log_softmax(pb.student.logits(pb.theta, pb.seqs), -1)  # (N, T, V)
+    logq = torch.log_softmax(pb.teacher.logits(pb.phi, pb.seqs), -1)
+    reverse = (pb.weight[:, None] * (logp.exp() * (logp - logq)).sum(-1)).sum().item()
+    forward = (pb.weight[:, None] * (logq.exp() * (logq - logp)).sum(-1)).sum().item()
+    got_reverse = token_divergence(pb, pb.theta, forward=False).item()
+    got_forward = token_divergence(pb, pb.theta, forward=True).item()
+    assert not (got_reverse == pytest.approx(forward) and got_forward == pytest.approx(reverse)), (
+        "token_divergence has the directions swapped: forward=False is the reverse KL(pi || q) = sum_v pi "
+        "(log pi - log q), forward=True the forward KL(q || pi) = sum_v q (log q - log pi)")
+    assert got_reverse == pytest.approx(reverse, rel=1e-10) and got_forward == pytest.approx(forward, rel=1e-10), (
+        f"token_divergence must be sum_y pi(y) sum_t KL at c_t: reverse {reverse:.6f}, forward {forward:.6f}; got "
+        f"{got_reverse:.6f} and {got_forward:.6f}")
+    theta = pb.theta.detach().clone().requires_grad_()
+    (grad,) = torch.autograd.grad(token_divergence(pb, theta, forward=False), theta)
+    x = pb.theta.detach().clone().requires_grad_()
+    logp_x = torch.log_softmax(pb.student.logits(x, pb.seqs), -1)  # (N, T, V)
+    reference = pb.weight.detach() @ (logp_x.exp() * (logp_x - logq)).sum(-1).sum(-1)  # pi(y) held fixed
+    (expected,) = torch.autograd.grad(reference, x)
+    assert torch.allclose(grad, expected, atol=1e-12), (
+        "the gradient of token_divergence must hold the weights pi(y) fixed (the prefixes' distribution) and "
+        "differentiate only the per-prefix distributions pi(.|c_t)")
+
+
+def test_audit_follows_names_the_target_an_estimator_follows():
+    from toy.audit import follows
+    goals = {"J": randn(6, seed=0), "K": randn(6, seed=1), "F": randn(6, seed=2)}
+    verdict, cos, err = follows(goals["F"].clone(), goals)
+    assert verdict == "F exactly", f"follows(grad F) must say 'F exactly', got {verdict!r}"
+    assert cos["F"] == pytest.approx(1.0) and err["F"] == pytest.approx(0.0, abs=1e-12)
+    assert err["K"] == pytest.approx(((goals["F"] - goals["K"]).norm() / goals["K"].norm()).item(), rel=1e-10), (
+        "err[X] must be the relative error ||g - grad X|| / ||grad X||")
+    verdict, _, _ = follows(2.0 * goals["K"], goals)
+    assert verdict == "~K", (
+        f"follows(2 grad K) said {verdict!r}: twice the gradient has the right direction (cosine 1, '~K') but a "
+        f"relative error of 1, so it is not 'K exactly'; 'exactly' is decided by the relative error")
+    orthogonal = torch.linalg.svd(torch.stack(list(goals.values()))).Vh[-1]  # orthogonal to all three
+    verdict, cos, _ = follows(orthogonal, goals)
+    assert verdict == "none" and max(abs(c) for c in cos.values()) < 1e-10, (
+        f"a gradient orthogonal to every target follows none of them, got {verdict!r}")
+
+
+def mystery_estimator(student_logits, teacher_logits, tokens, mask, **options):
+    """An estimator handed over without its maths: importance-weighted cross-entropy on y_t."""
+    logp = torch.log_softmax(student_logits, -1).gather(-1, tokens[..., None])[..., 0]  # (B, T)
+    logq = torch.log_softmax(teacher_logits, -1).gather(-1, tokens[..., None])[..., 0]
+    per_token = -(logq - logp).detach().exp() * logp  # -sg(q/pi) log pi
+    return (per_token * mask).sum() / mask.sum(), {}
+
+
+def test_audit_finds_what_an_unknown_estimator_follows():
+    from toy.audit import expectation, follows, per_sample_grads, targets
+    pb = audit_problem()
+    goals = targets(pb)
+    g, trace_cov = expectation(per_sample_grads(pb, mystery_estimator, {}), pb.weight)
+    verdict, _, _ = follows(g, goals)
+    assert verdict == "F exactly", (
+        f"the unknown estimator -sg(q/pi) log pi follows the forward KL exactly (E_pi[(q/pi) s] = sum_v q grad "
+        f"log pi), but your audit says {verdict!r}")
+    assert trace_cov > 0
+    g3, _ = expectation(per_sample_grads(pb, OBJECTIVES["kl_k3"], {}), pb.weight)
+    assert follows(g3, goals)[0] == "F exactly", "kl_k3 follows the forward KL exactly: your audit says otherwise"
+    g2, _ = expectation(per_sample_grads(pb, OBJECTIVES["kl_k2"], {}), pb.weight)
+    assert follows(g2, goals)[0] == "K exactly", "kl_k2 follows the token-level reverse KL exactly"

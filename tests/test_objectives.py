@@ -27,6 +27,13 @@ CONFIGS = [
     ("topk_renorm", {}),
     ("topk_renorm", {"k": 2, "support": "student", "add_sampled": True}),
     ("topk_renorm", {"k": 3, "support": "intersection"}),
+    ("sampled_token", {"baseline": "topk", "k": 3}),
+    ("kl_k1", {}),
+    ("kl_k2", {}),
+    ("kl_k3", {"clamp": 1.0}),
+    ("topk_forward_kl", {"k": 3, "m": -3.0}),
+    ("topk_tail", {"k": 3, "add_sampled": True}),
+    ("topk_bregman", {"k": 3, "support": "student"}),
 ]
 IDS = [f"{name}-{options}" for name, options in CONFIGS]
 
@@ -61,7 +68,9 @@ def explicit_reverse_kl(student, teacher):
 
 def test_registry_has_exactly_the_listed_names():
     assert set(OBJECTIVES) == {"sampled_token", "sequence_kl", "full_reverse_kl", "jsd",
-                               "topk_unnormalized", "topk_stopgrad", "topk_renorm"}
+                               "topk_unnormalized", "topk_stopgrad", "topk_renorm",
+                               "kl_k1", "kl_k2", "kl_k3", "topk_forward_kl", "topk_tail",
+                               "topk_bregman"}
     assert get_objective("jsd") is OBJECTIVES["jsd"]
 
 

@@ -4,4 +4,5 @@ exact.py       tabular student and teacher, every sequence enumerated: exact bia
 continuous.py  the 1-D two-task reaching replica: REINFORCE teachers, one student distilled with g_gamma
 runs.py        many independent runs as one batched computation: the run axis, per-run seeds and gammas
 report.py      what the studies show: summaries, printed tables, reading, CSV files, figures
+audit.py       the estimator audit: every registered objective against the divergence it claims (python -m toy.audit)
 """

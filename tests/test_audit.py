@@ -1,0 +1,83 @@
+"""The estimator audit (toy/audit.py): its exact findings on a small toy, its files, its errors.
+
+The audit runs on V=4, T=3 (64 sequences) here, a fraction of a second per objective; the numbers
+it prints are exact (float64 enumeration), so the findings are asserted, not sampled.
+"""
+
+import csv
+import re
+
+import pytest
+import torch
+
+from toy.audit import COLUMNS, AuditConfig, audit, main, problem, targets, variants
+
+SMALL = AuditConfig(vocab=4, horizon=3, k=2, out="unused", plots=False)
+
+
+@pytest.fixture(scope="module")
+def table():
+    rows, info = audit(SMALL)
+    return {(r["objective"], r["options"]): r for r in rows}, info
+
+
+def test_every_registered_objective_is_audited_with_its_defaults():
+    from nanoopd import OBJECTIVES
+    rows = variants(2)
+    assert {name for name, options, _ in rows if not options} == set(OBJECTIVES)
+
+
+def test_the_known_estimators_follow_what_the_maths_says(table):
+    rows, info = table
+    assert rows[("sequence_kl", "-")]["follows"] == "J exactly"
+    for name in ("sampled_token", "kl_k2", "full_reverse_kl"):
+        assert rows[(name, "-")]["follows"] == "K exactly"
+    for options in ("baseline=True", "baseline=topk k=2"):  # vOPD: any b(c) keeps the expectation
+        assert rows[("sampled_token", options)]["follows"] == "K exactly"
+    # coupling on: the token-level gradient is a different thing from grad J
+    assert info["cos_K_J"] < 0.999 and rows[("sampled_token", "-")]["err_J"] > 0.05
+
+
+def test_the_audit_flags_the_field_s_surprises(table):
+    rows, _ = table
+    assert rows[("kl_k1", "-")]["flags"] == "zero expected gradient"
+    assert rows[("kl_k1", "-")]["trace_cov"] > 0  # each sample still moves the weights
+    k3 = rows[("kl_k3", "-")]
+    assert k3["follows"] == "F exactly" and "wrong divergence (claims K, follows F)" in k3["flags"]
+    assert "drains S" in rows[("topk_unnormalized", "k=2")]["flags"]
+    assert "fills S" in rows[("topk_forward_kl", "k=2")]["flags"]
+    assert rows[("topk_renorm", "k=1")]["flags"] == "constant in theta"
+    for proper in ("topk_stopgrad", "topk_renorm", "topk_tail", "topk_bregman"):
+        row = rows[(proper, "k=2")]
+        assert "S" not in row["flags"] and row["g_norm_at_q"] < 1e-12 and row["dJ_step"] < 0
+    # Bregman's correction gives exactly the stop-gradient estimator
+    for column in ("err_J", "err_K", "err_F", "trace_cov"):
+        assert rows[("topk_bregman", "k=2")][column] == pytest.approx(
+            rows[("topk_stopgrad", "k=2")][column], rel=1e-9)
+
+
+def test_without_coupling_the_token_level_and_sequence_gradients_agree():
+    goals = targets(problem(AuditConfig(vocab=4, horizon=3, k=2, coupling=0.0, plots=False)))
+    torch.testing.assert_close(goals["K"], goals["J"], rtol=1e-10, atol=1e-12)
+    assert (goals["F"] - goals["J"]).norm() > 0.01  # the forward KL is still another target
+
+
+def test_main_prints_the_table_and_writes_csv_and_figure(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    rows = main(["--vocab", "4", "--horizon", "3", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "kl_k3" in out and "wrong divergence" in out and "wrote" in out
+    with open(tmp_path / "audit.csv") as f:
+        written = list(csv.DictReader(f))
+    assert len(written) == len(rows) and list(written[0]) == COLUMNS
+    assert (tmp_path / "audit.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--k", "4", "--vocab", "4"], "--k must lie in \\[1, V-1\\]"),
+    (["--vocab", "9", "--horizon", "6"], "--horizon gives V\\^T = 531441"),
+])
+def test_bad_flags_exit_with_a_message_not_a_traceback(flags, message, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(flags)
+    assert done.value.code == 2 and re.search(message, capsys.readouterr().err)

@@ -1,0 +1,375 @@
+"""
+toy/audit.py: the estimator audit. Every objective in the registry (nanoopd/objectives.py), with
+its default options and the variants that matter, is put through the same exact test on the
+tabular toy (toy/exact.py), and the audit prints which divergence each one really follows
+(DESIGN.md sections 3 and 8; the reading is in docs/audit.md).
+
+Commands:
+
+    python -m toy.audit                   # the table, out/audit/audit.csv and audit.png, a few seconds
+    python -m toy.audit --out docs        # the CSV and figure that docs/audit.md shows
+    python -m toy.audit --coupling 0      # no coupling: J and K_tok have the same gradient
+    python -m toy.audit --help            # every flag
+
+What is computed. Every sequence y in {0..V-1}^T is enumerated, so every expectation below is a
+weighted sum, in float64, with no sampling. Each objective L is called through the registry on all
+V^T sequences at once, with one private copy of theta per sequence, so that one backward pass gives
+every per-sample gradient grad L(y) (L(y) = the objective's loss summed over the T positions of y,
+the sampling distribution pi(y) held fixed, as a sampled estimator sees it):
+
+    g_L       = sum_y pi(y) grad L(y)                                   the expected gradient
+    tr Cov    = sum_y pi(y) || grad L(y) - g_L ||^2                     its per-sample variance
+    grad J    = grad KL(pi || q), the sequence-level reverse KL (autograd of the enumerated J)
+    grad K_tok = sum_y sg(pi(y)) sum_t grad KL(pi(.|c_t) || q(.|c_t))   token-level reverse KL
+    grad F_tok = sum_y sg(pi(y)) sum_t grad KL(q(.|c_t) || pi(.|c_t))   token-level forward KL
+
+Per objective: the cosine and relative error ||g_L - g*|| / ||g*|| to each target g*, which
+target it follows (relative error < 1e-6: "K exactly"; else cosine >= 0.99: "~K"; else none),
+||g_L|| at pi = q (a second problem where the teacher is the student itself: 0 for a proper
+objective), tr Cov, and the change of J after a step of length --step along -g_L. Flags: constant
+in theta (every grad L(y) is 0), zero expected gradient, wrong divergence (it follows another
+target than the one it claims), points away from its claimed target (cosine <= 0), drains S /
+fills S (at pi = q its step lowers / raises the student's mass on the teacher's top-K), not
+stationary at pi = q, raises J.
+"""
+
+import csv
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from nanoopd import OBJECTIVES
+from nanoopd.config import ConfigError, parse_config
+from toy.exact import TabularAR, all_sequences, make_problem, sequence_kl
+
+# -----------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class AuditConfig:
+    # --- the exact toy
+    vocab: int = 6             # V, tokens; the top-K supports are a real subset of them
+    horizon: int = 4           # T, sequence length; V^T = 1,296 sequences enumerated
+    coupling: float = 1.0      # how strongly each token depends on the previous ones (0 = independent)
+    seed: int = 0              # draws the teacher and the student (toy.exact.make_problem)
+    k: int = 2                 # K of the top-K variants (the teacher's top-K unless stated)
+    # --- the audit
+    step: float = 1e-3         # length of the probe step along -g_L / ||g_L|| (does J go down?)
+    # --- output
+    out: str = "out/audit"     # folder for audit.csv and audit.png
+    plots: bool = True         # write the figure (needs matplotlib)
+    threads: int = 1           # CPU threads; one is fastest for tensors this small
+
+    def __post_init__(self):
+        if self.vocab < 3:
+            raise ConfigError("vocab", f"must be at least 3 (a top-K support needs K < V), got {self.vocab}")
+        if self.horizon < 2:
+            raise ConfigError("horizon", f"must be at least 2 (no coupling with one token), got {self.horizon}")
+        if self.vocab ** self.horizon > 20_000:
+            raise ConfigError("horizon", f"gives V^T = {self.vocab ** self.horizon} sequences; keep V^T <= "
+                                         f"20,000 so the audit stays a matter of seconds (e.g. V=6, T=4)")
+        if not 1 <= self.k < self.vocab:
+            raise ConfigError("k", f"must lie in [1, V-1] = [1, {self.vocab - 1}] so that S is a real subset, "
+                                   f"got {self.k}")
+        if not self.step > 0:
+            raise ConfigError("step", f"must be positive, got {self.step}")
+
+
+TARGETS = ("J", "K", "F")  # grad J, grad K_tok, grad F_tok
+EXACT = 1e-6  # relative error under which an objective follows a target exactly
+NEAR = 0.99  # cosine above which it follows the nearest target in direction only ("~K")
+ZERO = 1e-9  # gradient norms under ZERO * ||grad J|| count as 0
+
+
+def variants(k: int) -> list[tuple[str, dict, str | None]]:
+    """(objective, options, the target it claims) for every registered objective with its defaults,
+    then the variants that matter: top-K supports, K = 1, the clamps, gamma, the baselines."""
+    claims = {"sequence_kl": "J", "jsd": None, "topk_forward_kl": "F"}
+    rows = [(name, {}, claims.get(name, "K")) for name in sorted(OBJECTIVES)]
+    rows += [
+        ("sampled_token", {"clamp": 0.5}, "K"),
+        ("sampled_token", {"baseline": True}, "K"),
+        ("sampled_token", {"baseline": "topk", "k": k}, "K"),
+        ("sequence_kl", {"gamma": 0.5}, None),  # between J and K_tok by design
+        ("kl_k3", {"clamp": 1.0}, "K"),
+        ("topk_unnormalized", {"k": k}, "K"),
+        ("topk_stopgrad", {"k": k}, "K"),
+        ("topk_renorm", {"k": k}, "K"),
+        ("topk_renorm", {"k": 1}, "K"),
+        ("topk_forward_kl", {"k": k}, "F"),
+        ("topk_forward_kl", {"k": k, "m": math.log(0.1)}, "F"),
+        ("topk_tail", {"k": k}, "K"),
+        ("topk_tail", {"k": 1}, "K"),
+        ("topk_bregman", {"k": k}, "K"),
+    ]
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# exact quantities by enumeration
+
+
+@dataclass
+class Problem:
+    student: TabularAR
+    theta: torch.Tensor  # (P,) student parameters
+    teacher: TabularAR
+    phi: torch.Tensor  # (Pq,) teacher parameters
+    seqs: torch.Tensor  # (N, T) every sequence
+    weight: torch.Tensor  # (N,) pi(y), sums to 1
+
+
+def problem(cfg: AuditConfig, at_teacher: bool = False) -> Problem:
+    """The toy of --seed; at_teacher: the teacher replaced by the student itself (pi = q)."""
+    student, theta, teacher, phi = make_problem(cfg.vocab, cfg.horizon, cfg.coupling, cfg.seed)
+    if at_teacher:
+        teacher, phi = student, theta.clone()
+    seqs = all_sequences(cfg.vocab, cfg.horizon)  # (N, T)
+    with torch.no_grad():
+        weight = student.token_logprobs(theta, seqs).sum(-1).exp()  # (N,)
+    return Problem(student, theta, teacher, phi, seqs, weight)
+
+
+def per_sample_grads(pb: Problem, objective: Callable, options: dict) -> torch.Tensor:
+    """grad L(y) for every sequence y, (N, P): the loss of `objective` (registry calling
+    convention, a per-token mean) summed over y's T positions, differentiated in theta.
+
+    One private copy of theta per sequence, theta_rows (N, P): row n is used for sequence n only,
+    so one backward pass of the batch loss gives every per-sample gradient at once."""
+    # lab:audit begin
+    N, T = pb.seqs.shape
+    theta_rows = pb.theta.detach().expand(N, -1).clone().requires_grad_(True)  # (N, P)
+    student_logits = pb.student.logits(theta_rows, pb.seqs)  # (N, T, V)
+    with torch.no_grad():
+        teacher_logits = pb.teacher.logits(pb.phi, pb.seqs)  # (N, T, V)
+    mask = torch.ones(N, T, dtype=torch.bool)  # every position is a response token
+    loss, _ = objective(student_logits, teacher_logits, pb.seqs, mask, **options)
+    (grads,) = torch.autograd.grad(loss * (N * T), theta_rows, allow_unused=True)  # undo the mean
+    return torch.zeros_like(theta_rows) if grads is None else grads  # (N, P)
+    # lab:audit end
+
+
+def expectation(grads: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(g_L, tr Cov) from the per-sample gradients grads (N, P) and the weights pi(y) (N,):
+
+        g_L = sum_y pi(y) grad L(y)   (P,)        tr Cov = sum_y pi(y) || grad L(y) - g_L ||^2"""
+    # lab:audit begin
+    g = weight @ grads  # (P,)
+    return g, (weight @ (grads - g).pow(2).sum(-1)).item()
+    # lab:audit end
+
+
+def token_divergence(pb: Problem, theta: torch.Tensor, forward: bool) -> torch.Tensor:
+    """sum_y sg(pi(y)) sum_t KL at c_t (reverse KL(pi||q), or forward KL(q||pi)). Scalar.
+
+    Differentiable in theta through the per-prefix distributions pi(.|c_t) only: the weights pi(y)
+    (the distribution of the prefixes) are held fixed, so its gradient is grad K_tok (grad F_tok)."""
+    # lab:audit begin
+    logp = torch.log_softmax(pb.student.logits(theta, pb.seqs), -1)  # (N, T, V)
+    with torch.no_grad():
+        logq = torch.log_softmax(pb.teacher.logits(pb.phi, pb.seqs), -1)  # (N, T, V)
+    a, b = (logq, logp) if forward else (logp, logq)
+    kl = (a.exp() * (a - b)).sum(-1)  # (N, T)
+    return pb.weight @ kl.sum(-1)
+    # lab:audit end
+
+
+def support_mass(pb: Problem, theta: torch.Tensor, k: int) -> torch.Tensor:
+    """sum_y sg(pi(y)) sum_t sum_{v in S_t} pi(v|c_t), S_t the teacher's top-k at c_t. Scalar."""
+    probs = torch.softmax(pb.student.logits(theta, pb.seqs), -1)  # (N, T, V)
+    with torch.no_grad():
+        top = pb.teacher.logits(pb.phi, pb.seqs).topk(k, -1).indices  # (N, T, k)
+    return pb.weight @ probs.gather(-1, top).sum((-1, -2))
+
+
+def grad_of(fn, theta: torch.Tensor) -> torch.Tensor:
+    """The gradient of the scalar fn(theta) at theta, (P,)."""
+    x = theta.detach().clone().requires_grad_(True)
+    return torch.autograd.grad(fn(x), x)[0]
+
+
+def targets(pb: Problem) -> dict[str, torch.Tensor]:
+    """grad J, grad K_tok, grad F_tok, each (P,)."""
+    return {"J": grad_of(lambda x: sequence_kl(pb.student, x, pb.teacher, pb.phi, pb.seqs), pb.theta),
+            "K": grad_of(lambda x: token_divergence(pb, x, forward=False), pb.theta),
+            "F": grad_of(lambda x: token_divergence(pb, x, forward=True), pb.theta)}
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    denominator = a.norm() * b.norm()
+    return (a @ b / denominator).item() if denominator > 0 else 0.0
+
+
+def follows(g: torch.Tensor, goals: dict[str, torch.Tensor]) -> tuple[str, dict[str, float], dict[str, float]]:
+    """Which target g follows: (verdict, cosines, relative errors), the last two by target name.
+
+    err_X = ||g - grad X|| / ||grad X||. Verdict: "X exactly" for the target of smallest error when
+    it is below EXACT; else "~X" for the target of largest cosine when it is at least NEAR; else
+    "none"."""
+    # lab:audit begin
+    cos = {t: cosine(g, goal) for t, goal in goals.items()}
+    err = {t: ((g - goal).norm() / goal.norm()).item() for t, goal in goals.items()}
+    best, nearest = min(err, key=err.get), max(cos, key=cos.get)
+    verdict = (best + " exactly" if err[best] < EXACT else "~" + nearest if cos[nearest] >= NEAR else "none")
+    return verdict, cos, err
+    # lab:audit end
+
+
+# -----------------------------------------------------------------------------
+# the audit
+
+
+def audit_one(cfg, pb, pb_eq, goals, name, options, claims) -> dict:
+    """Every number and flag of one (objective, options) row."""
+    grads = per_sample_grads(pb, OBJECTIVES[name], options)  # (N, P)
+    g, trace_cov = expectation(grads, pb.weight)  # (P,) g_L, and tr Cov
+    scale = goals["J"].norm().item()
+    row = dict(objective=name, options=" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                                for k, v in options.items()) or "-",
+               claims=claims or "-", g_norm=g.norm().item())
+    row["follows"], cos, err = follows(g, goals)
+    for t in TARGETS:
+        row[f"cos_{t}"], row[f"err_{t}"] = cos[t], err[t]
+    row["trace_cov"] = trace_cov
+    # at pi = q: the gradient, and what a step along -g_L does to the mass on the teacher's top-K
+    g_eq, _ = expectation(per_sample_grads(pb_eq, OBJECTIVES[name], options), pb_eq.weight)  # (P,)
+    row["g_norm_at_q"] = g_eq.norm().item()
+    mass_grad = grad_of(lambda x: support_mass(pb_eq, x, cfg.k), pb_eq.theta)  # (P,)
+    row["mass_slope_at_q"] = -(mass_grad @ g_eq).item()  # d(mass)/d(step) along -g_L
+    # a small step along -g_L: does the sequence KL J go down?
+    J = lambda x: sequence_kl(pb.student, x, pb.teacher, pb.phi, pb.seqs).item()  # noqa: E731
+    with torch.no_grad():
+        moves = row["g_norm"] > ZERO * scale  # no step along a zero gradient
+        row["dJ_step"] = (J(pb.theta - cfg.step * g / g.norm()) - J(pb.theta)) if moves else 0.0
+    flags = []
+    if grads.norm(dim=-1).max() <= ZERO * scale:
+        flags.append("constant in theta")
+    elif row["g_norm"] <= ZERO * scale:
+        flags.append("zero expected gradient")
+    followed = row["follows"].strip("~")[0]
+    if claims and row["follows"] != "none" and followed != claims:
+        flags.append(f"wrong divergence (claims {claims}, follows {followed})")
+    elif claims and row["g_norm"] > ZERO * scale and row[f"cos_{claims}"] <= 0:
+        flags.append(f"points away from {claims}")
+    if row["mass_slope_at_q"] < -ZERO * scale:
+        flags.append("drains S")
+    elif row["mass_slope_at_q"] > ZERO * scale:
+        flags.append("fills S")
+    if row["g_norm_at_q"] > ZERO * scale:
+        flags.append("not stationary at pi=q")
+    if row["dJ_step"] > 0:
+        flags.append("raises J")
+    row["flags"] = "; ".join(flags) or "-"
+    return row
+
+
+def audit(cfg: AuditConfig) -> tuple[list[dict], dict]:
+    """Every row of the table, and the problem's own numbers (J, ||grad J||, cos(K_tok, J), ...)."""
+    pb, pb_eq = problem(cfg), problem(cfg, at_teacher=True)
+    goals = targets(pb)
+    rows = [audit_one(cfg, pb, pb_eq, goals, name, options, claims)
+            for name, options, claims in variants(cfg.k)]
+    with torch.no_grad():
+        info = dict(J=sequence_kl(pb.student, pb.theta, pb.teacher, pb.phi, pb.seqs).item(),
+                    grad_J_norm=goals["J"].norm().item(), n_sequences=pb.seqs.shape[0],
+                    n_params=pb.theta.numel(), cos_K_J=cosine(goals["K"], goals["J"]),
+                    cos_F_J=cosine(goals["F"], goals["J"]))
+    return rows, info
+
+
+# -----------------------------------------------------------------------------
+# output
+
+COLUMNS = ["objective", "options", "claims", "follows", "cos_J", "err_J", "cos_K", "err_K", "cos_F",
+           "err_F", "g_norm", "g_norm_at_q", "trace_cov", "mass_slope_at_q", "dJ_step", "flags"]
+
+
+def print_table(rows: list[dict], info: dict, cfg: AuditConfig) -> None:
+    print(f"exact toy: V={cfg.vocab}, T={cfg.horizon}, coupling {cfg.coupling}, seed {cfg.seed}: "
+          f"{info['n_sequences']} sequences, {info['n_params']} student parameters, float64, no sampling")
+    print(f"J = {info['J']:.4f}, ||grad J|| = {info['grad_J_norm']:.4f}; cos(grad K_tok, grad J) = "
+          f"{info['cos_K_J']:.3f}, cos(grad F_tok, grad J) = {info['cos_F_J']:.3f}; top-K variants K = {cfg.k}")
+    head = (f"{'objective':<18} {'options':<18} {'claims':>6} {'follows':>9} {'cos J':>7} {'err J':>8} "
+            f"{'cos K':>7} {'err K':>8} {'cos F':>7} {'err F':>8} {'|g| pi=q':>9} {'tr Cov':>9} "
+            f"{'dJ step':>9}  flags")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['objective']:<18} {r['options']:<18} {r['claims']:>6} {r['follows']:>9} "
+              f"{r['cos_J']:7.3f} {r['err_J']:8.2e} {r['cos_K']:7.3f} {r['err_K']:8.2e} "
+              f"{r['cos_F']:7.3f} {r['err_F']:8.2e} {r['g_norm_at_q']:9.2e} {r['trace_cov']:9.3g} "
+              f"{r['dJ_step']:9.2e}  {r['flags']}")
+
+
+def write_csv(rows: list[dict], path: str) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows({c: r[c] for c in COLUMNS} for r in rows)
+
+
+def plot(rows: list[dict], path: str) -> bool:
+    """Bias ||g_L - grad J|| / ||grad J|| against tr Cov, one numbered point per row (rows that land
+    on the same point share it), the key beside. False without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("figure skipped: matplotlib is not installed (pip install matplotlib)")
+        return False
+    floor = 1e-3  # a row without variance (a constant loss) is drawn at the left edge
+    points: dict[tuple, list[int]] = {}
+    for i, r in enumerate(rows, 1):
+        points.setdefault((round(max(r["trace_cov"], floor), 3), round(r["err_J"], 3)), []).append(i)
+    fig, (ax, key) = plt.subplots(1, 2, figsize=(13, 6), gridspec_kw=dict(width_ratios=[3, 2]))
+    for (x, y), ids in points.items():
+        bad = any(rows[i - 1]["flags"] != "-" for i in ids)
+        ax.scatter(x, y, color="tab:red" if bad else "tab:blue", s=30, zorder=3)
+        ax.annotate(",".join(map(str, ids)), (x, y), fontsize=8, xytext=(4, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("tr Cov[grad L(y)], y ~ pi  (variance of one sample)")
+    ax.set_ylabel("||E[grad L] - grad J|| / ||grad J||  (bias against the sequence KL)")
+    ax.set_title("The estimator audit, exact (red: flagged)")
+    ax.grid(alpha=0.3)
+    lines = [f"{i:>2} {r['objective']} {'' if r['options'] == '-' else r['options']}"
+             + ("" if r["flags"] == "-" else f"  [{r['flags']}]") for i, r in enumerate(rows, 1)]
+    key.axis("off")
+    key.text(0, 1, "\n".join(lines), va="top", family="monospace", fontsize=6.5)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+# -----------------------------------------------------------------------------
+# main
+
+
+def main(argv=None) -> list[dict]:
+    cfg = parse_config(AuditConfig, argv, description=__doc__)
+    torch.set_num_threads(cfg.threads)
+    start = time.time()
+    rows, info = audit(cfg)
+    print_table(rows, info, cfg)
+    try:
+        os.makedirs(cfg.out, exist_ok=True)
+        write_csv(rows, os.path.join(cfg.out, "audit.csv"))
+        wrote = [os.path.join(cfg.out, "audit.csv")]
+        if cfg.plots and plot(rows, os.path.join(cfg.out, "audit.png")):
+            wrote.append(os.path.join(cfg.out, "audit.png"))
+    except OSError as e:
+        print(f"error: cannot write to --out {cfg.out!r}: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(f"wrote {', '.join(wrote)} in {time.time() - start:.1f} s | config {asdict(cfg)}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
