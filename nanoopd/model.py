@@ -75,10 +75,11 @@ class KVCache:
     k, v: (n_layer, B, n_head, max_len, head_dim); valid: (B, max_len) real-token flags;
     next_pos: (B,) the position id the next real token of each row will get; length: tokens so far.
 
-    The static decoding step (GPT.decode_step, after start_decoding) keeps its state on the device
-    instead: slot (1,) the slot it writes next, positions (B, max_len) the position id of every
-    slot, bias (B, 1, 1, max_len) the additive attention mask, and k, v as the two halves of one
-    buffer kv (n_layer, 2, B, n_head, max_len, head_dim) so that one copy stores both.
+    The static decoding step (GPT.decode_step, after GPT.start_decoding) keeps its state on the
+    device instead: slot (1,) the slot it writes next, pos_emb (B, max_len, C) the position
+    embedding of every slot, bias (B, 1, 1, max_len) the additive attention mask, and k, v as the
+    two halves of one buffer kv (n_layer, 2, B, n_head, max_len, head_dim), so that one copy
+    stores both.
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device):
@@ -90,7 +91,7 @@ class KVCache:
         self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,)
         self.length = 0
         self.slot = torch.zeros(1, dtype=torch.long, device=device)  # (1,) static step: the slot it writes next
-        self.kv = self.positions = self.bias = None  # set by allocate() / start_decoding()
+        self.kv = self.pos_emb = self.bias = None  # set by allocate() / GPT.start_decoding()
 
     def allocate(self, dtype: torch.dtype):
         """Allocate k and v as views of one buffer kv, in `dtype` (what the forward pass produces)."""
@@ -99,18 +100,6 @@ class KVCache:
                               dtype=dtype, device=self.device)  # (n_layer, 2, B, H, L, hd)
         self.k, self.v = self.kv[:, 0], self.kv[:, 1]  # (n_layer, B, H, L, hd) each, views
         return self
-
-    def start_decoding(self):
-        """After the prefill: the state GPT.decode_step reads. A row that is still generating puts
-        its next token at slot s with position next_pos + (s - length); slots not written yet get
-        a -inf mask until the step that writes them."""
-        L, n = self.max_len, self.length
-        slots = torch.arange(L, device=self.device)  # (L,)
-        self.positions = (self.next_pos[:, None] + (slots - n)).clamp(min=0)  # (B, L)
-        keep = self.valid & (slots < n)  # (B, L)
-        zero = torch.zeros((), dtype=self.kv.dtype, device=self.device)
-        self.bias = torch.where(keep, zero, float("-inf"))[:, None, None, :].contiguous()  # (B, 1, 1, L)
-        self.slot.fill_(n)
 
     def write_slot(self, layer: int, kv: torch.Tensor):
         """Store kv (2, B, H, 1, hd) at `slot` of layer `layer`; return all keys and values (B, H, L, hd)."""
@@ -263,6 +252,18 @@ class GPT(nn.Module):
             x = self.ln_f(x.float())  # (B, T, C)  (.float() is a no-op on float32)
             return F.linear(x, self.wte.weight.float())  # (B, T, V), tied embeddings, float32
 
+    def start_decoding(self, cache: KVCache) -> None:
+        """After the prefill: the state decode_step reads. A row that is still generating puts its
+        next token at slot s with position next_pos + (s - length); slots not written yet get a
+        -inf mask until the step that writes them."""
+        L, n = cache.max_len, cache.length
+        slots = torch.arange(L, device=cache.device)  # (L,)
+        positions = (cache.next_pos[:, None] + (slots - n)).clamp(min=0, max=self.config.block_size - 1)  # (B, L)
+        cache.pos_emb = self.wpe(positions)  # (B, L, C)
+        zero = torch.zeros((), dtype=cache.kv.dtype, device=cache.device)
+        cache.bias = torch.where(cache.valid & (slots < n), zero, float("-inf"))[:, None, None, :].contiguous()  # (B, 1, 1, L)
+        cache.slot.fill_(n)
+
     def decode_step(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """The static decoding step: logits (B, V) after one new token per row, idx (B, 1), stored
         at slot s = cache.slot, which then moves on by one. Shapes are the same at every token and
@@ -274,8 +275,7 @@ class GPT(nn.Module):
         attention adds in another order than over its first s + 1 keys (GPT.forward with a cache):
         the logits agree within 1e-6 (tests/test_static_decode.py)."""
         cache.bias.index_fill_(-1, cache.slot, 0.0)  # slot s becomes attendable
-        pos = cache.positions.index_select(1, cache.slot)  # (B, 1)
-        x = self.wte(idx) + self.wpe(pos)  # (B, 1, C)
+        x = self.wte(idx) + cache.pos_emb.index_select(1, cache.slot)  # (B, 1, C)
         for layer, block in enumerate(self.blocks):
             x = block(x, cache.bias, cache, layer, static=True)  # (B, 1, C)
         cache.slot.add_(1)

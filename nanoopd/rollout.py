@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from nanoopd.config import ConfigError
-from nanoopd.device import amp_dtype, autocast
+from nanoopd.device import autocast
 from nanoopd.model import GPT, KVCache
 
 
@@ -47,8 +47,8 @@ class Rollout:
 
     def rows(self) -> list[list[int]]:
         """The generated ids of every row, without padding (<|eos|> kept where it was sampled)."""
-        return [[t for t, k in zip(row, keep) if k]
-                for row, keep in zip(self.response.tolist(), self.response_mask.tolist())]
+        kept = torch.where(self.response_mask, self.response, -1).tolist()  # one transfer; ids are >= 0
+        return [[t for t in row if t >= 0] for row in kept]
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,11 +56,8 @@ def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tenso
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (start it with <|bos|>)")
     P = max(len(p) for p in prompts)
-    tokens = torch.full((len(prompts), P), pad_id, dtype=torch.long)
-    valid = torch.zeros(len(prompts), P, dtype=torch.bool)
-    for i, p in enumerate(prompts):
-        tokens[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
-        valid[i, P - len(p):] = True
+    tokens = torch.tensor([[pad_id] * (P - len(p)) + list(p) for p in prompts], dtype=torch.long)  # (B, P)
+    valid = torch.tensor([[False] * (P - len(p)) + [True] * len(p) for p in prompts])  # (B, P)
     return tokens.to(device), valid.to(device)
 
 
@@ -127,7 +124,8 @@ def check_sampling_args(temperature: float, top_k: int, top_p: float, max_new_to
 class Decoder:
     """The token loop of one rollout, with all its state in fixed-shape tensors on the device.
 
-    Buffers over the L = P + N slots of prompt and response: tokens (B, L), logprobs and
+    Buffers over the L = P + N slots of prompt and response: tokens (B, L), valid (B, L) (the
+    prompt's padding; True on every response slot, read only when recomputing), logprobs and
     sampler_logprobs (B, L), the pre-drawn uniforms u (L, B), alive (B,) (no EOS drawn yet), and
     the KV cache, whose slot (1,) says where the next token goes. draw(logits) draws the token of
     slot s = cache.slot from logits (B, V) and writes it; step() is GPT.decode_step over that token
@@ -139,10 +137,12 @@ class Decoder:
     would cost a few operators a token and change nothing kept.
     """
 
-    def __init__(self, model: GPT, cache: KVCache | None, tokens: torch.Tensor, u: torch.Tensor | None,
-                 eos_id: int, temperature: float, top_k: int, top_p: float):
+    def __init__(self, model: GPT, cache: KVCache | None, tokens: torch.Tensor, valid: torch.Tensor, prompt_len: int,
+                 u: torch.Tensor | None, eos_id: int, temperature: float, top_k: int, top_p: float,
+                 generator_state: torch.Tensor | None = None):
         B, L = tokens.shape
-        self.model, self.cache, self.tokens, self.u = model, cache, tokens, u
+        self.model, self.cache, self.tokens, self.valid, self.prompt_len = model, cache, tokens, valid, prompt_len
+        self.u, self.generator_state = u, generator_state  # the generator's state before u was drawn
         self.eos_id, self.temperature, self.top_k, self.top_p = eos_id, temperature, top_k, top_p
         # temperature 1 without truncation samples from pi itself: its log-probs need no second pass
         self.plain = temperature == 1.0 and not (top_k and top_k < model.config.vocab_size) and top_p == 1.0
@@ -194,6 +194,46 @@ def cuda_graph(step, amp: torch.dtype | None):
 CUDA_STOP_EVERY = 8
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast computes in here and now (None when it is off): that of the cached keys."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+
+
+def start_rollout(model: GPT, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pad_id: int,
+                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                  generator: torch.Generator | None = None, use_cache: bool = True) -> "Decoder":
+    """Everything before the token loop: left-pad the prompts into the (B, P + N) token buffer, draw
+    the N uniforms of every row, run the prompt's prefill (eagerly) and draw the first token.
+    Returns the Decoder whose step() draws each next token (call it under autocast, model in eval)."""
+    device = next(model.parameters()).device
+    prompt, prompt_valid = left_pad(prompts, pad_id, device)  # (B, P), (B, P)
+    B, P = prompt.shape
+    if P + max_new_tokens > model.config.block_size:
+        raise ValueError(
+            f"prompt ({P} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+            f"block_size={model.config.block_size}; lower max_new_tokens")
+    N, L = max_new_tokens, P + max_new_tokens
+    tokens = torch.cat([prompt, torch.full((B, N), pad_id, dtype=torch.long, device=device)], 1)  # (B, L)
+    valid = torch.cat([prompt_valid, torch.ones(B, N, dtype=torch.bool, device=device)], 1)  # (B, L)
+    u, state = None, None
+    if temperature != 0:
+        if generator is not None:
+            state = generator.get_state()
+        u = torch.zeros(L, B, device=device)  # (L, B) one uniform per row and response slot
+        u[P:] = 1.0 - torch.rand(N, B, device=device, generator=generator)  # in (0, 1]
+    cache = None
+    if use_cache:
+        cache = KVCache(model.config, B, L, device).allocate(autocast_dtype(device) or torch.float32)
+        logits = model(prompt, prompt_valid, cache, n_last=1)[:, -1]  # (B, V)
+        model.start_decoding(cache)
+    else:
+        logits = model(prompt, prompt_valid, n_last=1)[:, -1]  # (B, V)
+    dec = Decoder(model, cache, tokens, valid, P, u, eos_id, temperature, top_k, top_p, state)
+    dec.slot.fill_(P)
+    dec.draw(logits)
+    return dec
+
+
 @torch.no_grad()
 def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pad_id: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -215,33 +255,10 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, eos_id: 
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    prompt, prompt_valid = left_pad(prompts, pad_id, device)  # (B, P), (B, P)
-    B, P = prompt.shape
-    if P + max_new_tokens > model.config.block_size:
-        raise ValueError(
-            f"prompt ({P} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-            f"block_size={model.config.block_size}; lower max_new_tokens")
-    N, L = max_new_tokens, P + max_new_tokens
-    tokens = torch.cat([prompt, torch.full((B, N), pad_id, dtype=torch.long, device=device)], 1)  # (B, L)
-    u, state = None, None
-    if temperature != 0:
-        if generator is not None:
-            state = generator.get_state()
-        u = torch.zeros(L, B, device=device)  # (L, B) one uniform per row and response slot
-        u[P:] = 1.0 - torch.rand(N, B, device=device, generator=generator)  # in (0, 1]
-    amp = amp_dtype(device)
     with autocast(device):  # entered once: its cache of cast weights lives for the whole rollout
-        if use_cache:
-            cache = KVCache(model.config, B, L, device).allocate(amp or torch.float32)
-            logits = model(prompt, prompt_valid, cache, n_last=1)[:, -1]  # (B, V)
-            cache.start_decoding()
-        else:
-            cache = None
-            valid = torch.cat([prompt_valid, torch.ones(B, N, dtype=torch.bool, device=device)], 1)  # (B, L)
-            logits = model(prompt, prompt_valid, n_last=1)[:, -1]  # (B, V)
-        dec = Decoder(model, cache, tokens, u, eos_id, temperature, top_k, top_p)
-        dec.slot.fill_(P)
-        dec.draw(logits)
+        dec = start_rollout(model, prompts, max_new_tokens, eos_id, pad_id, temperature, top_k, top_p,
+                            generator, use_cache)
+        P, N, B = dec.prompt_len, max_new_tokens, dec.tokens.shape[0]
         step = dec.step
         graph = use_cache and cuda_graph_replay and device.type == "cuda" and N > 2
         every = CUDA_STOP_EVERY if device.type == "cuda" else 1
@@ -249,16 +266,17 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, eos_id: 
             if t % every == 1 % every and not bool(dec.alive.any()):
                 break
             if not use_cache:
-                logits = model(tokens[:, :P + t], valid[:, :P + t], n_last=1)[:, -1]  # (B, V)
+                logits = model(dec.tokens[:, :P + t], dec.valid[:, :P + t], n_last=1)[:, -1]  # (B, V)
                 dec.slot.add_(1)
                 dec.draw(logits)
             elif graph and t == 2:  # t = 1 ran eagerly; it warms up the kernels before the capture
-                step = cuda_graph(dec.step, amp)  # the capture's warm-up is step t = 2 itself
+                step = cuda_graph(dec.step, autocast_dtype(device))  # the capture's warm-up is step t = 2 itself
             else:
                 step()
     model.train(was_training)
 
-    response = tokens[:, P:]  # (B, N)
+    prompt, prompt_valid, state = dec.tokens[:, :P], dec.valid[:, :P], dec.generator_state
+    response = dec.tokens[:, P:]  # (B, N)
     drawn_eos = (response == eos_id).to(torch.int32)  # (B, N)
     response_mask = drawn_eos.cumsum(1, dtype=torch.int32) == drawn_eos  # (B, N) no EOS before this slot
     logprobs = dec.logprobs[:, P:].masked_fill(~response_mask, 0.0)  # (B, N) slots after a row's EOS: 0
