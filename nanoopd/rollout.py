@@ -177,7 +177,8 @@ def cuda_graph(step, amp: torch.dtype | None):
     """Capture `step` (a function of device tensors only) as a CUDA graph; returns its replay.
     The capture runs one real step first, on a side stream (the warm-up CUDA graphs need), then
     records one step without running it. Under autocast the weight casts are recorded as well
-    (cache_enabled=False), so the graph stays right after the optimizer moves the weights."""
+    (cache_enabled=False: autocast's cache of cast weights and a graph's memory do not mix). A
+    graph lives for one rollout; the next rollout, after the optimizer step, captures its own."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
