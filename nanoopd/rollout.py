@@ -17,8 +17,10 @@ sampled from. A seeded `torch.Generator` makes a rollout repeatable.
 Speed: a decoding step is a few dozen small kernels, so the loop keeps its own work per step to a
 handful of them. A token is drawn by inverting the CDF (`sample`: one uniform per row, a cumulative
 sum and a comparison) rather than by torch.multinomial, which draws one exponential per vocabulary
-entry and took a quarter of a CPU rollout. Padding of finished rows in the log-probs is applied once
-at the end; the only host sync per step is the check that some row is still generating.
+entry and took a quarter of a CPU rollout. After the prompt's prefill every token is one static
+step (`Decoder.step`: fixed shapes, its state on the device, no Python state read), which CUDA
+replays as a graph; padding of finished rows is applied once at the end; the only host sync per
+token is the check that some row is still generating (every CUDA_STOP_EVERY tokens on CUDA).
 """
 
 import contextlib
