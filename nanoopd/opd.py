@@ -198,8 +198,9 @@ def opd_step(student: GPT, teacher: GPT, optimizer: torch.optim.Optimizer, tok: 
     lengths = ro.lengths  # (B,)
     last = ro.response.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)  # (B,)
     hit_budget = (lengths == cfg.max_new_tokens) & (last != tok.eos_id)  # (B,)
+    as_tensor = lambda v: v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v), device=device)
     figures = {**diag, "budget_share": hit_budget.float().mean(), "n_new": lengths.sum().float(),
-               **{k: v.detach().float() for k, v in stats.items()}}
+               **{k: as_tensor(v) for k, v in stats.items()}}  # an objective may still give python floats
     values = dict(zip(figures, torch.stack(list(figures.values())).tolist()))  # the one transfer of the step's figures
     t_rollout, t_teacher, t_student = clock.seconds()
     rewards = [verify(text, p) for text, p in zip(response_texts(tok, ro), problems)]
