@@ -6,6 +6,7 @@ bench.py: throughput of the pieces that dominate on-policy distillation, so chan
   OPD step  steps/s of one on-policy distillation step (nanoopd/opd.py) for every objective, its
             split: student rollout | teacher scoring | student forward + backward + AdamW | the
             rest (diagnostics, verifier), and its matmul FLOPs against a matmul peak measured here
+            in the dtype the step's matmuls run in (bf16 under CUDA autocast, else float32)
   --vs trl  the same OPD step in nanoopd and in Hugging Face TRL's GKDTrainer, side by side: fully
             on-policy (lmbda 1) with the reverse KL (beta 1, nanoopd's full_reverse_kl), GPT-2 models
             of the same shapes and vocabulary, float32, KV cache on, EOS suppressed on both sides
@@ -31,7 +32,7 @@ import time
 
 import torch
 
-from nanoopd.device import pick_device, synchronize
+from nanoopd.device import amp_dtype, pick_device, synchronize
 from nanoopd.model import GPT, GPTConfig
 from nanoopd.objectives import OBJECTIVES
 from nanoopd.opd import OPDConfig, freeze, opd_step
@@ -120,10 +121,33 @@ def opd_step_flops(student: GPTConfig, teacher: GPTConfig, B: int, P: int, N: in
     return rollout + forward_flops(teacher, scored, (P + N) / 2) + 3 * forward_flops(student, scored, (P + N) / 2)
 
 
+def peak_dtype() -> tuple[torch.dtype, str]:
+    """The dtype the step's matmuls run in here, and its name: bf16 where the device policy turns
+    autocast on (CUDA of compute capability >= 8.0), else float32 (TF32 on CUDA when torch allows
+    it for matmuls, which nanoopd leaves at torch's default, off)."""
+    amp = amp_dtype(device)
+    if amp is not None:
+        return amp, str(amp).removeprefix("torch.")
+    tf32 = device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+    return torch.float32, "tf32" if tf32 else "float32"
+
+
 def matmul_peak() -> float:
-    """FLOP/s of a large float32 matrix product on this device: the ceiling the step is compared with."""
-    a = torch.randn(1024, 1024, device=device)
-    return 2 * 1024 ** 3 / best_time(lambda: a @ a, 10)
+    """FLOP/s of a large matrix product in the dtype the step's matmuls run in (peak_dtype): the
+    ceiling the step is compared with. On CUDA timed with CUDA events around 20 products."""
+    n = 4096 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=peak_dtype()[0])
+    if device.type != "cuda":
+        return 2 * n ** 3 / best_time(lambda: a @ a, 10)
+    for _ in range(3):
+        a @ a  # warm-up
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        a @ a
+    end.record()
+    end.synchronize()
+    return 20 * 2 * n ** 3 / (start.elapsed_time(end) / 1e3)
 
 
 def problems_for(B: int, steps: int):
@@ -148,7 +172,7 @@ def time_opd(student: GPT, teacher: GPT, loss: str, B: int, N: int, problems) ->
 print(f"device {device} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
       f"{platform.processor() or platform.machine()} | batch {args.batch}")
 peak = matmul_peak()
-print(f"matmul peak (float32 1024 x 1024 x 1024): {peak / 1e9:,.0f} GFLOP/s")
+print(f"matmul peak ({peak_dtype()[1]}, the dtype of the step's matmuls): {peak / 1e9:,.0f} GFLOP/s")
 
 # -----------------------------------------------------------------------------
 # --vs trl: the same OPD step in nanoopd and in TRL's GKDTrainer

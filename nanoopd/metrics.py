@@ -29,11 +29,18 @@ from nanoopd.sequence_kl import token_kl
 from nanoopd.topk import in_topk
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
-    """Mean of x (B, T) over mask (B, T); 0.0 when nothing is masked in. Accumulated in float32 at
-    least (MPS has no float64; a float64 x stays float64)."""
+def masked_average(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of x (B, T) over mask (B, T) as a 0-dim tensor, sum(x m) / sum(m): no host sync (no
+    boolean indexing, no .item()); 0 when nothing is masked in. Accumulated in float32 at least
+    (MPS has no float64; a float64 x stays float64)."""
     mask = mask.bool()
-    return x[mask].to(torch.promote_types(x.dtype, torch.float32)).mean().item() if mask.any() else 0.0
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
+    return torch.where(mask, x, 0.0).sum() / mask.sum().clamp(min=1)  # a NaN at a masked-out place stays out
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
+    """masked_average as a python float (one host sync)."""
+    return masked_average(x, mask).item()
 
 
 def token_entropy(logp: torch.Tensor) -> torch.Tensor:
@@ -81,13 +88,20 @@ class TailMass:
 def logratio_stats(student_logp: torch.Tensor, teacher_logp: torch.Tensor,
                    tokens: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
     """The per-step numbers every objective logs: mean reverse KL, max |r_t|, share of r_t > 0."""
+    return {k: v.item() for k, v in logratio_tensors(student_logp, teacher_logp, tokens, mask).items()}
+
+
+@torch.no_grad()
+def logratio_tensors(student_logp: torch.Tensor, teacher_logp: torch.Tensor,
+                     tokens: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """logratio_stats as 0-dim tensors (no host sync)."""
     mask = mask.bool()
     tokens = tokens.masked_fill(~mask, 0)  # (B, T)  padding ids at masked positions are never read
     r = sampled_logratio(student_logp, teacher_logp, tokens)  # (B, T)
     return {
-        "kl": masked_mean(token_kl(student_logp, teacher_logp), mask),
-        "logratio_max_abs": r[mask].abs().max().item() if mask.any() else 0.0,
-        "logratio_pos_share": masked_mean((r > 0).float(), mask),
+        "kl": masked_average(token_kl(student_logp, teacher_logp), mask),
+        "logratio_max_abs": torch.where(mask, r.abs(), 0.0).amax(),  # 0 when nothing is masked in
+        "logratio_pos_share": masked_average(r > 0, mask),
     }
 
 
@@ -106,24 +120,38 @@ def accuracy(rewards: Iterable[float]) -> float:
 
 @torch.no_grad()
 def opd_diagnostics(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                    tokens: torch.Tensor, mask: torch.Tensor, k: int = 16) -> dict[str, float]:
-    """All per-token diagnostics of a rollout batch, as python floats.
+                    tokens: torch.Tensor, mask: torch.Tensor, k: int = 16,
+                    logp: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, float]:
+    """All per-token diagnostics of a rollout batch, as python floats (one host transfer).
 
     student_logits, teacher_logits: (B, T, V) at the positions that predict tokens (B, T);
-    mask: (B, T) response mask (bool or 0/1).
+    mask: (B, T) response mask (bool or 0/1); logp: their log-softmaxes when already computed.
     """
-    student_logp = torch.log_softmax(student_logits.float(), dim=-1)  # (B, T, V)
-    teacher_logp = torch.log_softmax(teacher_logits.float(), dim=-1)  # (B, T, V)
+    stats = opd_diagnostic_tensors(student_logits, teacher_logits, tokens, mask, k, logp)
+    return dict(zip(stats, torch.stack(list(stats.values())).tolist()))
+
+
+@torch.no_grad()
+def opd_diagnostic_tensors(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                           tokens: torch.Tensor, mask: torch.Tensor, k: int = 16,
+                           logp: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """opd_diagnostics as 0-dim float32 tensors: nothing leaves the device (opd_step sends them to
+    the host in one transfer with the rest of its record)."""
+    if logp is None:
+        logp = torch.log_softmax(student_logits.float(), dim=-1), torch.log_softmax(teacher_logits.float(), dim=-1)
+    student_logp, teacher_logp = logp[0].detach(), logp[1].detach()  # (B, T, V) each
+    mask = mask.bool()
     ratio, mass_pi, mass_q = topk_overlap(student_logp, teacher_logp, k)  # (B, T) each
     h_pi = token_entropy(student_logp)  # (B, T)
     h_q = token_entropy(teacher_logp)  # (B, T)
-    return {
-        **logratio_stats(student_logp, teacher_logp, tokens, mask),
-        "overlap_ratio": masked_mean(ratio, mask),
-        "overlap_mass_student": masked_mean(mass_pi, mask),
-        "overlap_mass_teacher": masked_mean(mass_q, mask),
-        "entropy_student": masked_mean(h_pi, mask),
-        "entropy_teacher": masked_mean(h_q, mask),
-        "entropy_gap": masked_mean((h_q - h_pi).abs(), mask),
-        "response_length": mean_response_length(mask),
+    stats = {
+        **logratio_tensors(student_logp, teacher_logp, tokens, mask),
+        "overlap_ratio": masked_average(ratio, mask),
+        "overlap_mass_student": masked_average(mass_pi, mask),
+        "overlap_mass_teacher": masked_average(mass_q, mask),
+        "entropy_student": masked_average(h_pi, mask),
+        "entropy_teacher": masked_average(h_q, mask),
+        "entropy_gap": masked_average((h_q - h_pi).abs(), mask),
+        "response_length": mask.sum(1).float().mean(),
     }
+    return {name: v.float() for name, v in stats.items()}

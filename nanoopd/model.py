@@ -10,7 +10,15 @@ Attention is causal and uses `F.scaled_dot_product_attention`. Ragged batches ar
 real tokens, so a left-padded row computes exactly what the same row would compute alone.
 
 A `KVCache` stores every layer's keys and values so that decoding one new token costs one token's
-forward pass instead of a pass over the whole prefix (rollout.py uses it).
+forward pass instead of a pass over the whole prefix (rollout.py uses it). `GPT.decode_step` is that
+one-token pass in a static form, the same shapes and no Python state at every token, so that a GPU
+can replay it as a CUDA graph: it attends over the whole preallocated cache under an additive mask
+(0 on real keys, -inf on padding and on slots not written yet), and its write position, positions
+and mask live on the device and are updated in place.
+
+Positions count real tokens with an int32 cumulative sum (MPS before macOS 13.3 has no int64 one).
+On CUDA, masked attention takes the math kernel whenever a backward will follow (the
+memory-efficient kernel's backward is not deterministic there), so that seeded CUDA runs repeat.
 """
 
 from dataclasses import dataclass
@@ -20,6 +28,23 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanoopd.device import fp32_region
+
+
+def deterministic_attention(device_type: str, masked: bool, grad: bool) -> bool:
+    """Whether attention must take the math kernel: on CUDA, with a mask, when a backward follows.
+    There the memory-efficient kernel would run, whose backward adds in a non-deterministic order.
+    The math kernel's cost at these lengths is not measured (no GPU here)."""
+    return device_type == "cuda" and masked and grad
+
+
+def attention(q, k, v, mask, dropout_p: float):
+    """scaled_dot_product_attention (B, H, T, hd), causal when mask is None, with the math kernel
+    where deterministic_attention says so."""
+    if deterministic_attention(q.device.type, mask is not None, torch.is_grad_enabled()):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        with sdpa_kernel(SDPBackend.MATH):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout_p)
 
 
 @dataclass
@@ -49,6 +74,12 @@ class KVCache:
 
     k, v: (n_layer, B, n_head, max_len, head_dim); valid: (B, max_len) real-token flags;
     next_pos: (B,) the position id the next real token of each row will get; length: tokens so far.
+
+    The static decoding step (GPT.decode_step, after GPT.start_decoding) keeps its state on the
+    device instead: slot (1,) the slot it writes next, pos_emb (B, max_len, C) the position
+    embedding of every slot, bias (B, 1, 1, max_len) the additive attention mask, and k, v as the
+    two halves of one buffer kv (n_layer, 2, B, n_head, max_len, head_dim), so that one copy
+    stores both.
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device):
@@ -59,6 +90,21 @@ class KVCache:
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # (B, L)
         self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,)
         self.length = 0
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)  # (1,) static step: the slot it writes next
+        self.kv = self.pos_emb = self.bias = None  # set by allocate() / GPT.start_decoding()
+
+    def allocate(self, dtype: torch.dtype):
+        """Allocate k and v as views of one buffer kv, in `dtype` (what the forward pass produces)."""
+        c = self.config
+        self.kv = torch.zeros(c.n_layer, 2, self.batch_size, c.n_head, self.max_len, c.n_embd // c.n_head,
+                              dtype=dtype, device=self.device)  # (n_layer, 2, B, H, L, hd)
+        self.k, self.v = self.kv[:, 0], self.kv[:, 1]  # (n_layer, B, H, L, hd) each, views
+        return self
+
+    def write_slot(self, layer: int, kv: torch.Tensor):
+        """Store kv (2, B, H, 1, hd) at `slot` of layer `layer`; return all keys and values (B, H, L, hd)."""
+        self.kv[layer].index_copy_(3, self.slot, kv)
+        return self.kv[layer, 0], self.kv[layer, 1]
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store k, v (B, H, T, hd) at [length, length+T) and return all keys/values so far."""
@@ -83,15 +129,16 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.resid_drop = nn.Dropout(config.dropout)
 
-    def forward(self, x, mask=None, cache=None, layer=0):
+    def forward(self, x, mask=None, cache=None, layer=0, static=False):
         B, T, C = x.shape
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)  # (B, T, 3, H, hd)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, T, hd), views (no copy)
-        if cache is not None:
+        qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, B, H, T, hd), a view (no copy)
+        q, k, v = qkv.unbind(0)  # 3 x (B, H, T, hd)
+        if static:
+            k, v = cache.write_slot(layer, qkv[1:])  # (B, H, L, hd): the whole cache, mask = cache.bias
+        elif cache is not None:
             k, v = cache.write(layer, k, v)  # (B, H, Tk, hd)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None,
-            dropout_p=self.dropout if self.training else 0.0)  # (B, H, T, hd)
+        y = attention(q, k, v, mask, self.dropout if self.training else 0.0)  # (B, H, T, hd)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_drop(self.c_proj(y))
 
@@ -115,8 +162,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, mask=None, cache=None, layer=0):
-        x = x + self.attn(self.ln_1(x), mask, cache, layer)  # (B, T, C)
+    def forward(self, x, mask=None, cache=None, layer=0, static=False):
+        x = x + self.attn(self.ln_1(x), mask, cache, layer, static)  # (B, T, C)
         return x + self.mlp(self.ln_2(x))  # (B, T, C)
 
 
@@ -146,8 +193,9 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, idx: torch.Tensor, valid: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
-        """Logits (B, T, V) for every position of idx (B, T).
+                cache: KVCache | None = None, n_last: int | None = None) -> torch.Tensor:
+        """Logits (B, T, V) for every position of idx (B, T), or (B, n_last, V) for its last n_last
+        positions only (the LM head runs only where logits are used).
 
         valid: (B, T) bool, False on left padding (None = all real). With a cache, idx holds only
         the new tokens; they are appended after the cached ones and attend to all of them.
@@ -168,10 +216,11 @@ class GPT(nn.Module):
                 valid = torch.ones(B, T, dtype=torch.bool, device=idx.device)
             valid = valid.bool()
             prev = cache.next_pos if cache is not None else torch.zeros(B, dtype=torch.long, device=idx.device)
-            pos = (prev.unsqueeze(1) + valid.long().cumsum(1) - 1).clamp(min=0)  # (B, T)
+            counted = valid.to(torch.int32).cumsum(1, dtype=torch.int32)  # (B, T) real tokens so far, int32
+            pos = (prev.unsqueeze(1) + counted - 1).clamp(min=0)  # (B, T) int64 (prev is)
             if cache is not None:
                 cache.valid[:, start:start + T] = valid
-                cache.next_pos = prev + valid.long().sum(1)
+                cache.next_pos = prev + valid.sum(1)
                 keys_valid = cache.valid[:, :start + T]  # (B, Tk)
             else:
                 keys_valid = valid  # (B, Tk=T)
@@ -192,7 +241,43 @@ class GPT(nn.Module):
             x = block(x, mask, cache, layer)  # (B, T, C)
         if cache is not None:
             cache.length = start + T
-        with fp32_region(x.device):  # the head in float32 even under autocast: bf16 logits are too coarse for r_t
+        if n_last is not None:
+            x = x[:, T - n_last:]  # (B, n_last, C)
+        return self.head(x)  # (B, T or n_last, V)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Final LayerNorm and the tied LM head, in float32 even under autocast (bf16 logits are too
+        coarse for r_t). x: (B, T, C) -> logits (B, T, V) float32."""
+        with fp32_region(x.device):
             x = self.ln_f(x.float())  # (B, T, C)  (.float() is a no-op on float32)
             return F.linear(x, self.wte.weight.float())  # (B, T, V), tied embeddings, float32
+
+    def start_decoding(self, cache: KVCache) -> None:
+        """After the prefill: the state decode_step reads. A row that is still generating puts its
+        next token at slot s with position next_pos + (s - length); slots not written yet get a
+        -inf mask until the step that writes them."""
+        L, n = cache.max_len, cache.length
+        slots = torch.arange(L, device=cache.device)  # (L,)
+        positions = (cache.next_pos[:, None] + (slots - n)).clamp(min=0, max=self.config.block_size - 1)  # (B, L)
+        cache.pos_emb = self.wpe(positions)  # (B, L, C)
+        zero = torch.zeros((), dtype=cache.kv.dtype, device=cache.device)
+        cache.bias = torch.where(cache.valid & (slots < n), zero, float("-inf"))[:, None, None, :].contiguous()  # (B, 1, 1, L)
+        cache.slot.fill_(n)
+
+    def decode_step(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """The static decoding step: logits (B, V) after one new token per row, idx (B, 1), stored
+        at slot s = cache.slot, which then moves on by one. Shapes are the same at every token and
+        nothing but tensors is read, so torch.compile traces it once and a CUDA graph can replay it.
+
+        It attends over all max_len slots of the cache under cache.bias (0 on real keys and on
+        every slot written so far, -inf on padding and later slots): a row that has stopped
+        attends to its own padding, which changes nothing that is kept. Over the whole cache the
+        attention adds in another order than over its first s + 1 keys (GPT.forward with a cache):
+        the logits agree within 1e-6 (tests/test_static_decode.py)."""
+        cache.bias.index_fill_(-1, cache.slot, 0.0)  # slot s becomes attendable
+        x = self.wte(idx) + cache.pos_emb.index_select(1, cache.slot)  # (B, 1, C)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, cache.bias, cache, layer, static=True)  # (B, 1, C)
+        cache.slot.add_(1)
+        return self.head(x)[:, -1]  # (B, V)
 

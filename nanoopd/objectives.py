@@ -41,6 +41,16 @@ distribution, not grad KL(pi || q), and every objective sees that sampler's pref
 Every objective also takes mask_tokens, an iterable of token ids: positions whose sampled token
 is one of them are removed from the mask (special-token masking, DESIGN.md section 3), so that a
 token the teacher never saw cannot carry a log-ratio of tens of nats into the batch.
+
+The training step's hot path (opd.opd_step) also passes logp=(student_logp, teacher_logp): the
+float32 log-softmaxes of the same logits (B, T, V), the student's with its graph, computed once per
+step and shared with the diagnostics. Given logp, an objective computes no log-softmax of its own,
+does not re-check the token ids and mask values (they come from the sampler; shapes are still
+checked), and returns stats whose values are 0-dim tensors (no host sync): loss, n_tokens and its
+own extras, without kl / logratio_max_abs / logratio_pos_share, which the caller's diagnostics
+report. Without logp (any other caller) nothing changes: stats are python floats, as above.
+An objective added to the registry gets this by building its Batch with _prepare (which takes the
+logp option) and ending with _finish.
 """
 
 from collections.abc import Callable
@@ -48,9 +58,9 @@ from typing import NamedTuple
 
 import torch
 
-from nanoopd.metrics import logratio_stats, masked_mean
-from nanoopd.sampled_token import sampled_logprobs, sampled_token_surrogate
-from nanoopd.sequence_kl import full_reverse_kl, generalized_jsd, sequence_reverse_kl
+from nanoopd.metrics import logratio_stats, masked_average
+from nanoopd.sampled_token import g_gamma_surrogate, sampled_token_surrogate
+from nanoopd.sequence_kl import jsd_from_logprobs, token_kl
 from nanoopd.special_tokens import contains
 from nanoopd.topk import (support_mass, topk_renormalized, topk_stopgrad, topk_support,
                           topk_unnormalized)
@@ -87,8 +97,10 @@ def check_objective(name: str, options: dict, vocab_size: int) -> None:
 
 
 def _options(name: str, given: dict, **defaults) -> dict:
-    """The objective's options: defaults overridden by `given`; unknown names are an error."""
+    """The objective's options: defaults overridden by `given`; unknown names are an error.
+    mask_tokens and logp (the hot path's shared log-softmaxes) are options of every objective."""
     defaults["mask_tokens"] = None
+    defaults["logp"] = None
     unknown = sorted(set(given) - set(defaults))
     if unknown:
         raise ValueError(f"objective {name!r} got unknown option(s) {unknown}; "
@@ -102,18 +114,22 @@ def _check_bool(option: str, value) -> None:
 
 
 class Batch(NamedTuple):
-    student: torch.Tensor  # (B, T, V) float32/float64, with grad
-    teacher: torch.Tensor  # (B, T, V) float32/float64, detached
+    student: torch.Tensor  # (B, T, V) float32/float64 logits, with grad
+    teacher: torch.Tensor  # (B, T, V) float32/float64 logits, detached
     tokens: torch.Tensor  # (B, T) int64, 0 at masked positions
     mask: torch.Tensor  # (B, T) bool
+    student_logp: torch.Tensor  # (B, T, V) log pi = log_softmax(student), with grad: computed once
+    teacher_logp: torch.Tensor  # (B, T, V) log q = log_softmax(teacher), detached: computed once
+    hot: bool  # True when the caller passed logp: stats stay tensors (see the module docstring)
 
 
 def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-def _prepare(student_logits, teacher_logits, tokens, mask, mask_tokens) -> Batch:
-    """Check that the inputs line up, apply mask_tokens, cast, detach the teacher."""
+def _prepare(student_logits, teacher_logits, tokens, mask, mask_tokens, logp=None) -> Batch:
+    """Check that the inputs line up, apply mask_tokens, cast, detach the teacher, take each
+    model's log-softmax (or the given logp = (student_logp, teacher_logp), trusted: no value check)."""
     if student_logits.dim() != 3 or teacher_logits.dim() != 3:
         raise ValueError(f"student_logits and teacher_logits must be (B, T, V), got shapes "
                          f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
@@ -131,7 +147,7 @@ def _prepare(student_logits, teacher_logits, tokens, mask, mask_tokens) -> Batch
                          f"{tuple(tokens.shape)} and mask {tuple(mask.shape)}")
     if tokens.is_floating_point() or tokens.dtype == torch.bool:
         raise ValueError(f"tokens must hold integer token ids, got dtype {tokens.dtype}")
-    if mask.dtype != torch.bool and not ((mask == 0) | (mask == 1)).all():
+    if logp is None and mask.dtype != torch.bool and not ((mask == 0) | (mask == 1)).all():
         raise ValueError("mask must be bool or hold only 0/1 values (1 = response token)")
     mask = mask.bool()  # (B, T)
     if mask_tokens is not None:
@@ -139,23 +155,41 @@ def _prepare(student_logits, teacher_logits, tokens, mask, mask_tokens) -> Batch
         mask = mask & ~contains(tokens, mask_tokens)  # (B, T)
         # lab:masking end
     vocab = student_logits.shape[-1]
-    kept = tokens[mask]
-    if kept.numel() and (kept.min() < 0 or kept.max() >= vocab):
-        raise ValueError(f"tokens at masked-in positions must lie in [0, {vocab}), got "
-                         f"[{kept.min().item()}, {kept.max().item()}]")
+    if logp is None:
+        kept = tokens[mask]
+        if kept.numel() and (kept.min() < 0 or kept.max() >= vocab):
+            raise ValueError(f"tokens at masked-in positions must lie in [0, {vocab}), got "
+                             f"[{kept.min().item()}, {kept.max().item()}]")
     tokens = tokens.long().masked_fill(~mask, 0)  # (B, T)  ids at masked positions are never read
-    return Batch(_at_least_float32(student_logits), _at_least_float32(teacher_logits.detach()),
-                 tokens, mask)
+    student, teacher = _at_least_float32(student_logits), _at_least_float32(teacher_logits.detach())
+    if logp is None:
+        student_logp, teacher_logp = torch.log_softmax(student, dim=-1), torch.log_softmax(teacher, dim=-1)
+    else:
+        student_logp, teacher_logp = logp
+        if student_logp.shape != student.shape or teacher_logp.shape != teacher.shape:
+            raise ValueError(f"logp must be the log-softmaxes of the logits, shapes {tuple(student.shape)}, got "
+                             f"{tuple(student_logp.shape)} and {tuple(teacher_logp.shape)}")
+    return Batch(student, teacher, tokens, mask, student_logp, teacher_logp.detach(), logp is not None)
 
 
-def _finish(total: torch.Tensor, batch: Batch, **extra: float) -> tuple[torch.Tensor, dict]:
-    """Per-token loss = total / number of masked tokens, and the stats every objective logs."""
+def _finish(total: torch.Tensor, batch: Batch, **extra: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Per-token loss = total / number of masked tokens, and the stats every objective logs
+    (extra: 0-dim tensors; python floats unless batch.hot)."""
     n_tokens = batch.mask.sum()
     loss = total / n_tokens.clamp(min=1)  # () ; 0 with zero gradients when all is masked out
+    if batch.hot:
+        return loss, {"loss": loss.detach(), "n_tokens": n_tokens.float(), **extra}
     with torch.no_grad():
-        stats = logratio_stats(torch.log_softmax(batch.student.detach(), dim=-1),
-                               torch.log_softmax(batch.teacher, dim=-1), batch.tokens, batch.mask)
-    return loss, {"loss": loss.item(), **stats, "n_tokens": float(n_tokens), **extra}
+        stats = logratio_stats(batch.student_logp.detach(), batch.teacher_logp, batch.tokens, batch.mask)
+    return loss, {"loss": loss.item(), **stats, "n_tokens": float(n_tokens),
+                  **{k: float(v) for k, v in extra.items()}}
+
+
+def _sampled(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log pi(y_t|c_t), log q(y_t|c_t)) of the sampled tokens, (B, T) each, read off the shared
+    log-softmaxes (sampled_token.sampled_logprobs computes the same from logits)."""
+    index = batch.tokens.unsqueeze(-1)  # (B, T, 1)
+    return batch.student_logp.gather(-1, index).squeeze(-1), batch.teacher_logp.gather(-1, index).squeeze(-1)
 
 
 def _token_sum(per_token: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -183,12 +217,12 @@ def sampled_token_loss(student_logits, teacher_logits, tokens, mask, **options):
     if opt["k"] is not None and opt["baseline"] != "topk":
         raise ValueError(f"option k sets the support of baseline='topk'; got k={opt['k']!r} with "
                          f"baseline={opt['baseline']!r}")
-    batch = _prepare(student_logits, teacher_logits, tokens, mask, opt["mask_tokens"])
-    logp, logq = sampled_logprobs(batch.student, batch.teacher, batch.tokens)  # (B, T) each
+    batch = _prepare(student_logits, teacher_logits, tokens, mask, opt["mask_tokens"], opt["logp"])
+    logp, logq = _sampled(batch)  # (B, T) each
     baseline = None
     if opt["baseline"] is True or opt["baseline"] == "full":
         with torch.no_grad():
-            baseline = full_reverse_kl(batch.student, batch.teacher)  # (B, T)
+            baseline = token_kl(batch.student_logp, batch.teacher_logp)  # (B, T)
     elif opt["baseline"] == "topk":
         k = min(16, batch.student.shape[-1]) if opt["k"] is None else opt["k"]
         index, member = topk_support(batch.student, batch.teacher, batch.tokens, k)  # (B, T, k)
@@ -206,9 +240,9 @@ def sequence_kl_loss(student_logits, teacher_logits, tokens, mask, **options):
     if not 0.0 <= opt["gamma"] <= 1.0:
         raise ValueError(f"gamma must lie in [0, 1] (0: sampled-token OPD, 1: sequence KL), "
                          f"got {opt['gamma']}")
-    batch = _prepare(student_logits, teacher_logits, tokens, mask, opt["mask_tokens"])
-    per_seq = sequence_reverse_kl(batch.student, batch.teacher, batch.tokens, batch.mask,
-                                  opt["gamma"])  # (B,)
+    batch = _prepare(student_logits, teacher_logits, tokens, mask, opt["mask_tokens"], opt["logp"])
+    logp, logq = _sampled(batch)  # (B, T) each
+    per_seq = g_gamma_surrogate(logp, logq, batch.mask, opt["gamma"])  # (B,)  (sequence_kl.sequence_reverse_kl)
     return _finish(per_seq.sum(), batch)
 
 
@@ -216,32 +250,34 @@ def sequence_kl_loss(student_logits, teacher_logits, tokens, mask, **options):
 def full_reverse_kl_loss(student_logits, teacher_logits, tokens, mask, **options):
     """Full-vocabulary token-level reverse KL, differentiated directly."""
     opt = _options("full_reverse_kl", options)
-    batch = _prepare(student_logits, teacher_logits, tokens, mask, opt["mask_tokens"])
-    return _finish(_token_sum(full_reverse_kl(batch.student, batch.teacher), batch), batch)
+    batch = _prepare(student_logits, teacher_logits, tokens, mask, opt["mask_tokens"], opt["logp"])
+    return _finish(_token_sum(token_kl(batch.student_logp, batch.teacher_logp), batch), batch)
 
 
 @register("jsd")
 def jsd_loss(student_logits, teacher_logits, tokens, mask, **options):
     """Generalised JSD(beta) with P = teacher, Q = student: beta -> 0 forward KL, -> 1 reverse."""
     opt = _options("jsd", options, beta=0.5)
-    batch = _prepare(student_logits, teacher_logits, tokens, mask, opt["mask_tokens"])
-    per_token = generalized_jsd(batch.student, batch.teacher, opt["beta"])  # (B, T)
+    batch = _prepare(student_logits, teacher_logits, tokens, mask, opt["mask_tokens"], opt["logp"])
+    per_token = jsd_from_logprobs(batch.student_logp, batch.teacher_logp, opt["beta"])  # (B, T)
     return _finish(_token_sum(per_token, batch), batch)
 
 
-def _topk(name: str, form: Callable, student_logits, teacher_logits, tokens, mask, options):
-    """The three top-K forms share everything but the per-position formula `form`."""
-    opt = _options(name, options, k=None, support="teacher", add_sampled=False)
+def _topk(name: str, form: Callable, student_logits, teacher_logits, tokens, mask, options, **defaults):
+    """The top-K forms share everything but the per-position formula `form` (and its own options,
+    `defaults`: the field's forms have some)."""
+    opt = _options(name, options, k=None, support="teacher", add_sampled=False, **defaults)
     _check_bool("add_sampled", opt["add_sampled"])
-    batch = _prepare(student_logits, teacher_logits, tokens, mask, opt["mask_tokens"])
+    batch = _prepare(student_logits, teacher_logits, tokens, mask, opt["mask_tokens"], opt["logp"])
     k = min(16, batch.student.shape[-1]) if opt["k"] is None else opt["k"]
     index, member = topk_support(batch.student, batch.teacher, batch.tokens, k,
                                  opt["support"], opt["add_sampled"])  # (B, T, K') each
-    per_token = form(batch.student, batch.teacher, index, member)  # (B, T)
+    per_token = form(batch.student, batch.teacher, index, member,
+                     **{key: opt[key] for key in defaults})  # (B, T)
     mass_pi, mass_q = support_mass(batch.student, batch.teacher, index, member)  # (B, T) each
     return _finish(_token_sum(per_token, batch), batch,
-                   support_mass_student=masked_mean(mass_pi, batch.mask),
-                   support_mass_teacher=masked_mean(mass_q, batch.mask))
+                   support_mass_student=masked_average(mass_pi, batch.mask),
+                   support_mass_teacher=masked_average(mass_q, batch.mask))
 
 
 @register("topk_unnormalized")
@@ -276,8 +312,8 @@ def _sampled_field(name: str, form: Callable, student_logits, teacher_logits, to
     extra = {key: opt[key] for key in defaults}
     if extra.get("clamp") is not None and not extra["clamp"] > 0:
         raise ValueError(f"clamp must be a positive number (or None for no clamp), got {extra['clamp']}")
-    batch = _prepare(student_logits, teacher_logits, tokens, mask, opt["mask_tokens"])
-    logp, logq = sampled_logprobs(batch.student, batch.teacher, batch.tokens)  # (B, T) each
+    batch = _prepare(student_logits, teacher_logits, tokens, mask, opt["mask_tokens"], opt["logp"])
+    logp, logq = _sampled(batch)  # (B, T) each
     return _finish(_token_sum(form(logp, logq, **extra), batch), batch)
 
 
@@ -301,42 +337,25 @@ def kl_k3_loss(student_logits, teacher_logits, tokens, mask, **options):
                           clamp=None)
 
 
-def _topk_field(name: str, form: Callable, student_logits, teacher_logits, tokens, mask, options,
-                **defaults):
-    """The top-K forms of the field: the same support options and stats as _topk, plus `defaults`."""
-    opt = _options(name, options, k=None, support="teacher", add_sampled=False, **defaults)
-    _check_bool("add_sampled", opt["add_sampled"])
-    batch = _prepare(student_logits, teacher_logits, tokens, mask, opt["mask_tokens"])
-    k = min(16, batch.student.shape[-1]) if opt["k"] is None else opt["k"]
-    index, member = topk_support(batch.student, batch.teacher, batch.tokens, k,
-                                 opt["support"], opt["add_sampled"])  # (B, T, K') each
-    per_token = form(batch.student, batch.teacher, index, member,
-                     **{key: opt[key] for key in defaults})  # (B, T)
-    mass_pi, mass_q = support_mass(batch.student, batch.teacher, index, member)  # (B, T) each
-    return _finish(_token_sum(per_token, batch), batch,
-                   support_mass_student=masked_mean(mass_pi, batch.mask),
-                   support_mass_teacher=masked_mean(mass_q, batch.mask))
-
-
 @register("topk_forward_kl")
 def topk_forward_kl_loss(student_logits, teacher_logits, tokens, mask, **options):
     """Forward KL on the teacher's top-K, log pi clamped from below at m (off by default)."""
     m = options.get("m")
     if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not m < 0):
         raise ValueError(f"m (the lower clamp of log pi) must be a negative number or None, got {m!r}")
-    return _topk_field("topk_forward_kl", field.topk_forward_kl, student_logits, teacher_logits,
-                       tokens, mask, options, m=None)
+    return _topk("topk_forward_kl", field.topk_forward_kl, student_logits, teacher_logits,
+                 tokens, mask, options, m=None)
 
 
 @register("topk_tail")
 def topk_tail_loss(student_logits, teacher_logits, tokens, mask, **options):
     """Reverse KL of the distributions coarsened to the top-K plus one tail bucket."""
-    return _topk_field("topk_tail", field.topk_tail, student_logits, teacher_logits, tokens, mask,
-                       options)
+    return _topk("topk_tail", field.topk_tail, student_logits, teacher_logits, tokens, mask,
+                 options)
 
 
 @register("topk_bregman")
 def topk_bregman_loss(student_logits, teacher_logits, tokens, mask, **options):
     """Unnormalised top-K with the Bregman correction - pi + q: the stop-gradient gradient."""
-    return _topk_field("topk_bregman", field.topk_bregman, student_logits, teacher_logits, tokens,
-                       mask, options)
+    return _topk("topk_bregman", field.topk_bregman, student_logits, teacher_logits, tokens,
+                 mask, options)

@@ -56,7 +56,7 @@ from nanoopd.device import autocast, synchronize
 from nanoopd.evaluate import evaluate, response_texts
 from nanoopd.loop import (JsonlLog, adamw, can_resume, loss_scale, lr_at, resume_run_state, save_run_state,
                           set_lr, update)
-from nanoopd.metrics import opd_diagnostics
+from nanoopd.metrics import opd_diagnostic_tensors
 from nanoopd.model import GPT
 from nanoopd.objectives import get_objective
 from nanoopd.report import format_record, summarize_records
@@ -86,6 +86,7 @@ class OPDConfig:
     digits: int = 3                  # training prompts: operands of 1..digits digits
     ops: str = "+-"                  # training prompts: operators
     diag_k: int = 16                 # k of the overlap diagnostics
+    cuda_graph: bool = True          # on CUDA, replay the rollout's decoding step as a CUDA graph (False: eager)
 
     def __post_init__(self):
         """Each message starts with the field's name, so that a command line can name its flag."""
@@ -102,6 +103,36 @@ class OPDConfig:
         for name in ("lr", "grad_clip"):
             if not getattr(self, name) > 0:
                 raise ConfigError(name, f"must be > 0, got {getattr(self, name)}")
+
+
+class PhaseClock:
+    """Wall time of the phases of a step without stalling the GPU: on CUDA an event is recorded at
+    every mark and the elapsed times are read at the end (seconds() waits for the last event
+    only); on MPS the device is synchronised at each mark; on the CPU work is synchronous."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.marks = device, []
+        self._mark()
+
+    def _mark(self):
+        if self.device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            synchronize(self.device)  # a no-op on the CPU
+            self.marks.append(time.perf_counter())
+
+    def mark(self) -> None:
+        """End the current phase, start the next."""
+        self._mark()
+
+    def seconds(self) -> list[float]:
+        """The duration of every phase, in seconds."""
+        if self.device.type == "cuda":
+            self.marks[-1].synchronize()
+            return [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]
 
 
 def freeze(model: GPT) -> GPT:
@@ -138,50 +169,56 @@ def opd_step(student: GPT, teacher: GPT, optimizer: torch.optim.Optimizer, tok: 
     model = distributed.bare(student)  # the GPT itself: sampling needs no gradient sync
     device = next(model.parameters()).device
     objective = get_objective(cfg.loss)
+    clock = PhaseClock(device)
     # 1. the student samples its own responses
-    t0 = time.perf_counter()
     prompts = [encode_example(tok, p)[0] for p in problems]
-    ro = generate(model, prompts, cfg.max_new_tokens, tok.eos_id, tok.pad_id,
-                  temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=generator)
-    synchronize(device)
-    t1 = time.perf_counter()
+    ro = generate(model, prompts, cfg.max_new_tokens, tok.eos_id, tok.pad_id, temperature=cfg.temperature,
+                  top_k=cfg.top_k, top_p=cfg.top_p, generator=generator, cuda_graph_replay=cfg.cuda_graph)
+    clock.mark()
     # 2. the teacher scores every response token, without gradient
     with torch.no_grad(), autocast(device):
         teacher_logits = (teacher_score or plain_scores)(teacher, ro, problems).float()  # (B, N, V)
-    synchronize(device)
-    t2 = time.perf_counter()
+        teacher_logp = torch.log_softmax(teacher_logits, dim=-1)  # (B, N, V) the step's one log-softmax of q
+    clock.mark()
     # 3. the student scores the same positions, with gradient
     student.train()
     with autocast(device):
         student_logits = response_logits(student, ro).float()  # (B, N, V)
-    # 4. the objective
-    loss, stats = objective(student_logits, teacher_logits, ro.response, ro.response_mask, **cfg.options)
+    student_logp = torch.log_softmax(student_logits, dim=-1)  # (B, N, V) the step's one log-softmax of pi
+    # 4. the objective, on the shared log-softmaxes (its stats stay on the device)
+    loss, stats = objective(student_logits, teacher_logits, ro.response, ro.response_mask,
+                            logp=(student_logp, teacher_logp), **cfg.options)
     scale = loss_scale(loss, stats["n_tokens"], f"OPD step {step} ({cfg.loss!r})")  # 1.0 in one process
     # 5. the update
     gnorm = update(student, optimizer, loss * scale, cfg.grad_clip, f"OPD step {step} ({cfg.loss!r})")
-    synchronize(device)
-    t3 = time.perf_counter()
+    clock.mark()
 
-    diag = opd_diagnostics(student_logits.detach(), teacher_logits, ro.response, ro.response_mask,
-                           k=cfg.diag_k)
+    diag = opd_diagnostic_tensors(student_logits, teacher_logits, ro.response, ro.response_mask, cfg.diag_k,
+                                  logp=(student_logp, teacher_logp))
     lengths = ro.lengths  # (B,)
     last = ro.response.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)  # (B,)
     hit_budget = (lengths == cfg.max_new_tokens) & (last != tok.eos_id)  # (B,)
+    as_tensor = lambda v: v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v), device=device)
+    figures = {**diag, "budget_share": hit_budget.float().mean(), "n_new": lengths.sum().float(),
+               **{k: as_tensor(v) for k, v in stats.items()}}  # an objective may still give python floats
+    values = dict(zip(figures, torch.stack(list(figures.values())).tolist()))  # the one transfer of the step's figures
+    t_rollout, t_teacher, t_student = clock.seconds()
     rewards = [verify(text, p) for text, p in zip(response_texts(tok, ro), problems)]
-    n_new = int(lengths.sum())
+    n_new = int(values.pop("n_new"))
     record = {
-        "step": step, "loss": loss.item(), "kl": diag["kl"], "acc": sum(rewards) / len(rewards),
-        "tok_s": n_new / (t3 - t0), **{k: v for k, v in diag.items() if k != "kl"},
-        "budget_share": hit_budget.float().mean().item(), "grad_norm": gnorm,
-        "n_loss_tokens": stats["n_tokens"],
+        "step": step, "loss": values["loss"], "kl": values["kl"], "acc": sum(rewards) / len(rewards),
+        "tok_s": n_new / (t_rollout + t_teacher + t_student),
+        **{k: values[k] for k in diag if k != "kl"},
+        "budget_share": values["budget_share"], "grad_norm": gnorm,
+        "n_loss_tokens": values["n_tokens"],
         **(extra_stats(student_logits, teacher_logits, ro) if extra_stats else {}),
-        "t_rollout": t1 - t0, "t_teacher": t2 - t1, "t_student": t3 - t2,
-        **{k: v for k, v in stats.items() if k not in _COMMON_STATS},
+        "t_rollout": t_rollout, "t_teacher": t_teacher, "t_student": t_student,
+        **{k: v for k, v in values.items() if k not in _COMMON_STATS and k not in diag and k != "budget_share"},
     }
     if distributed.active():
         weights = {k: float(n_new) for k in record}
-        weights.update({k: float(len(problems)) for k in ("acc", "response_length", "budget_share", "track_rows")},
-                       loss=stats["n_tokens"])
+        weights.update({k: float(len(problems)) for k in ("acc", "response_length", "budget_share", "track_rows")})
+        weights.update(loss=values["n_tokens"])
         record = distributed.reduce_record(record, weights, sum_keys=("tok_s", "n_loss_tokens"),
                                            max_keys=("logratio_max_abs", "t_rollout", "t_teacher", "t_student"))
     return record

@@ -76,10 +76,16 @@ def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     beta near 0 behaves like the forward KL(teacher || student), beta near 1 like the reverse
     KL(student || teacher); beta = 0 and beta = 1 exactly are those two KLs (module docstring).
     """
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must lie in [0, 1] (0: forward KL, 1: reverse KL), got {beta}")
     student_logp = torch.log_softmax(student_logits, dim=-1)  # (B, T, V)  log Q
     teacher_logp = torch.log_softmax(teacher_logits.detach(), dim=-1)  # (B, T, V)  log P
+    return jsd_from_logprobs(student_logp, teacher_logp, beta)  # (B, T)
+
+
+def jsd_from_logprobs(student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta: float) -> torch.Tensor:
+    """generalized_jsd from the log-softmaxes (B, T, V) of student (log Q) and teacher (log P)."""
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must lie in [0, 1] (0: forward KL, 1: reverse KL), got {beta}")
+    teacher_logp = teacher_logp.detach()
     if beta == 0.0:
         return token_kl(teacher_logp, student_logp)  # (B, T)  KL(P || Q)
     if beta == 1.0:
