@@ -233,8 +233,13 @@ def merged_stats(*hooks):
         k: v for h in hooks for k, v in h(student_logits, teacher_logits, rollout).items()}
 
 
-def run_grid(cfg: ExperimentConfig, pcfgs: list[ExperimentConfig], runs, name: str, log, track=(), after=None,
-             extra_stats=None, student_role: str = "student", folder: str | None = None) -> list[dict]:
+def run_grid(cfg: ExperimentConfig, pcfgs: list[ExperimentConfig], runs, name: str, log, **kw) -> list[dict]:
+    """The rows of grid_calls(...) (every pair x seed x run), run by cfg.jobs workers, resumable."""
+    return run_cells(cfg, opd_cell, grid_calls(cfg, pcfgs, runs, name, **kw), log)
+
+
+def grid_calls(cfg: ExperimentConfig, pcfgs: list[ExperimentConfig], runs, folder: str, track=(), after=None,
+               extra_stats=None, student_role: str = "student") -> list[tuple]:
     """One OPD run per (pair, seed, run), each from a fresh copy of the pair's student (its
     <student_role>.pt); runs = (label, objective, options), where the options mask_tokens and
     hide_from_teacher (the teacher's contexts) hold token names. A run that hits a non-finite loss
@@ -242,23 +247,34 @@ def run_grid(cfg: ExperimentConfig, pcfgs: list[ExperimentConfig], runs, name: s
     (special_tokens.TrackedTokens); after(pcfg, label, model) adds numbers; extra_stats(options) ->
     an extra_stats hook for that run, logged besides `track`'s (e.g. TailMass(options.get("k", 16))).
     after and extra_stats must be module-level functions (workers import them). Runs go to
-    <pair dir>/<folder or name>/<label>_s<seed>.*; every row gets pair (its seed), start_acc and
-    final_acc on the final held-out set (final_eval_n), and the training-time ones (eval_n) as
-    start_acc_train and final_acc_train."""
+    <pair dir>/<folder>/<label>_s<seed>.*; every row gets pair (its seed), start_acc and final_acc
+    on the final held-out set (final_eval_n), and the training-time ones (eval_n) as start_acc_train
+    and final_acc_train."""
     calls = []
     for pcfg in pcfgs:
-        student = load_checkpoint(os.path.join(pcfg.out_dir, f"{student_role}.pt"), pick_device(pcfg.device),
-                                  get_tokenizer().n_vocab)[0]
-        start = {"start_acc": final_eval(pcfg, student, get_tokenizer()),  # once per pair, shared by its runs
-                 "start_acc_train": evaluate(student, get_tokenizer(), test_problems(pcfg), 0.0, pcfg.max_new_tokens)}
+        start = start_accs(pcfg, student_role)
         for seed in cfg.seed_list():
             for label, loss, options in runs:
-                prefix = os.path.join(pcfg.out_dir, folder or name,
-                                      "".join(c if c.isalnum() else "_" for c in label) + f"_s{seed}")
+                prefix = os.path.join(pcfg.out_dir, folder, "".join(c if c.isalnum() else "_" for c in label) + f"_s{seed}")
                 calls.append((pcfg, {"prefix": prefix, "seed": seed, "label": label, "loss": loss, "options": options,
                                      "track": tuple(track), "after": after, "extra_stats": extra_stats,
                                      "student_role": student_role, **start}))
-    return run_cells(cfg, opd_cell, calls, log)
+    return calls
+
+
+_START = {}  # (checkpoint, its mtime, problem sets) -> the student's accuracies before OPD, measured once
+
+
+def start_accs(pcfg: ExperimentConfig, role: str) -> dict:
+    """The greedy accuracies of <pair dir>/<role>.pt on the final and the in-training held-out sets."""
+    path = os.path.join(pcfg.out_dir, f"{role}.pt")
+    key = (os.path.abspath(path), os.path.getmtime(path), pcfg.seed, pcfg.eval_n, pcfg.final_eval_n, pcfg.digits, pcfg.ops)
+    if key not in _START:
+        tok = get_tokenizer()
+        student = load_checkpoint(path, pick_device(pcfg.device), tok.n_vocab)[0]
+        _START[key] = {"start_acc": final_eval(pcfg, student, tok),
+                       "start_acc_train": evaluate(student, tok, test_problems(pcfg), 0.0, pcfg.max_new_tokens)}
+    return _START[key]
 
 
 def opd_cell(pcfg: ExperimentConfig, cell: dict) -> dict:
