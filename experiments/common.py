@@ -25,13 +25,12 @@ with the same flags reads those back instead of redoing the runs (resume after a
 """
 
 import concurrent.futures
-import copy
 import json
 import math
 import multiprocessing
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -43,8 +42,7 @@ from nanoopd.opd import train_opd
 from nanoopd.script import finish, start
 from nanoopd.special_tokens import HiddenTokens, TrackedTokens, token_ids
 from nanoopd.tokenizer import get_tokenizer
-from train_math import (OBJECTIVE_FLAGS, PRESETS, TrainConfig, load_role, opd_config, test_problems, train_student,
-                        train_teacher)
+from train_math import OBJECTIVE_FLAGS, PRESETS, TrainConfig, opd_config, test_problems, train_student, train_teacher
 
 PAIR_STRIDE = 1000  # pair i's pipeline seed is seed + PAIR_STRIDE * i: the seeds train_math derives (S .. S+4) never overlap
 # t_{0.975, df}: the 95 % two-sided Student-t quantile for df = 1 .. 30 (above 30: 1.96 is within 4 %)
@@ -159,12 +157,6 @@ def pairs(cfg: ExperimentConfig, log) -> list[ExperimentConfig]:
     return pcfgs
 
 
-def pair(cfg: TrainConfig, tok, device, log):
-    """The teacher and cold-start student of out_dir; the missing ones are trained first."""
-    teacher = load_role(cfg, "teacher", tok, device, log, lambda: train_teacher(cfg, tok, device, log))
-    return teacher, load_role(cfg, "student", tok, device, log, lambda: train_student(cfg, tok, device, teacher, log))
-
-
 def final_eval(cfg: TrainConfig, model, tok) -> float:
     """Greedy accuracy on the final held-out set (final_eval_n problems)."""
     return evaluate(model, tok, test_problems(cfg, final=True), 0.0, cfg.max_new_tokens)
@@ -194,20 +186,33 @@ def run_jobs(cfg: ExperimentConfig, work, calls: list[tuple]) -> list:
 
 def run_cells(cfg: ExperimentConfig, work, calls: list[tuple], log) -> list[dict]:
     """run_jobs for runs whose cell (a dict) names its files by cell["prefix"]: a run whose
-    <prefix>.row.json exists is read back, not redone; every other run writes its row there."""
+    <prefix>.row.json was written by a run of the same settings is read back, not redone; every
+    other run writes its row there when it ends."""
     rows, todo = [None] * len(calls), []
     for i, (pcfg, cell) in enumerate(calls):
         path = cell["prefix"] + ".row.json"
         if os.path.exists(path):
             with open(path) as f:
-                rows[i] = json.load(f)
-        else:
-            todo.append(i)
+                saved = json.load(f)
+            if saved.get("key") == run_key(pcfg, cell):
+                rows[i] = saved["row"]
+                continue
+            log(f"resume: {path} was written with other settings: running it again")
+        todo.append(i)
     if len(todo) < len(calls):
         log(f"resume: {len(calls) - len(todo)} of {len(calls)} runs finished earlier, read back")
     for i, row in zip(todo, run_jobs(cfg, _finished_row, [(calls[i][0], (work, calls[i][1])) for i in todo])):
         rows[i] = row
     return rows
+
+
+def run_key(pcfg: ExperimentConfig, cell: dict) -> str:
+    """What defines a run's result: the pair's config but for how the grid is run (jobs, pairs,
+    seeds; the thread count is kept: it changes the bits), and the cell (functions by name)."""
+    settings = {k: v for k, v in asdict(pcfg).items() if k not in ("jobs", "pairs", "seeds")}
+    name = lambda v: f"{v.__module__}.{v.__qualname__}" if callable(v) else v
+    return json.dumps({"config": settings, "threads": torch.get_num_threads(),
+                       "cell": {k: name(v) for k, v in cell.items()}}, sort_keys=True, default=str)
 
 
 def _finished_row(pcfg, work_cell) -> dict:
@@ -216,7 +221,7 @@ def _finished_row(pcfg, work_cell) -> dict:
     os.makedirs(os.path.dirname(os.path.abspath(cell["prefix"])), exist_ok=True)
     tmp = cell["prefix"] + ".row.json.tmp"
     with open(tmp, "w") as f:
-        json.dump(row, f)
+        json.dump({"key": run_key(pcfg, cell), "row": row}, f)
     os.replace(tmp, cell["prefix"] + ".row.json")  # atomic: a killed run leaves no row
     return row
 
