@@ -354,3 +354,29 @@ def cells(rows: list[dict], keys=("final_acc",), group: str = "label") -> dict:
     for r in rows:
         out.setdefault(str(r[group]), []).append(r)
     return {g: {k: interval(rs, k) for k in keys} for g, rs in out.items()}
+
+
+def verdict(rows: list[dict], a: str, b: str, key: str = "final_acc", group: str = "label") -> dict:
+    """The verdict rule of docs/scorecard.md for the claim "a is above b" on `key`: per pair, the
+    difference d_p of the two arms' means over that pair's runs (OPD seeds); the 95 % t-interval of
+    the mean difference over the pairs, d +- t_{0.975, P-1} sd(d_p) / sqrt(P); then
+      reproduced      d_p > 0 on every pair and the interval excludes 0 (lies above it),
+      partly          d_p > 0 on some pairs, or on all with an interval that includes 0,
+      not reproduced  d_p > 0 on no pair.
+    With fewer than 3 pairs the verdict is 'pending' (the rule needs >= 3 pairs)."""
+    arm = lambda lab: {p: v["mean"] for p, v in [(p, interval([r for r in rows if r["pair"] == p and r[group] == lab],
+                                                                key)) for p in sorted({r["pair"] for r in rows})]}
+    A, B = arm(a), arm(b)
+    d = {p: A[p] - B[p] for p in A if A[p] is not None and B.get(p) is not None}
+    c = interval([{"pair": p, key: v} for p, v in d.items()], key)
+    holds = sum(v > 0 for v in d.values())
+    if len(d) < 3:
+        word = "pending"
+    elif holds == len(d) and c["low"] > 0:
+        word = "reproduced"
+    elif holds:
+        word = "partly"
+    else:
+        word = "not reproduced"
+    return {"claim": f"{a} > {b} on {key}", "per_pair": d, "mean": c["mean"], "low": c["low"], "high": c["high"],
+            "pairs_in_direction": holds, "pairs": len(d), "verdict": word}

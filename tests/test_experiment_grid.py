@@ -115,3 +115,20 @@ def test_bad_pairs_and_jobs_are_refused(capsys):
         with pytest.raises(SystemExit) as e:
             m1_objectives.main([flag, "0"])
         assert e.value.code == 2 and f"{flag} must be >= 1" in capsys.readouterr().err
+
+
+def test_verdict_rule_reads_the_pairs_differences():
+    from experiments.common import verdict
+    row = lambda pair, label, acc: {"pair": pair, "label": label, "final_acc": acc}
+    # a above b by 3, 4, 5 points on three pairs (two seeds each): every pair, interval above 0
+    rows = [row(p, lab, acc + s) for p, gap in ((1, .03), (2, .04), (3, .05)) for s in (0, .01)
+            for lab, acc in (("a", .6 + gap), ("b", .6))]
+    v = verdict(rows, "a", "b")
+    assert v["per_pair"] == pytest.approx({1: .03, 2: .04, 3: .05}) and v["verdict"] == "reproduced"
+    assert (v["low"], v["high"]) == pytest.approx((.04 - 4.303 * .01 / math.sqrt(3), .04 + 4.303 * .01 / math.sqrt(3)))
+    wide = [dict(r, final_acc=r["final_acc"] + .04) if r["pair"] == 3 and r["label"] == "a" else r for r in rows]
+    assert verdict(wide, "a", "b")["verdict"] == "partly"  # 3, 4, 9 points: every pair, but the interval includes 0
+    flipped = [dict(r, final_acc=r["final_acc"] - .1) if r["pair"] == 3 and r["label"] == "a" else r for r in rows]
+    assert verdict(flipped, "a", "b")["verdict"] == "partly"  # two pairs of three
+    assert verdict(rows, "b", "a")["verdict"] == "not reproduced"
+    assert verdict([r for r in rows if r["pair"] < 3], "a", "b")["verdict"] == "pending"  # fewer than 3 pairs
