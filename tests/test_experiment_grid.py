@@ -1,6 +1,7 @@
-"""experiments/common.py: the grid over pairs x OPD seeds gives the same bits with one worker or
-two (each run's thread count fixed), a restarted grid reads its finished runs back instead of
-redoing them, and the per-cell interval is the t-interval over the pairs' means."""
+"""experiments/common.py: the pairs and the grid over pairs x OPD seeds give the same bits with one
+worker or two (each run's thread count fixed), a restarted grid reads its finished runs back
+instead of redoing them, the per-cell interval is the t-interval over the pairs' means, and the
+verdict rule reads the pairs' differences."""
 
 import csv
 import math
@@ -22,18 +23,21 @@ def tiny(seed: int, n_embd: int = 32) -> GPT:
     return GPT(GPTConfig(vocab_size=TOK.n_vocab, block_size=64, n_layer=1, n_head=2, n_embd=n_embd))
 
 
-def two_pairs(root) -> None:
-    """Tiny teacher/student pairs where --pairs 2 looks for them: <out_dir> and <out_dir>/pair2337."""
-    for i, folder in enumerate((root, root / "pair2337")):
+def two_pairs(root, both: bool = True) -> None:
+    """Tiny teacher/student pairs where --pairs 2 looks for them: <out_dir> and <out_dir>/pair2337
+    (both=False: the first only; the grid trains the second)."""
+    for i, folder in enumerate((root, root / "pair2337")[:2 if both else 1]):
         folder.mkdir(parents=True, exist_ok=True)
         save_checkpoint(str(folder / "teacher.pt"), tiny(10 + i, 48), 0)
         save_checkpoint(str(folder / "student.pt"), tiny(20 + i), 0)
 
 
 def m1_flags(out_dir, jobs: int, threads: int) -> list[str]:
+    """M1 on two pairs, one OPD seed; a missing pair is a 3-step 1 x 16 teacher and a random student."""
     return ["--out_dir", str(out_dir), "--pairs", "2", "--seeds", "3", "--jobs", str(jobs), "--threads", str(threads),
             "--opd_steps", "2", "--opd_batch", "4", "--max_new_tokens", "8", "--digits", "1", "--eval_n", "4",
-            "--final_eval_n", "8"]
+            "--final_eval_n", "8", "--t_layer", "1", "--t_embd", "16", "--t_head", "2", "--t_steps", "3",
+            "--s_layer", "1", "--s_embd", "16", "--s_head", "2", "--s_steps", "0", "--batch_size", "4"]
 
 
 def csv_rows(path) -> list[dict]:
@@ -48,12 +52,13 @@ def run_weights(root, pair_dir: str, label: str) -> dict:
 
 @pytest.fixture(scope="module")
 def one_and_two_jobs(tmp_path_factory):
-    """M1 on two tiny pairs, one seed: with 1 job x 1 thread and with 2 jobs x (2 // 2) threads."""
+    """M1 on two tiny pairs (the second trained by the grid), one seed: with 1 job x 1 thread and
+    with 2 jobs x (2 // 2) threads."""
     from experiments import m1_objectives
     roots = []
     for jobs, threads in ((1, 1), (2, 2)):
         root = tmp_path_factory.mktemp(f"jobs{jobs}")
-        two_pairs(root)
+        two_pairs(root, both=False)
         m1_objectives.main(m1_flags(root, jobs, threads))
         roots.append(root)
     return roots
@@ -67,6 +72,9 @@ def test_two_jobs_give_the_bits_of_one(one_and_two_jobs):
     assert sorted({r["pair"] for r in rows1}) == [str(s) for s in PAIR_SEEDS]
     for a, b in zip(rows1, rows2):  # the same runs, in the same order, with the same numbers
         assert {k: a[k] for k in CSV if k != "seconds"} == {k: b[k] for k in CSV if k != "seconds"}
+    for role in ("teacher", "student"):  # the pair trained by the grid
+        w1, w2 = (torch.load(root / "pair2337" / f"{role}.pt", weights_only=False)["model"] for root in (one, two))
+        assert all(torch.equal(w1[k], w2[k]) for k in w1)
     for pair_dir in ("", "pair2337"):
         for label in ("sampled_token", "topk_renorm"):
             w1, w2 = run_weights(one, pair_dir, label), run_weights(two, pair_dir, label)
