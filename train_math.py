@@ -324,15 +324,19 @@ def run_opd(cfg: TrainConfig, tok, teacher: GPT, student: GPT, log) -> tuple[str
     options = objective_options(cfg, tok)
     hide = token_list(cfg, "hide_from_teacher", tok)
     track = options.get("mask_tokens", hide)
+    final = test_problems(cfg, final=True)
+    start_acc = evaluate(student, tok, final, 0.0, cfg.max_new_tokens)
     s = train_opd(student, teacher, tok, opd_config(cfg, cfg.loss, options, cfg.seed),
                   os.path.join(cfg.out_dir, f"opd_{name}"), test_problems(cfg), log, name,
                   teacher_score=HiddenTokens(hide) if hide else None, extra_stats=TrackedTokens(track) if track else None,
                   save_every=cfg.save_every, resume=cfg.resume, compile=cfg.compile,
                   settings={"mode": "opd", "teacher": cfg.teacher, "eval_n": cfg.eval_n, "hide": hide})
-    log(f"opd {name}: held-out greedy accuracy {s['start_acc']:.1%} -> {s['final_acc']:.1%} | reverse KL "
-        f"{s['first_kl']:.3f} -> {s['final_kl']:.3f} | degraded: {s['degraded'] or 'no'}")
-    return name, {k: s[k] for k in ("start_acc", "final_acc", "first_kl", "final_kl", "final_response_length",
-                                    "final_overlap_ratio", "degraded", "seconds")}
+    s.update(start_acc_train=s["start_acc"], final_acc_train=s["final_acc"], start_acc=start_acc,
+             final_acc=evaluate(student, tok, final, 0.0, cfg.max_new_tokens))  # the final ones on final_eval_n
+    log(f"opd {name}: held-out greedy accuracy {s['start_acc']:.1%} -> {s['final_acc']:.1%} (n={len(final)}) | "
+        f"reverse KL {s['first_kl']:.3f} -> {s['final_kl']:.3f} | degraded: {s['degraded'] or 'no'}")
+    return name, {k: s[k] for k in ("start_acc", "final_acc", "start_acc_train", "final_acc_train", "first_kl",
+                                    "final_kl", "final_response_length", "final_overlap_ratio", "degraded", "seconds")}
 
 
 def rule_problems(cfg: TrainConfig) -> list:
