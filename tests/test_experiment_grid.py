@@ -140,3 +140,15 @@ def test_verdict_rule_reads_the_pairs_differences():
     assert verdict(flipped, "a", "b")["verdict"] == "partly"  # two pairs of three
     assert verdict(rows, "b", "a")["verdict"] == "not reproduced"
     assert verdict([r for r in rows if r["pair"] < 3], "a", "b")["verdict"] == "pending"  # fewer than 3 pairs
+
+
+def test_stage_eval_reads_the_final_accuracies_on_final_eval_n(tmp_path, capsys):
+    from nanoopd.tasks import sample_problems
+    from train_math import main
+    two_pairs(tmp_path, both=False)
+    summary = main(["--out_dir", str(tmp_path), "--stages", "eval", "--digits", "1", "--max_new_tokens", "8",
+                    "--eval_n", "3", "--final_eval_n", "12"])
+    out = capsys.readouterr().out
+    assert "n=12" in out and "n=3" not in out
+    assert all(0 <= summary[k] <= 1 for k in ("teacher_acc_greedy", "student_acc_sampled"))
+    assert sample_problems(3, "test", 1337, 1) == sample_problems(12, "test", 1337, 1)[:3]  # the small set opens the large
