@@ -169,10 +169,6 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _call(work, pcfg, cell):
-    return work(pcfg, cell)
-
-
 def run_jobs(cfg: ExperimentConfig, work, calls: list[tuple]) -> list:
     """[work(pcfg, cell) for (pcfg, cell) in calls], in that order: here (jobs = 1) or in cfg.jobs
     spawned processes with this process's thread count. `work` must be a module-level function."""
@@ -181,7 +177,7 @@ def run_jobs(cfg: ExperimentConfig, work, calls: list[tuple]) -> list:
     ctx = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools mid-use
     with concurrent.futures.ProcessPoolExecutor(min(cfg.jobs, len(calls)), mp_context=ctx, initializer=_init_worker,
                                                 initargs=(torch.get_num_threads(),)) as pool:
-        return list(pool.map(_call, [work] * len(calls), *zip(*calls)))
+        return list(pool.map(work, *zip(*calls)))
 
 
 def run_cells(cfg: ExperimentConfig, work, calls: list[tuple], log) -> list[dict]:
