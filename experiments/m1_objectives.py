@@ -48,7 +48,7 @@ def m1(cfg: ExperimentConfig, tok, device, log) -> dict:
     teacher_acc = [final_eval(p, load_checkpoint(os.path.join(p.out_dir, "teacher.pt"), device, tok.n_vocab)[0], tok)
                    for p in pcfgs]
     start_acc = [next(r["start_acc"] for r in rows if r["pair"] == p.seed) for p in pcfgs]  # each pair's student
-    lines = [header(cfg, f"M1: objectives side by side | {cfg.pairs} pair(s), seeds {', '.join(str(p.seed) for p in pcfgs)}",
+    lines = [header(cfg, f"M1: objectives side by side | {cfg.pairs} pair(s), pipeline seeds {', '.join(str(p.seed) for p in pcfgs)}",
                     mean(teacher_acc), mean(start_acc), time.time() - t0),
              f"{'objective':21s} | {'held-out acc: mean [95% CI] (per pair or seed)':47s} | {'rev. KL start -> end':20s} | "
              f"{'length':6s} | {'overlap':7s} | {'max|r_t|':8s} | degraded"]
