@@ -4,7 +4,7 @@ distillation (OPD) of the one into the other. The pipeline, stage by stage (--st
 
   teacher   SFT of a GPT on gold step-by-step traces                              -> teacher.pt
   student   cold start: a short SFT of a smaller GPT on the teacher's own traces   -> student.pt
-  eval      greedy and sampled held-out accuracy of both                           -> summary.json
+  eval      greedy and sampled held-out accuracy of both (final_eval_n problems)   -> summary.json
   opd       the student samples, the teacher scores every token, the student descends
             the objective (--loss); --mode opsd: the OPSD base is the student and, with
             privileged information (--pi) in its context, its own teacher          -> opd_<name>.{pt,jsonl,json}
@@ -95,7 +95,8 @@ class TrainConfig:
     s_pool: int = 4096               # teacher traces sampled once for the student's cold start
     # --- optimisation and evaluation
     batch_size: int = 64             # sequences per SFT step (global under torchrun)
-    eval_n: int = 500                # held-out problems per accuracy
+    eval_n: int = 500                # held-out problems per accuracy measured during training (OPD's evaluations every opd_eval_every steps)
+    final_eval_n: int = 2000         # held-out problems per final accuracy (stage eval, the experiments' tables): +-1 point (one s.e.) at 80 %
     log_every: int = 100             # print a log line every this many SFT steps (0 = never)
     # --- on-policy distillation (stage opd)
     loss: str = field(default="sampled_token", metadata={"choices": lambda: sorted(OBJECTIVES)})  # the objective (nanoopd/objectives.py)
@@ -134,7 +135,7 @@ class TrainConfig:
         stages = [s for s in self.stages.split(",") if s]
         if not stages or any(s not in STAGES for s in stages):
             raise ConfigError("stages", f"unknown stage(s) in {self.stages!r}; choose from {','.join(STAGES)}")
-        for name in ("digits", "max_new_tokens", "t_steps", "batch_size", "eval_n", "s_pool", "pi_steps"):
+        for name in ("digits", "max_new_tokens", "t_steps", "batch_size", "eval_n", "final_eval_n", "s_pool", "pi_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
         for name in ("s_steps", "save_every", "threads", "log_every"):
@@ -225,9 +226,10 @@ def rlvr_config(cfg: TrainConfig, seed: int) -> RLVRConfig:
                       digits=cfg.digits, ops=cfg.ops)
 
 
-def test_problems(cfg: TrainConfig) -> list:
-    """The held-out problems every accuracy of a run is measured on."""
-    return sample_problems(cfg.eval_n, "test", cfg.seed, cfg.digits, cfg.ops)
+def test_problems(cfg: TrainConfig, final: bool = False) -> list:
+    """The held-out problems the accuracies of a run are measured on: eval_n of them during training,
+    final_eval_n for the final accuracies (final=True). The smaller set is the start of the larger."""
+    return sample_problems(cfg.final_eval_n if final else cfg.eval_n, "test", cfg.seed, cfg.digits, cfg.ops)
 
 
 def new_model(cfg: TrainConfig, who: str, tok, device) -> GPT:
@@ -325,15 +327,19 @@ def run_opd(cfg: TrainConfig, tok, teacher: GPT, student: GPT, log) -> tuple[str
     options = objective_options(cfg, tok)
     hide = token_list(cfg, "hide_from_teacher", tok)
     track = options.get("mask_tokens", hide)
+    final = test_problems(cfg, final=True)
+    start_acc = evaluate(student, tok, final, 0.0, cfg.max_new_tokens)
     s = train_opd(student, teacher, tok, opd_config(cfg, cfg.loss, options, cfg.seed),
                   os.path.join(cfg.out_dir, f"opd_{name}"), test_problems(cfg), log, name,
                   teacher_score=HiddenTokens(hide) if hide else None, extra_stats=TrackedTokens(track) if track else None,
                   save_every=cfg.save_every, resume=cfg.resume, compile=cfg.compile,
                   settings={"mode": "opd", "teacher": cfg.teacher, "eval_n": cfg.eval_n, "hide": hide})
-    log(f"opd {name}: held-out greedy accuracy {s['start_acc']:.1%} -> {s['final_acc']:.1%} | reverse KL "
-        f"{s['first_kl']:.3f} -> {s['final_kl']:.3f} | degraded: {s['degraded'] or 'no'}")
-    return name, {k: s[k] for k in ("start_acc", "final_acc", "first_kl", "final_kl", "final_response_length",
-                                    "final_overlap_ratio", "degraded", "seconds")}
+    s.update(start_acc_train=s["start_acc"], final_acc_train=s["final_acc"], start_acc=start_acc,
+             final_acc=evaluate(student, tok, final, 0.0, cfg.max_new_tokens))  # the final ones on final_eval_n
+    log(f"opd {name}: held-out greedy accuracy {s['start_acc']:.1%} -> {s['final_acc']:.1%} (n={len(final)}) | "
+        f"reverse KL {s['first_kl']:.3f} -> {s['final_kl']:.3f} | degraded: {s['degraded'] or 'no'}")
+    return name, {k: s[k] for k in ("start_acc", "final_acc", "start_acc_train", "final_acc_train", "first_kl",
+                                    "final_kl", "final_response_length", "final_overlap_ratio", "degraded", "seconds")}
 
 
 def rule_problems(cfg: TrainConfig) -> list:
@@ -391,7 +397,7 @@ def main(argv=None) -> dict:
         elif stage == "student":
             models["student"] = train_student(cfg, tok, device, get("teacher"), log)
         elif stage == "eval" and dist_info.is_main:  # rank 0 evaluates; the others wait at the barrier below
-            test = test_problems(cfg)
+            test = test_problems(cfg, final=True)
             for role in ("teacher", "student"):
                 model = get(role)
                 greedy = evaluate(model, tok, test, 0.0, cfg.max_new_tokens)

@@ -1,12 +1,16 @@
 """
 M1: every OPD objective side by side, from the same teacher and cold-start student (DESIGN.md
-section 7), one run per seed. Trains the pair first if <out_dir> has none.
+section 7), one run per pair and seed. Trains the pairs first where <out_dir> has none.
 
-  python experiments/m1_objectives.py                   # the table of the docs (about 17 min on 2 cores)
+  python experiments/m1_objectives.py                   # one pair, two seeds: a first look
+  python experiments/m1_objectives.py --pairs 3 --jobs 2   # 3 pairs x 2 seeds, two runs at a time
   python experiments/m1_objectives.py --opd_lr 1e-3 --seeds 1,2,3
   python experiments/m1_objectives.py --help            # every flag, with its default
 
-Writes <out_dir>/m1/m1.{txt,csv,json} and one opd run per row (<label>_s<seed>.{pt,jsonl,json}).
+Writes <out_dir>/m1/m1.{txt,csv,json} (a cell: mean over all runs, 95 % t-interval over the pairs'
+means, per-pair means; see experiments/common.py) and one opd run per row in its pair's folder
+(<pair dir>/m1/<label>_s<seed>.{pt,jsonl,json,row.json}). Started again with the same flags, it
+reads the finished runs back and runs only the others.
 """
 
 import os
@@ -15,12 +19,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
-from experiments.common import (OPD_RUN_FIELDS, OPSD_FIELDS, RLVR_FIELDS, ExperimentConfig, pair, parse,
-                                run_experiment, run_grid)
-from nanoopd.evaluate import evaluate
-from nanoopd.report import by_label, degraded_cell, header, mean, pct, write_results
+from experiments.common import (OPD_RUN_FIELDS, OPSD_FIELDS, RLVR_FIELDS, ExperimentConfig, cell_text, cells,
+                                final_eval, pairs, parse, run_experiment, run_grid)
+from nanoopd.checkpoint import load_checkpoint
+from nanoopd.report import by_label, degraded_cell, header, mean, write_results
 from nanoopd.script import cli
-from train_math import test_problems
 
 # (label, objective, options); mask_tokens holds token names, resolved with the tokenizer
 RUNS = (
@@ -33,34 +36,41 @@ RUNS = (
     ("topk_renorm", "topk_renorm", {"k": 16}),
     ("sequence_kl(gamma=1)", "sequence_kl", {"gamma": 1.0}),
 )
-CSV = ["label", "seed", "start_acc", "final_acc", "first_kl", "final_kl", "final_response_length",
+CSV = ["label", "pair", "seed", "start_acc", "final_acc", "first_kl", "final_kl", "final_response_length",
        "final_budget_share", "final_overlap_ratio", "final_overlap_mass_student", "max_logratio_abs",
        "final_grad_norm", "degraded", "error", "steps_done", "seconds"]
 
 
 def m1(cfg: ExperimentConfig, tok, device, log) -> dict:
     t0 = time.time()
-    teacher, student = pair(cfg, tok, device, log)
-    folder = os.path.join(cfg.out_dir, "m1")
-    rows = run_grid(cfg, tok, teacher, student, RUNS, folder, log)
-    teacher_acc = evaluate(teacher, tok, test_problems(cfg), 0.0, cfg.max_new_tokens)
-    lines = [header(cfg, "M1: objectives side by side", teacher_acc, rows[0]["start_acc"], time.time() - t0),
-             f"{'objective':21s} | {'held-out acc, mean (per seed)':29s} | {'rev. KL start -> end':20s} | "
+    pcfgs = pairs(cfg, log)
+    rows = run_grid(cfg, pcfgs, RUNS, "m1", log)
+    teacher_acc = [final_eval(p, load_checkpoint(os.path.join(p.out_dir, "teacher.pt"), device, tok.n_vocab)[0], tok)
+                   for p in pcfgs]
+    start_acc = [next(r["start_acc"] for r in rows if r["pair"] == p.seed) for p in pcfgs]  # each pair's student
+    lines = [header(cfg, f"M1: objectives side by side | {cfg.pairs} pair(s), pipeline seeds {', '.join(str(p.seed) for p in pcfgs)}",
+                    mean(teacher_acc), mean(start_acc), time.time() - t0),
+             f"{'objective':21s} | {'held-out acc: mean [95% CI] (per pair or seed)':47s} | {'rev. KL start -> end':20s} | "
              f"{'length':6s} | {'overlap':7s} | {'max|r_t|':8s} | degraded"]
     for label, rs in by_label(rows).items():
-        lines.append(f"{label:21s} | {pct(r['final_acc'] for r in rs):29s} | "
+        lines.append(f"{label:21s} | {cell_text(rs):47s} | "
                      f"{mean(r['first_kl'] for r in rs):8.3f} -> {mean(r.get('final_kl') for r in rs):7.3f} | "
                      f"{mean(r.get('final_response_length') for r in rs):6.1f} | "
                      f"{100 * mean(r.get('final_overlap_ratio') for r in rs):6.1f}% | "
                      f"{mean(r.get('max_logratio_abs') for r in rs):8.1f} | {degraded_cell(rs)}")
-    lines.append("length, overlap (top-16, teacher vs student) and KL: means over the last 10 % of steps of the "
-                 "rollouts; degraded: non-finite, length (>= 50 % of rollouts hit the budget) or collapse "
+    lines.append(f"held-out accuracy: greedy, final_eval_n={cfg.final_eval_n} problems per pair, mean over all runs; "
+                 "95% CI: t-interval over the pairs' means (one pair: over its seeds); teacher and start: means "
+                 "over pairs; length, overlap (top-16, teacher vs student) and KL: means over the last 10 % of steps "
+                 "of the rollouts; degraded: non-finite, length (>= 50 % of rollouts hit the budget) or collapse "
                  "(held-out accuracy > 10 points below the start)")
     table = "\n".join(lines)
     log(table)
-    write_results(folder, "m1", rows, table, {"teacher_acc": teacher_acc, "seconds": round(time.time() - t0, 1)},
-                  CSV)
-    return {"m1_teacher_acc": teacher_acc}
+    folder = os.path.join(cfg.out_dir, "m1")
+    os.makedirs(folder, exist_ok=True)
+    write_results(folder, "m1", rows, table, {"teacher_acc": dict(zip((p.seed for p in pcfgs), teacher_acc)),
+                                              "cells": cells(rows, ("final_acc", "final_kl")),
+                                              "seconds": round(time.time() - t0, 1)}, CSV)
+    return {"m1_teacher_acc": mean(teacher_acc)}
 
 
 def main(argv=None) -> dict:

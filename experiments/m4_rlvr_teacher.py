@@ -2,16 +2,18 @@
 M4: the SFT teacher vs an RLVR-adapted teacher as the OPD teacher of the cold-started student
 (DESIGN.md sections 5 and 7). One RLVR teacher per seed (--rlvr_*); for each teacher its
 from-scratch accuracy, its teacher-continuation accuracy from the student's prefixes, and the OPD
-run it teaches. Trains the pair first if <out_dir> has none.
+run it teaches. Trains the pairs first where <out_dir> has none.
 
   python experiments/m4_rlvr_teacher.py
+  python experiments/m4_rlvr_teacher.py --pairs 3 --jobs 2   # 3 pairs x 2 seeds, two runs at a time
   python experiments/m4_rlvr_teacher.py --rlvr_cut 0.5  # RLVR on the student's own prefixes
   python experiments/m4_rlvr_teacher.py --help          # every flag, with its default
 
-Writes <out_dir>/m4/m4.{txt,csv,json}, teacher_rlvr_s<seed>.{pt,jsonl} and each run's files.
+Writes <out_dir>/m4/m4.{txt,csv,json} (per cell: mean, 95 % t-interval over the pairs' means,
+per-pair means; experiments/common.py) and, in each pair's folder, <pair dir>/m4/
+teacher_rlvr_s<seed>.{pt,jsonl} and each run's files.
 """
 
-import copy
 import os
 import sys
 import time
@@ -19,15 +21,19 @@ from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
-from experiments.common import OPSD_FIELDS, ExperimentConfig, pair, parse, run_experiment
+from experiments.common import (OPSD_FIELDS, ExperimentConfig, cell_text, cells, final_eval, pairs, parse, run_cells,
+                                run_experiment, start_accs)
+from nanoopd.checkpoint import load_checkpoint
 from nanoopd.config import ConfigError
-from nanoopd.evaluate import evaluate, teacher_continuation
+from nanoopd.device import pick_device
+from nanoopd.evaluate import teacher_continuation
 from nanoopd.opd import train_opd
 from nanoopd.report import by_label, header, mean, pct, write_results
 from nanoopd.script import cli
+from nanoopd.tokenizer import get_tokenizer
 from train_math import objective_options, opd_config, test_problems, train_rlvr_teacher
 
-CSV = ["label", "seed", "teacher_acc", "continuation_acc", "student_acc", "frac", "start_acc", "final_acc",
+CSV = ["label", "pair", "seed", "teacher_acc", "continuation_acc", "student_acc", "frac", "start_acc", "final_acc",
        "first_overlap_ratio", "final_overlap_ratio", "first_kl", "final_kl", "degraded", "seconds"]
 
 
@@ -42,46 +48,61 @@ class M4Config(ExperimentConfig):
             raise ConfigError("cont_frac", f"must lie in [0, 1], got {self.cont_frac}")
 
 
+def m4_cell(pcfg: M4Config, cell: dict) -> dict:
+    """One teacher (the SFT one, or an RLVR teacher trained here with the OPD seed, resumable): its
+    accuracies from scratch and from the student's prefixes, and the OPD run it teaches."""
+    tok, device, seed = get_tokenizer(), pick_device(pcfg.device), cell["seed"]
+    log = lambda m: print(m, flush=True)
+    load = lambda role: load_checkpoint(os.path.join(pcfg.out_dir, f"{role}.pt"), device, tok.n_vocab)[0]
+    teacher, student = load("teacher"), load("student")
+    if cell["label"] == "rlvr":
+        teacher = train_rlvr_teacher(pcfg, tok, teacher, student, seed,
+                                     os.path.join(pcfg.out_dir, "m4", f"teacher_rlvr_s{seed}.pt"), log, resume=True)
+    test = test_problems(pcfg, final=True)
+    cont = teacher_continuation(teacher, student, tok, test, pcfg.cont_frac, pcfg.max_new_tokens, seed=seed)
+    log(f"m4 {cell['label']} s{seed} pair {pcfg.seed}: teacher greedy accuracy {cont['teacher_acc']:.1%}, from "
+        f"student prefixes cut at {pcfg.cont_frac:.0%}: {cont['continuation_acc']:.1%}")
+    s = train_opd(student, teacher, tok, opd_config(pcfg, pcfg.loss, objective_options(pcfg, tok), seed),
+                  cell["prefix"], test_problems(pcfg), log, f"{cell['label']} s{seed} pair {pcfg.seed}",
+                  start_acc=cell["start"]["start_acc_train"], print_every=20, compile=pcfg.compile)
+    s = {k: v for k, v in s.items() if k != "config"}
+    return {"label": cell["label"], "pair": pcfg.seed, "seed": seed, **cont, **s, "start_acc_train": s["start_acc"],
+            "final_acc_train": s["final_acc"], "start_acc": cell["start"]["start_acc"],
+            "final_acc": final_eval(pcfg, student, tok), "first_overlap_ratio": s["first_step"]["overlap_ratio"]}
+
+
 def m4(cfg: M4Config, tok, device, log) -> dict:
     t0 = time.time()
-    teacher, student = pair(cfg, tok, device, log)
-    test = test_problems(cfg)
-    folder = os.path.join(cfg.out_dir, "m4")
-    os.makedirs(folder, exist_ok=True)
-    start = evaluate(student, tok, test, 0.0, cfg.max_new_tokens)
-    rows = []
-    for seed in cfg.seed_list():
-        teachers = {"sft": teacher,
-                    "rlvr": train_rlvr_teacher(cfg, tok, teacher, student, seed,
-                                               os.path.join(folder, f"teacher_rlvr_s{seed}.pt"), log)}
-        for label, t in teachers.items():
-            cont = teacher_continuation(t, student, tok, test, cfg.cont_frac, cfg.max_new_tokens, seed=seed)
-            log(f"m4 {label} s{seed}: teacher greedy accuracy {cont['teacher_acc']:.1%}, from student prefixes cut "
-                f"at {cfg.cont_frac:.0%}: {cont['continuation_acc']:.1%}")
-            s = train_opd(copy.deepcopy(student), t, tok, opd_config(cfg, cfg.loss, objective_options(cfg, tok), seed),
-                          os.path.join(folder, f"{label}_s{seed}"), test, log, f"{label} s{seed}", start_acc=start,
-                          print_every=20, compile=cfg.compile)
-            rows.append({"label": label, "seed": seed, **cont, **s,
-                         "first_overlap_ratio": s["first_step"]["overlap_ratio"]})
-    lines = [header(cfg, "M4: SFT teacher vs RLVR-adapted teacher", teacher_acc=mean(
+    pcfgs = pairs(cfg, log)
+    calls = [(p, {"prefix": os.path.join(p.out_dir, "m4", f"{label}_s{seed}"), "seed": seed, "label": label,
+                  "start": start_accs(p, "student")})
+             for p in pcfgs for seed in cfg.seed_list() for label in ("sft", "rlvr")]
+    rows = run_cells(cfg, m4_cell, calls, log)
+    start = mean(start_accs(p, "student")["start_acc"] for p in pcfgs)
+    lines = [header(cfg, f"M4: SFT teacher vs RLVR-adapted teacher | {cfg.pairs} pair(s)", teacher_acc=mean(
                  r["teacher_acc"] for r in rows if r["label"] == "sft"), student_acc=start, seconds=time.time() - t0),
              f"RLVR teacher: from the {cfg.rlvr_init}, {cfg.rlvr_steps} steps x {cfg.rlvr_prompts} problems x "
-             f"{cfg.rlvr_group} samples, lr {cfg.rlvr_lr}, cut {cfg.rlvr_cut} (one per seed)",
+             f"{cfg.rlvr_group} samples, lr {cfg.rlvr_lr}, cut {cfg.rlvr_cut} (one per pair and seed)",
              f"{'teacher':7s} | {'teacher acc':22s} | {'teacher continuation':22s} | {'top-16 overlap':16s} | "
-             f"{'student held-out acc':29s} | {'rev. KL':15s}",
+             f"{'student held-out acc: mean [95% CI]':40s} | {'rev. KL':15s}",
              f"{'':7s} | {'greedy, from scratch':22s} | {f'from {cfg.cont_frac:.0%} of student':22s} | "
-             f"{'start -> end':16s} | {'end, mean (per seed)':29s} | {'start -> end':15s}"]
+             f"{'start -> end':16s} | {'end (per pair or seed)':40s} | {'start -> end':15s}"]
     for label, rs in by_label(rows).items():
         lines.append(f"{label:7s} | {pct(r['teacher_acc'] for r in rs):22s} | {pct(r['continuation_acc'] for r in rs):22s} | "
                      f"{100 * mean(r['first_overlap_ratio'] for r in rs):5.1f}% -> {100 * mean(r.get('final_overlap_ratio') for r in rs):5.1f}% | "
-                     f"{pct(r['final_acc'] for r in rs):29s} | "
+                     f"{cell_text(rs):40s} | "
                      f"{mean(r['first_kl'] for r in rs):5.3f} -> {mean(r.get('final_kl') for r in rs):5.3f}")
     lines.append("teacher continuation: the student samples (T=1) a held-out answer, it is cut at the fraction, the "
                  "teacher finishes it greedily; overlap |TopK(pi) ∩ TopK(q)|/16 on the student's samples, first "
-                 "step and last 10 % of steps")
+                 f"step and last 10 % of steps; held-out: final_eval_n={cfg.final_eval_n} per pair; 95% CI: t-interval "
+                 "over the pairs' means (one pair: over its seeds)")
     table = "\n".join(lines)
     log(table)
-    write_results(folder, "m4", rows, table, {"student_start_acc": start, "seconds": round(time.time() - t0, 1)}, CSV)
+    folder = os.path.join(cfg.out_dir, "m4")
+    os.makedirs(folder, exist_ok=True)
+    write_results(folder, "m4", rows, table, {"student_start_acc": start, "seconds": round(time.time() - t0, 1),
+                                              "cells": cells(rows, ("final_acc", "teacher_acc", "continuation_acc"))},
+                  CSV)
     return {}
 
 

@@ -14,10 +14,11 @@ Runs, seed by seed (all of seed 1 first, so that a stopped map is a complete one
 each learning rate of --lrs the six objectives of OBJECTIVES (K = 16), then at --k_lr the three
 top-K forms (teacher support) at every K of --ks other than 16 (K = 16 is the main grid's run).
 
-Writes <out_dir>/stability/stability.{txt,csv,json}, one opd run per row
-(lr<lr>/<label>_s<seed>.{pt,jsonl,json}) and, with matplotlib, stability_map.png (objective x
-learning rate, coloured by held-out accuracy) and m1_curves.png (the runs at lr 3e-4, seed 1: M1's
-settings).
+With --pairs N every cell runs on N pairs (experiments/common.py: pipeline seeds, the 95 % interval,
+--jobs, resume). Writes <out_dir>/stability/stability.{txt,csv,json}, one opd run per row in its
+pair's folder (<pair dir>/stability/lr<lr>/<label>_s<seed>.{pt,jsonl,json,row.json}) and, with
+matplotlib, stability_map.png (objective x learning rate, coloured by held-out accuracy) and
+m1_curves.png (the runs at lr 3e-4, first pair, first seed: M1's settings).
 """
 
 import json
@@ -28,14 +29,15 @@ from dataclasses import dataclass, replace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
-from experiments.common import (OPD_RUN_FIELDS, OPSD_FIELDS, RLVR_FIELDS, ExperimentConfig, pair, parse,
-                                run_experiment, run_grid)
+from experiments.common import (OPD_RUN_FIELDS, OPSD_FIELDS, RLVR_FIELDS, ExperimentConfig, cell_text, cells,
+                                final_eval, grid_calls, pairs, parse, run_cells, run_experiment, opd_cell,
+                                start_accs)
+from nanoopd.checkpoint import load_checkpoint
 from nanoopd.config import ConfigError
-from nanoopd.evaluate import evaluate
+from nanoopd.report import mean
 from nanoopd.metrics import TailMass
-from nanoopd.report import degraded_cell, pct, write_results
+from nanoopd.report import degraded_cell, write_results
 from nanoopd.script import cli
-from train_math import test_problems
 
 K = 16  # the main grid's support size, and the tail mass's K for the objectives without one
 # (label, objective, options): the rows of the map
@@ -50,7 +52,7 @@ OBJECTIVES = (
 K_SWEEP = ("topk_unnormalized", "topk_stopgrad(teacher)", "topk_renorm")  # the K sweep's rows (teacher support)
 TAIL_FACTOR = 2.0  # the tail has risen when its trailing mean exceeds this multiple of its start (see lead)
 TAIL_WINDOW = 5   # steps in the tail's start value (the first ones, still in the warm-up) and trailing mean
-CSV = ["label", "objective", "k", "lr", "seed", "start_acc", "final_acc", "first_kl", "final_kl", "first_tail_mass",
+CSV = ["label", "objective", "k", "lr", "pair", "seed", "start_acc", "final_acc", "first_kl", "final_kl", "first_tail_mass",
        "final_tail_mass", "final_response_length", "final_budget_share", "max_logratio_abs", "degraded", "error",
        "tail_step", "acc_drop_step", "steps_done", "seconds"]
 
@@ -89,15 +91,22 @@ def k_runs(cfg: StabilityConfig) -> list[tuple]:
             for k in cfg.k_list() if k != K for label in K_SWEEP]
 
 
-def lr_folder(cfg, lr: float) -> str:
-    return os.path.join(cfg.out_dir, "stability", f"lr{lr:g}")
+def lr_folder(lr: float) -> str:
+    """A learning rate's runs, under each pair's folder."""
+    return os.path.join("stability", f"lr{lr:g}")
 
 
-def records(cfg, row: dict) -> list[dict]:
-    """A run's step records, from its JSONL."""
+def records(pcfgs, row: dict) -> list[dict]:
+    """A run's step records, from its JSONL in its pair's folder."""
     label = "".join(c if c.isalnum() else "_" for c in row["label"])
-    with open(os.path.join(lr_folder(cfg, row["lr"]), f"{label}_s{row['seed']}.jsonl")) as f:
+    out_dir = next(p.out_dir for p in pcfgs if p.seed == row["pair"])
+    with open(os.path.join(out_dir, lr_folder(row["lr"]), f"{label}_s{row['seed']}.jsonl")) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def tail_hook(options: dict):
+    """Every run logs the student's mass outside the teacher's top-K (K of the run, else 16)."""
+    return TailMass(options.get("k", K))
 
 
 def lead(row: dict, recs: list[dict]) -> dict:
@@ -109,47 +118,53 @@ def lead(row: dict, recs: list[dict]) -> dict:
     base = sum(tails[:TAIL_WINDOW]) / len(tails[:TAIL_WINDOW]) if tails else None
     tail_step = next((i + 1 for i in range(TAIL_WINDOW, len(tails))
                       if sum(tails[i + 1 - TAIL_WINDOW:i + 1]) / TAIL_WINDOW > TAIL_FACTOR * base), None)
-    drop = next((s for s, a in row["evals"][1:] if a < row["start_acc"] - 0.10), None)
+    drop = next((s for s, a in row["evals"][1:] if a < row["start_acc_train"] - 0.10), None)  # the same eval_n set
     return {"first_tail_mass": base, "tail_step": tail_step, "acc_drop_step": drop}
 
 
 def stability(cfg: StabilityConfig, tok, device, log) -> dict:
     t0 = time.time()
-    teacher, student = pair(cfg, tok, device, log)
-    start_acc = evaluate(student, tok, test_problems(cfg), 0.0, cfg.max_new_tokens)
-    teacher_acc = evaluate(teacher, tok, test_problems(cfg), 0.0, cfg.max_new_tokens)
-    tail_hook = lambda options: TailMass(options.get("k", K))
-    rows = []
-    for seed in cfg.seed_list():  # seed by seed: a stopped map is a complete map of its first seeds
+    pcfgs = pairs(cfg, log)
+    start_acc = mean(start_accs(p, "student")["start_acc"] for p in pcfgs)
+    teacher_acc = mean(final_eval(p, load_checkpoint(os.path.join(p.out_dir, "teacher.pt"), device, tok.n_vocab)[0],
+                                  tok) for p in pcfgs)
+    calls, meta = [], []
+    for seed in cfg.seed_list():  # seed by seed: a stopped map (with --jobs 1) is a complete map of its first seeds
         for lr in cfg.lr_list():
             runs = list(OBJECTIVES) + (k_runs(cfg) if lr == cfg.k_lr else [])
-            run_cfg = replace(cfg, seeds=str(seed), opd_lr=lr)
-            for r in run_grid(run_cfg, tok, teacher, student, runs, lr_folder(cfg, lr), log,
-                              extra_stats=tail_hook, start_acc=start_acc):
-                label, loss, options = next(x for x in runs if x[0] == r["label"])
-                rows.append({**r, "objective": loss, "k": options.get("k"), "lr": lr})
-                rows[-1].update(lead(rows[-1], records(cfg, rows[-1])))
+            at_lr = [replace(p, seeds=str(seed), opd_lr=lr) for p in pcfgs]
+            new = grid_calls(replace(cfg, seeds=str(seed)), at_lr, runs, lr_folder(lr), extra_stats=tail_hook)
+            calls += new
+            meta += [(lr, next(x for x in runs if x[0] == c["label"])) for _, c in new]
+    rows = []
+    for r, (lr, (label, loss, options)) in zip(run_cells(cfg, opd_cell, calls, log), meta):
+        rows.append({**r, "objective": loss, "k": options.get("k"), "lr": lr})
+        rows[-1].update(lead(rows[-1], records(pcfgs, rows[-1])))
     seconds = time.time() - t0
     table = tables(cfg, rows, teacher_acc, start_acc, seconds)
     log(table)
     folder = os.path.join(cfg.out_dir, "stability")
+    os.makedirs(folder, exist_ok=True)
     write_results(folder, "stability", rows, table,
-                  {"teacher_acc": teacher_acc, "start_acc": start_acc, "seconds": round(seconds, 1)}, CSV)
-    figures(cfg, rows, folder, log)
+                  {"teacher_acc": teacher_acc, "start_acc": start_acc, "seconds": round(seconds, 1),
+                   "cells": cells([{**r, "cell": f"{r['label']} lr {r['lr']:g}"} for r in rows], ("final_acc",),
+                                  group="cell")}, CSV)
+    figures(cfg, pcfgs, rows, folder, log)
     return {"stability_teacher_acc": teacher_acc}
 
 
 def tables(cfg, rows, teacher_acc, start_acc, seconds) -> str:
     lrs = cfg.lr_list()
     main = [r for r in rows if r["label"] in dict((o[0], 1) for o in OBJECTIVES)]
-    cell = lambda rs: f"{pct(r['final_acc'] for r in rs)} {degraded_cell(rs) if rs else ''}"
-    width = 38
-    lines = [f"Stability map | seeds {cfg.seeds} | {cfg.opd_steps} OPD steps x {cfg.opd_batch} rollouts | lrs {cfg.lrs} "
+    cell = lambda rs: f"{cell_text(rs)} {degraded_cell(rs) if rs else ''}"
+    width = 44
+    lines = [f"Stability map | {cfg.pairs} pair(s) x seeds {cfg.seeds} | {cfg.opd_steps} OPD steps x {cfg.opd_batch} rollouts | lrs {cfg.lrs} "
              f"| T={cfg.temperature} top_p={cfg.top_p} top_k={cfg.top_k} | held-out n={cfg.eval_n} every "
              f"{cfg.opd_eval_every} steps | teacher {teacher_acc:.1%}, student at start {start_acc:.1%} (greedy) | "
              f"wall {seconds / 60:.1f} min",
              "",
-             f"held-out accuracy, mean (per seed), and degraded seeds; K = {K}",
+             f"held-out accuracy (final_eval_n={cfg.final_eval_n}): mean [95% t-interval over pairs' means, or over "
+             f"the seeds of one pair] (per pair or seed), and degraded runs; K = {K}",
              f"{'objective':27s} | " + " | ".join(f"{'lr ' + format(lr, 'g'):{width}s}" for lr in lrs)]
     for label, _, _ in OBJECTIVES:
         lines.append(f"{label:27s} | " + " | ".join(
@@ -164,25 +179,25 @@ def tables(cfg, rows, teacher_acc, start_acc, seconds) -> str:
                          f"{sum(r.get('final_tail_mass', float('nan')) for r in rs) / len(rs):.4f}" if rs else "-")
         lines.append(f"{label:27s} | " + " | ".join(f"{c:17s}" for c in cells))
     lines += ["", f"K sweep at lr {cfg.k_lr:g} (teacher support): held-out accuracy, degraded seeds, final tail mass",
-              f"{'objective':27s} | " + " | ".join(f"{'K ' + str(k):38s}" for k in cfg.k_list())]
+              f"{'objective':27s} | " + " | ".join(f"{'K ' + str(k):44s}" for k in cfg.k_list())]
     for label in K_SWEEP:
         cells = []
         for k in cfg.k_list():
             rs = [r for r in rows if r["lr"] == cfg.k_lr and r["label"] == (label if k == K else f"{label} k{k}")]
             tail = sum(r.get("final_tail_mass", float("nan")) for r in rs) / len(rs) if rs else float("nan")
             cells.append(f"{cell(rs)} tail {tail:.4f}")
-        lines.append(f"{label:27s} | " + " | ".join(f"{c:38s}" for c in cells))
+        lines.append(f"{label:27s} | " + " | ".join(f"{c:44s}" for c in cells))
     lines += ["", f"degraded runs: the step at which the tail mass ({TAIL_WINDOW}-step trailing mean) first exceeded "
               f"{TAIL_FACTOR:g}x its mean over the first {TAIL_WINDOW} steps vs the first evaluation (every "
               f"{cfg.opd_eval_every} steps) with held-out accuracy > 10 points below the start; both in steps done",
-              f"{'run':34s} | {'lr':6s} | seed | {'tail start -> end':18s} | tail x{TAIL_FACTOR:g} at | acc drop at | "
+              f"{'run':34s} | {'lr':6s} | {'pair':5s} | seed | {'tail start -> end':18s} | tail x{TAIL_FACTOR:g} at | acc drop at | "
               f"{'verdict':15s} | tail leads?"]
     bad = [r for r in rows if r["degraded"]]
     for r in bad:
         t, d = r["tail_step"], r["acc_drop_step"]
         leads = "-" if d is None else ("no tail rise" if t is None else
                                        ("yes" if t < d else "no"))
-        lines.append(f"{r['label']:34s} | {r['lr']:<6g} | {r['seed']:4d} | "
+        lines.append(f"{r['label']:34s} | {r['lr']:<6g} | {r['pair']:5d} | {r['seed']:4d} | "
                      f"{r['first_tail_mass']:.4f} -> {r.get('final_tail_mass', float('nan')):.4f}"
                      f"{'':2s} | {t or '-':>11} | {d or '-':>11} | {r['degraded']:15s} | {leads}")
     good = [r for r in rows if not r["degraded"]]
@@ -196,7 +211,7 @@ def tables(cfg, rows, teacher_acc, start_acc, seconds) -> str:
     return "\n".join(lines)
 
 
-def figures(cfg, rows, folder: str, log) -> None:
+def figures(cfg, pcfgs, rows, folder: str, log) -> None:
     """stability_map.png and m1_curves.png, when matplotlib is there."""
     try:
         import matplotlib
@@ -226,14 +241,15 @@ def figures(cfg, rows, folder: str, log) -> None:
     fig.savefig(os.path.join(folder, "stability_map.png"), dpi=90)
     plt.close(fig)
 
-    m1 = [r for r in rows if r["lr"] == 3e-4 and r["seed"] == cfg.seed_list()[0] and r["label"] in labels]
+    m1 = [r for r in rows if r["lr"] == 3e-4 and r["seed"] == cfg.seed_list()[0] and r["label"] in labels
+          and r["pair"] == pcfgs[0].seed]
     if not m1:
         return
     keys = (("kl", "reverse KL"), ("response_length", "response length"), ("acc", "rollout accuracy"),
             ("tail_mass", f"tail mass (outside teacher top-{K})"))
     fig, axes = plt.subplots(2, 2, figsize=(10, 6.5))
     for r in m1:
-        recs = records(cfg, r)
+        recs = records(pcfgs, r)
         for ax, (key, _) in zip(axes.flat, keys):
             ax.plot([x["step"] for x in recs], [x[key] for x in recs], label=r["label"], lw=1)
     for ax, (key, name) in zip(axes.flat, keys):
@@ -242,7 +258,8 @@ def figures(cfg, rows, folder: str, log) -> None:
         if key in ("kl", "tail_mass"):
             ax.set_yscale("log")
     axes.flat[0].legend(fontsize=7)
-    fig.suptitle(f"M1's settings: lr 3e-4, seed {cfg.seed_list()[0]}, {cfg.opd_batch} rollouts per step", fontsize=10)
+    fig.suptitle(f"M1's settings: lr 3e-4, pair {pcfgs[0].seed}, seed {cfg.seed_list()[0]}, {cfg.opd_batch} rollouts "
+                 f"per step", fontsize=10)
     fig.tight_layout()
     fig.savefig(os.path.join(folder, "m1_curves.png"), dpi=80)
     plt.close(fig)

@@ -1,0 +1,154 @@
+"""experiments/common.py: the pairs and the grid over pairs x OPD seeds give the same bits with one
+worker or two (each run's thread count fixed), a restarted grid reads its finished runs back
+instead of redoing them, the per-cell interval is the t-interval over the pairs' means, and the
+verdict rule reads the pairs' differences."""
+
+import csv
+import math
+import os
+
+import pytest
+import torch
+
+from nanoopd.checkpoint import save_checkpoint
+from nanoopd.model import GPT, GPTConfig
+from nanoopd.tokenizer import get_tokenizer
+
+TOK = get_tokenizer()
+PAIR_SEEDS = (1337, 2337)  # --seed 1337 --pairs 2: pair i has pipeline seed 1337 + 1000 i
+
+
+def tiny(seed: int, n_embd: int = 32) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=TOK.n_vocab, block_size=64, n_layer=1, n_head=2, n_embd=n_embd))
+
+
+def two_pairs(root, both: bool = True) -> None:
+    """Tiny teacher/student pairs where --pairs 2 looks for them: <out_dir> and <out_dir>/pair2337
+    (both=False: the first only; the grid trains the second)."""
+    for i, folder in enumerate((root, root / "pair2337")[:2 if both else 1]):
+        folder.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(str(folder / "teacher.pt"), tiny(10 + i, 48), 0)
+        save_checkpoint(str(folder / "student.pt"), tiny(20 + i), 0)
+
+
+def m1_flags(out_dir, jobs: int, threads: int) -> list[str]:
+    """M1 on two pairs, one OPD seed; a missing pair is a 3-step 1 x 16 teacher and a random student."""
+    return ["--out_dir", str(out_dir), "--pairs", "2", "--seeds", "3", "--jobs", str(jobs), "--threads", str(threads),
+            "--opd_steps", "2", "--opd_batch", "4", "--max_new_tokens", "8", "--digits", "1", "--eval_n", "4",
+            "--final_eval_n", "8", "--t_layer", "1", "--t_embd", "16", "--t_head", "2", "--t_steps", "3",
+            "--s_layer", "1", "--s_embd", "16", "--s_head", "2", "--s_steps", "0", "--batch_size", "4"]
+
+
+def csv_rows(path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def run_weights(root, pair_dir: str, label: str) -> dict:
+    folder = root / pair_dir / "m1" if pair_dir else root / "m1"
+    return torch.load(folder / f"{label}_s3.pt", weights_only=False)["model"]
+
+
+@pytest.fixture(scope="module")
+def one_and_two_jobs(tmp_path_factory):
+    """M1 on two tiny pairs (the second trained by the grid), one seed: with 1 job x 1 thread and
+    with 2 jobs x (2 // 2) threads."""
+    from experiments import m1_objectives
+    roots = []
+    for jobs, threads in ((1, 1), (2, 2)):
+        root = tmp_path_factory.mktemp(f"jobs{jobs}")
+        two_pairs(root, both=False)
+        m1_objectives.main(m1_flags(root, jobs, threads))
+        roots.append(root)
+    return roots
+
+
+def test_two_jobs_give_the_bits_of_one(one_and_two_jobs):
+    from experiments.m1_objectives import CSV, RUNS
+    one, two = one_and_two_jobs
+    rows1, rows2 = csv_rows(one / "m1" / "m1.csv"), csv_rows(two / "m1" / "m1.csv")
+    assert len(rows1) == len(rows2) == 2 * len(RUNS)  # 2 pairs x 1 seed x every objective
+    assert sorted({r["pair"] for r in rows1}) == [str(s) for s in PAIR_SEEDS]
+    for a, b in zip(rows1, rows2):  # the same runs, in the same order, with the same numbers
+        assert {k: a[k] for k in CSV if k != "seconds"} == {k: b[k] for k in CSV if k != "seconds"}
+    for role in ("teacher", "student"):  # the pair trained by the grid
+        w1, w2 = (torch.load(root / "pair2337" / f"{role}.pt", weights_only=False)["model"] for root in (one, two))
+        assert all(torch.equal(w1[k], w2[k]) for k in w1)
+    for pair_dir in ("", "pair2337"):
+        for label in ("sampled_token", "topk_renorm"):
+            w1, w2 = run_weights(one, pair_dir, label), run_weights(two, pair_dir, label)
+            assert all(torch.equal(w1[k], w2[k]) for k in w1)  # bit-identical weights after OPD
+    start = {r["pair"]: r["start_acc"] for r in rows1}
+    assert len(start) == 2  # each pair's own student
+
+
+def test_a_restarted_grid_reads_finished_runs_back(one_and_two_jobs, monkeypatch):
+    import experiments.common as common
+    from experiments import m1_objectives
+    root = one_and_two_jobs[0]
+    before = csv_rows(root / "m1" / "m1.csv")
+    redo = root / "pair2337" / "m1" / "topk_renorm_s3.row.json"
+    os.remove(redo)  # as if the grid had been stopped during this run
+    calls = []
+    real = common.train_opd
+    monkeypatch.setattr(common, "train_opd", lambda *a, **k: calls.append(a[4]) or real(*a, **k))
+    m1_objectives.main(m1_flags(root, 1, 1))
+    assert calls == [str(redo)[:-len(".row.json")]]  # only the unfinished run ran again
+    assert redo.exists()
+    after = csv_rows(root / "m1" / "m1.csv")
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in after] == \
+        [{k: v for k, v in r.items() if k != "seconds"} for r in before]  # and it ends where it would have
+
+
+def test_interval_is_a_t_interval_over_the_pairs_means():
+    from experiments.common import cell_text, interval
+    rows = [{"pair": p, "final_acc": v} for p, vs in ((1, (0.4, 0.6)), (2, (0.6, 0.6)), (3, (0.7, 0.7)))
+            for v in vs]
+    c = interval(rows, "final_acc")
+    assert c["per_pair"] == pytest.approx({1: 0.5, 2: 0.6, 3: 0.7})
+    assert c["mean"] == pytest.approx(0.6)
+    half = 4.303 * 0.1 / math.sqrt(3)  # t_{0.975, 2} x sd of the pair means / sqrt(3)
+    assert (c["low"], c["high"]) == pytest.approx((0.6 - half, 0.6 + half))
+    assert cell_text(rows) == "60.0% [35.2, 84.8] (50.0 60.0 70.0)"
+    one_pair = interval([{"pair": 1, "final_acc": v} for v in (0.5, 0.7)], "final_acc")
+    assert one_pair["interval"] == "t over the runs of one pair"
+    assert (one_pair["low"], one_pair["high"]) == pytest.approx((0.6 - 12.706 * 0.1, 0.6 + 12.706 * 0.1))
+    assert interval([{"pair": 1, "final_acc": 0.5}], "final_acc")["low"] is None  # one run: no interval
+
+
+def test_bad_pairs_and_jobs_are_refused(capsys):
+    from experiments import m1_objectives
+    for flag in ("--pairs", "--jobs"):
+        with pytest.raises(SystemExit) as e:
+            m1_objectives.main([flag, "0"])
+        assert e.value.code == 2 and f"{flag} must be >= 1" in capsys.readouterr().err
+
+
+def test_verdict_rule_reads_the_pairs_differences():
+    from experiments.common import verdict
+    row = lambda pair, label, acc: {"pair": pair, "label": label, "final_acc": acc}
+    # a above b by 3, 4, 5 points on three pairs (two seeds each): every pair, interval above 0
+    rows = [row(p, lab, acc + s) for p, gap in ((1, .03), (2, .04), (3, .05)) for s in (0, .01)
+            for lab, acc in (("a", .6 + gap), ("b", .6))]
+    v = verdict(rows, "a", "b")
+    assert v["per_pair"] == pytest.approx({1: .03, 2: .04, 3: .05}) and v["verdict"] == "reproduced"
+    assert (v["low"], v["high"]) == pytest.approx((.04 - 4.303 * .01 / math.sqrt(3), .04 + 4.303 * .01 / math.sqrt(3)))
+    wide = [dict(r, final_acc=r["final_acc"] + .04) if r["pair"] == 3 and r["label"] == "a" else r for r in rows]
+    assert verdict(wide, "a", "b")["verdict"] == "partly"  # 3, 4, 9 points: every pair, but the interval includes 0
+    flipped = [dict(r, final_acc=r["final_acc"] - .1) if r["pair"] == 3 and r["label"] == "a" else r for r in rows]
+    assert verdict(flipped, "a", "b")["verdict"] == "partly"  # two pairs of three
+    assert verdict(rows, "b", "a")["verdict"] == "not reproduced"
+    assert verdict([r for r in rows if r["pair"] < 3], "a", "b")["verdict"] == "pending"  # fewer than 3 pairs
+
+
+def test_stage_eval_reads_the_final_accuracies_on_final_eval_n(tmp_path, capsys):
+    from nanoopd.tasks import sample_problems
+    from train_math import main
+    two_pairs(tmp_path, both=False)
+    summary = main(["--out_dir", str(tmp_path), "--stages", "eval", "--digits", "1", "--max_new_tokens", "8",
+                    "--eval_n", "3", "--final_eval_n", "12"])
+    out = capsys.readouterr().out
+    assert "n=12" in out and "n=3" not in out
+    assert all(0 <= summary[k] <= 1 for k in ("teacher_acc_greedy", "student_acc_sampled"))
+    assert sample_problems(3, "test", 1337, 1) == sample_problems(12, "test", 1337, 1)[:3]  # the small set opens the large
