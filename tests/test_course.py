@@ -219,13 +219,6 @@ def test_mutants_are_caught(index, tmp_path):
 # the demos the handouts print, on the reference: what the handouts say they show
 
 
-@pytest.fixture
-def one_thread():
-    import torch
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the demos run from the command line
-    yield
-    torch.set_num_threads(before)
 
 
 def test_the_demos_show_what_the_handouts_say(one_thread, capsys):

@@ -13,13 +13,7 @@ GAMMAS = [0.0, 0.25, 0.5, 0.75, 1.0]
 EXACT_TOL = 1e-10  # the enumeration runs in float64: "zero" means double-precision rounding
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The toys are many tiny ops; one thread avoids thread hand-off costs on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_exact_quantities_match_monte_carlo():
