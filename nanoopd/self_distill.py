@@ -102,7 +102,7 @@ def mixture_kinds(n: int, weights: dict[str, float], generator: torch.Generator)
     kinds = list(weights)
     probs = torch.tensor([float(weights[k]) for k in kinds])
     # inverse CDF on a 53-bit grid: draw k uniform in [0, 2^53) and take the first kind whose CDF
-    # edge exceeds k / 2^53. This is torch.multinomial(probs, n, replacement=True)'s own draw, bit
+    # edge exceeds k / 2^53. This is what multinomial with replacement draws from probs, bit
     # for bit (the same generator words), without multinomial (wrong on some MPS stacks) or float64.
     edges = torch.tensor([int(c * 2 ** 53) for c in (probs / probs.sum()).cumsum(0).tolist()])  # (K,)
     k = torch.randint(0, 2 ** 53, (n,), generator=generator)  # (n,)
