@@ -9,17 +9,13 @@ import pytest
 import torch
 
 from nanoopd import OBJECTIVES
+from tests.test_objectives_topk import make_batch as topk_batch
 
 B, T, V, K = 2, 3, 6, 3
 
 
 def make_batch(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    student = 2 * torch.randn(B, T, V, generator=g, dtype=torch.float64)
-    teacher = 2 * torch.randn(B, T, V, generator=g, dtype=torch.float64)
-    tokens = torch.randint(0, V, (B, T), generator=g)
-    mask = torch.ones(B, T, dtype=torch.bool)
-    return student, teacher, tokens, mask
+    return topk_batch(seed, (B, T, V), drop_last=False)  # every position in the loss
 
 
 def loss_and_grad(name, student, teacher, tokens, mask, **options):

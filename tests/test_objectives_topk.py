@@ -18,13 +18,17 @@ SUPPORTS = [(support, add_sampled) for support in ("teacher", "student", "inters
 SUPPORT_IDS = [f"{support}{'+sampled' if add else ''}" for support, add in SUPPORTS]
 
 
-def make_batch(seed=0):
+def make_batch(seed=0, shape=(B, T, V), drop_last=True):
+    """Seeded float64 logits (b, t, v) of student and teacher, tokens and a mask (the last position
+    of row 1 masked out when drop_last). Shared with test_objectives_field.py."""
+    b, t, v = shape
     g = torch.Generator().manual_seed(seed)
-    student = 2 * torch.randn(B, T, V, generator=g, dtype=torch.float64)
-    teacher = 2 * torch.randn(B, T, V, generator=g, dtype=torch.float64)
-    tokens = torch.randint(0, V, (B, T), generator=g)
-    mask = torch.ones(B, T, dtype=torch.bool)
-    mask[1, -1] = False
+    student = 2 * torch.randn(b, t, v, generator=g, dtype=torch.float64)
+    teacher = 2 * torch.randn(b, t, v, generator=g, dtype=torch.float64)
+    tokens = torch.randint(0, v, (b, t), generator=g)
+    mask = torch.ones(b, t, dtype=torch.bool)
+    if drop_last:
+        mask[1, -1] = False
     return student, teacher, tokens, mask
 
 
