@@ -13,8 +13,9 @@ A `KVCache` stores every layer's keys and values so that decoding one new token 
 forward pass instead of a pass over the whole prefix (rollout.py uses it). `GPT.decode_step` is that
 one-token pass in a static form, the same shapes and no Python state at every token, so that a GPU
 can replay it as a CUDA graph: it attends over the whole preallocated cache under an additive mask
-(0 on real keys, -inf on padding and on slots not written yet), and its write position, positions
-and mask live on the device and are updated in place.
+(0 on real keys, -inf on padding and on slots not written yet). Its write position lives on the
+device and moves on in place; the position embedding and mask row of every slot are laid out once
+per rollout, so that a token fetches both with one gather.
 
 Positions count real tokens with an int32 cumulative sum (MPS before macOS 13.3 has no int64 one).
 On CUDA, masked attention takes the math kernel whenever a backward will follow (the
@@ -76,10 +77,11 @@ class KVCache:
     next_pos: (B,) the position id the next real token of each row will get; length: tokens so far.
 
     The static decoding step (GPT.decode_step, after GPT.start_decoding) keeps its state on the
-    device instead: slot (1,) the slot it writes next, pos_emb (B, max_len, C) the position
-    embedding of every slot, bias (B, 1, 1, max_len) the additive attention mask, and k, v as the
-    two halves of one buffer kv (n_layer, 2, B, n_head, max_len, head_dim), so that one copy
-    stores both.
+    device instead: slot (1,) the slot it writes next, step_inputs (max_len, B, C + max_len + E) per
+    slot s the position embedding and the additive attention mask of the token written there (and
+    E values of the caller's, see GPT.start_decoding), and
+    k, v as the two halves of one buffer kv (n_layer, 2, B, n_head, max_len, head_dim), so that
+    one copy stores both.
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device):
@@ -91,7 +93,7 @@ class KVCache:
         self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,)
         self.length = 0
         self.slot = torch.zeros(1, dtype=torch.long, device=device)  # (1,) static step: the slot it writes next
-        self.kv = self.pos_emb = self.bias = None  # set by allocate() / GPT.start_decoding()
+        self.kv = self.step_inputs = None  # set by allocate() / GPT.start_decoding()
 
     def allocate(self, dtype: torch.dtype):
         """Allocate k and v as views of one buffer kv, in `dtype` (what the forward pass produces)."""
@@ -135,7 +137,7 @@ class CausalSelfAttention(nn.Module):
         qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, B, H, T, hd), a view (no copy)
         q, k, v = qkv.unbind(0)  # 3 x (B, H, T, hd)
         if static:
-            k, v = cache.write_slot(layer, qkv[1:])  # (B, H, L, hd): the whole cache, mask = cache.bias
+            k, v = cache.write_slot(layer, qkv[1:])  # (B, H, L, hd): the whole cache, under the slot's mask
         elif cache is not None:
             k, v = cache.write(layer, k, v)  # (B, H, Tk, hd)
         y = attention(q, k, v, mask, self.dropout if self.training else 0.0)  # (B, H, T, hd)
@@ -252,32 +254,39 @@ class GPT(nn.Module):
             x = self.ln_f(x.float())  # (B, T, C)  (.float() is a no-op on float32)
             return F.linear(x, self.wte.weight.float())  # (B, T, V), tied embeddings, float32
 
-    def start_decoding(self, cache: KVCache) -> None:
-        """After the prefill: the state decode_step reads. A row that is still generating puts its
-        next token at slot s with position next_pos + (s - length); slots not written yet get a
-        -inf mask until the step that writes them."""
+    def start_decoding(self, cache: KVCache, extra: torch.Tensor | None = None) -> None:
+        """After the prefill: the state decode_step reads, one row per slot s of cache.step_inputs
+        (L, B, C + L + E): the position embedding of a token written at slot s (C), its attention
+        mask over the L slots (0 on the prompt's real keys and on slots n..s, -inf elsewhere;
+        n = cache.length), and the caller's own values for that step, extra (L, B, E) float32 (the
+        rollout's uniforms; none by default). A row that is still generating puts its next token at
+        slot s with position next_pos + (s - n). One gather per token then fetches all of it."""
         L, n = cache.max_len, cache.length
         slots = torch.arange(L, device=cache.device)  # (L,)
         positions = (cache.next_pos[:, None] + (slots - n)).clamp(min=0, max=self.config.block_size - 1)  # (B, L)
-        cache.pos_emb = self.wpe(positions)  # (B, L, C)
-        zero = torch.zeros((), dtype=cache.kv.dtype, device=cache.device)
-        cache.bias = torch.where(cache.valid & (slots < n), zero, float("-inf"))[:, None, None, :].contiguous()  # (B, 1, 1, L)
+        prompt_keys = cache.valid & (slots < n)  # (B, L)
+        written = (slots >= n) & (slots[None, :] <= slots[:, None])  # (L_s, L) slots n..s, by query slot s
+        bias = torch.where(prompt_keys[None] | written[:, None], 0.0, float("-inf"))  # (L_s, B, L)
+        parts = [self.wpe(positions).float().transpose(0, 1), bias] + ([extra] if extra is not None else [])
+        cache.step_inputs = torch.cat(parts, -1)  # (L_s, B, C + L + E)
         cache.slot.fill_(n)
 
-    def decode_step(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def decode_step(self, idx: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
         """The static decoding step: logits (B, V) after one new token per row, idx (B, 1), stored
-        at slot s = cache.slot, which then moves on by one. Shapes are the same at every token and
-        nothing but tensors is read, so torch.compile traces it once and a CUDA graph can replay it.
+        at slot s = cache.slot, which then moves on by one; also the slot's row of the extra values
+        given to start_decoding, (B, E). Shapes are the same at every token and nothing but tensors
+        is read, so torch.compile traces it once and a CUDA graph can replay it.
 
-        It attends over all max_len slots of the cache under cache.bias (0 on real keys and on
-        every slot written so far, -inf on padding and later slots): a row that has stopped
+        It attends over all max_len slots of the cache under row s of the mask (0 on real keys and
+        on every slot written so far, -inf on padding and later slots): a row that has stopped
         attends to its own padding, which changes nothing that is kept. Over the whole cache the
         attention adds in another order than over its first s + 1 keys (GPT.forward with a cache):
         the logits agree within 1e-6 (tests/test_static_decode.py)."""
-        cache.bias.index_fill_(-1, cache.slot, 0.0)  # slot s becomes attendable
-        x = self.wte(idx) + cache.pos_emb.index_select(1, cache.slot)  # (B, 1, C)
+        C, L = self.config.n_embd, cache.max_len
+        inputs = cache.step_inputs.index_select(0, cache.slot)[0]  # (B, C + L + E): slot s's row
+        x = self.wte(idx) + inputs[:, None, :C]  # (B, 1, C) token + position embedding
+        mask = inputs[:, None, None, C:C + L].to(cache.kv.dtype)  # (B, 1, 1, L) (a copy only under autocast)
         for layer, block in enumerate(self.blocks):
-            x = block(x, cache.bias, cache, layer, static=True)  # (B, 1, C)
+            x = block(x, mask, cache, layer, static=True)  # (B, 1, C)
         cache.slot.add_(1)
-        return self.head(x)[:, -1]  # (B, V)
-
+        return self.head(x)[:, -1], inputs[:, C + L:]  # (B, V), (B, E)

@@ -82,34 +82,43 @@ def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0
     return logits
 
 
+# devices whose cumulative sum adds in order along the row (the CPU: in a float64 accumulator)
+IN_ORDER_SCAN = ("cpu",)
+
+
 def sample(probs: torch.Tensor, generator: torch.Generator | None = None,
-           u: torch.Tensor | None = None) -> torch.Tensor:
+           u: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row of probs (B, V) (non-negative, each row with positive total mass; it need
     not be exactly 1) by inverting the CDF with one uniform u ~ U(0, 1] per row (drawn from
     `generator`, or given as u (B, 1)): with F_v = sum_{w <= v} p_w and Z = F_V,
 
         y = min {v : p_v > 0 and F_v >= u Z},    so P(y = v) = (F_v - F_{v-1}) / Z = p_v / Z.
 
-    A token of zero mass is never drawn, whatever order the cumulative sum adds in: a GPU scan
-    groups the additions, which can leave a zero-mass token a sliver of rounding above its
-    predecessor (F_v > F_{v-1} = F_v - 0), and the condition p_v > 0 excludes it all the same.
-    For the same reason Z is the largest F_v over tokens of positive mass, so some token always
-    qualifies. With the CPU's in-order sum (F_v = F_{v-1} exactly when p_v = 0) this is the same
-    token as #{v : F_v < u Z}.
+    On the CPU the cumulative sum adds in order, so F never decreases and F_v = F_{v-1} exactly
+    where p_v = 0: y is then #{v : F_v < u Z}, one binary search per row (torch.searchsorted). A GPU
+    scan groups the additions, which can leave a zero-mass token a sliver of rounding above its
+    predecessor (F_v > F_{v-1} = F_v - 0); there invert_cdf states the condition p_v > 0 outright.
+    Both give the same token wherever the sum is in order (tests/test_static_decode.py).
 
     Exact up to float32: u lies on a grid of 2^-24, so a token of mass below about 6e-8 Z is drawn
-    with a quantised probability."""
+    with a quantised probability. out: an optional (B, 1) int64 buffer the tokens are written to."""
     if u is None:
         u = 1.0 - torch.rand(probs.shape[0], 1, device=probs.device, generator=generator)  # (B, 1) in (0, 1]
-    return invert_cdf(probs, probs.cumsum(-1), u)  # (B,)
+    cdf = probs.cumsum(-1)  # (B, V)
+    if probs.device.type in IN_ORDER_SCAN:
+        y = torch.searchsorted(cdf, u * cdf[:, -1:], out=out)  # (B, 1) #{v : F_v < u Z} <= V - 1
+        return y.clamp_(max=probs.shape[-1] - 1).view(-1)  # (B,) (a NaN row, from a diverged model, gives V)
+    return invert_cdf(probs, cdf, u, out)  # (B,)
 
 
-def invert_cdf(probs: torch.Tensor, cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """y = min {v : p_v > 0 and F_v >= u Z} per row, Z = max {F_v : p_v > 0}; probs, cdf (B, V)
-    (cdf computed in any order of additions), u (B, 1). Returns (B,) int64."""
+def invert_cdf(probs: torch.Tensor, cdf: torch.Tensor, u: torch.Tensor,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """y = min {v : p_v > 0 and F_v >= u Z} per row, Z = max {F_v : p_v > 0}, whatever order the
+    cdf's additions took: probs, cdf (B, V), u (B, 1). A zero-mass token is never drawn, and some
+    token of positive mass always qualifies. Returns (B,) int64 (written to out (B, 1) if given)."""
     cdf = cdf * (probs > 0)  # (B, V) zero-mass tokens at F = 0 < u Z: never reached
     hit = cdf >= u * cdf.amax(-1, keepdim=True)  # (B, V)
-    return hit.view(torch.uint8).argmax(-1)  # (B,) the first hit (argmax returns the first maximum)
+    return torch.argmax(hit.view(torch.uint8), -1, keepdim=True, out=out).view(-1)  # (B,) the first hit
 
 
 def check_sampling_args(temperature: float, top_k: int, top_p: float, max_new_tokens: int):
@@ -128,10 +137,10 @@ class Decoder:
 
     Buffers over the L = P + N slots of prompt and response: tokens (B, L), valid (B, L) (the
     prompt's padding; True on every response slot, read only when recomputing), logprobs and
-    sampler_logprobs (B, L), the pre-drawn uniforms u (L, B), alive (B,) (no EOS drawn yet), and
-    the KV cache, whose slot (1,) says where the next token goes. draw(logits) draws the token of
-    slot s = cache.slot from logits (B, V) and writes it; step() is GPT.decode_step over that token
-    (slot s), then draw at slot s + 1. step reads no Python state and keeps every shape, so that
+    sampler_logprobs (B, L), the pre-drawn uniforms u (L, B), alive (B,) (no EOS drawn yet), last
+    (B, 1) (the token drawn last), and the KV cache, whose slot (1,) says where the next token goes.
+    draw(logits) draws the token of slot s = cache.slot from logits (B, V) straight into last and
+    writes it to tokens; step() is GPT.decode_step over last (slot s), then draw at slot s + 1. step reads no Python state and keeps every shape, so that
     `torch.compile(step, fullgraph=True, dynamic=False)` traces it once for all N tokens and a CUDA
     graph can replay it (tests/test_static_decode.py).
 
@@ -152,27 +161,32 @@ class Decoder:
         self.logprobs = torch.zeros(B, L, device=tokens.device)  # (B, L) log pi(y|c), at the response slots
         self.sampler_logprobs = torch.zeros(B, L, device=tokens.device)  # (B, L) under the sampling distribution
         self.alive = torch.ones(B, dtype=torch.bool, device=tokens.device)  # (B,) no EOS drawn yet
+        self.last = tokens[:, prompt_len - 1:prompt_len].clone()  # (B, 1) the token drawn last, the step's input
 
-    def draw(self, logits: torch.Tensor) -> None:
-        """Draw the token of slot s = self.slot from logits (B, V); record it and its log-probs."""
-        s = self.slot  # (1,)
+    def draw(self, logits: torch.Tensor, u: torch.Tensor | None = None) -> None:
+        """Draw the token of slot s = self.slot from logits (B, V) with the uniforms u (B, 1) of that
+        slot (None: read from self.u); record it and its log-probs."""
+        s, y = self.slot, self.last  # (1,), (B, 1)
         logp = torch.log_softmax(logits.float(), dim=-1)  # (B, V)
         if self.temperature == 0:
-            nxt = logp.argmax(-1)  # (B,)
+            torch.argmax(logp, -1, keepdim=True, out=y)  # (B, 1)
         else:
             slogp = logp if self.plain else torch.log_softmax(
                 filter_logits(logits, self.temperature, self.top_k, self.top_p), dim=-1)  # (B, V)
-            nxt = sample(slogp.exp(), u=self.u.index_select(0, s).view(-1, 1))  # (B,)
+            u = self.u.index_select(0, s).view(-1, 1) if u is None else u  # (B, 1)
+            sample(slogp.exp(), u=u, out=y)  # (B, 1)
             if not self.plain:
-                self.sampler_logprobs.index_copy_(1, s, slogp.gather(1, nxt[:, None]))
-        self.logprobs.index_copy_(1, s, logp.gather(1, nxt[:, None]))
-        self.tokens.index_copy_(1, s, nxt[:, None])
-        self.alive.logical_and_(nxt != self.eos_id)
+                self.sampler_logprobs.index_copy_(1, s, slogp.gather(1, y))
+        self.logprobs.index_copy_(1, s, logp.gather(1, y))
+        self.tokens.index_copy_(1, s, y)
+        self.alive.logical_and_(y.view(-1) != self.eos_id)
 
     def step(self) -> None:
-        """The static decoding step: the token of slot s through the model, then draw slot s + 1."""
-        logits = self.model.decode_step(self.tokens.index_select(1, self.slot), self.cache)  # (B, V)
-        self.draw(logits)
+        """The static decoding step: the token of slot s through the model, then draw slot s + 1 with
+        the uniforms that the step's gather fetched along with the slot's inputs (start_rollout
+        hands u[s + 1] to the model as slot s's extra value)."""
+        logits, u_next = self.model.decode_step(self.last, self.cache)  # (B, V), (B, 1) or (B, 0)
+        self.draw(logits, u_next if self.u is not None else None)
 
 
 def cuda_graph(step, amp: torch.dtype | None):
@@ -228,7 +242,9 @@ def start_rollout(model: GPT, prompts: list[list[int]], max_new_tokens: int, eos
     if use_cache:
         cache = KVCache(model.config, B, L, device).allocate(autocast_dtype(device) or torch.float32)
         logits = model(prompt, prompt_valid, cache, n_last=1)[:, -1]  # (B, V)
-        model.start_decoding(cache)
+        # the step at slot s draws the token of slot s + 1: it fetches u[s + 1] with slot s's inputs
+        u_next = None if u is None else torch.cat([u[1:], u[:1]])[:, :, None]  # (L, B, 1) (the last row is never read)
+        model.start_decoding(cache, u_next)
     else:
         logits = model(prompt, prompt_valid, n_last=1)[:, -1]  # (B, V)
     dec = Decoder(model, cache, tokens, valid, P, u, eos_id, temperature, top_k, top_p, state)

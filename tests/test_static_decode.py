@@ -9,7 +9,8 @@ from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from nanoopd.model import GPT, GPTConfig, KVCache, deterministic_attention
-from nanoopd.rollout import filter_logits, generate, invert_cdf, left_pad, response_logits, start_rollout
+import nanoopd.rollout as rollout_mod
+from nanoopd.rollout import filter_logits, generate, invert_cdf, left_pad, response_logits, sample, start_rollout
 
 V, EOS, PAD = 50, 48, 49
 PROMPTS = [[1, 2, 3], [4], [5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16], [17]]
@@ -55,7 +56,7 @@ def test_static_step_logits_equal_the_growing_cache_within_1e6_and_recomputation
     model(tokens, valid, growing)
     worst_cache = worst_full = 0.0
     for t in range(N):
-        a = model.decode_step(follow[:, t:t + 1], static)  # (B, V)
+        a = model.decode_step(follow[:, t:t + 1], static)[0]  # (B, V)
         b = model(follow[:, t:t + 1], torch.ones(B, 1, dtype=torch.bool), growing)[:, -1]  # (B, V)
         full = model(torch.cat([tokens, follow[:, :t + 1]], 1),
                      torch.cat([valid, torch.ones(B, t + 1, dtype=torch.bool)], 1))[:, -1]  # (B, V)
@@ -144,6 +145,25 @@ def test_with_an_in_order_sum_the_draw_is_the_count_of_cdf_values_below_u_z():
     cdf = probs.cumsum(-1)
     u = 1.0 - torch.rand(256, 1, generator=g)
     assert torch.equal(invert_cdf(probs, cdf, u), (cdf < u * cdf[:, -1:]).sum(-1))
+
+
+def test_on_the_cpu_one_binary_search_draws_what_invert_cdf_draws(monkeypatch):
+    """The CPU's sampler (torch.searchsorted over its in-order cdf) and the one for any order of
+    additions (invert_cdf) give the same token for every u, with most tokens at zero mass, u = 1,
+    u at the smallest step, and a row of NaN (a diverged model) kept to a token id."""
+    g = torch.Generator().manual_seed(2)
+    logits = 3 * torch.randn(128, V, generator=g)
+    for temperature, top_k, top_p in [(1.0, 0, 1.0), (0.7, 10, 1.0), (1.0, 0, 0.6), (0.3, 0, 0.9)]:
+        probs = torch.log_softmax(filter_logits(logits, temperature, top_k, top_p), -1).exp()  # (B, V)
+        us = torch.cat([torch.ones(128, 1), torch.full((128, 1), 2.0 ** -24), 1.0 - torch.rand(128, 512, generator=g)], 1)
+        for i in range(us.shape[1]):
+            u = us[:, i:i + 1]
+            assert torch.equal(sample(probs, u=u), invert_cdf(probs, probs.cumsum(-1), u))
+    nan = torch.full((2, V), float("nan"))
+    y = sample(nan, u=torch.ones(2, 1))
+    assert ((0 <= y) & (y < V)).all()
+    monkeypatch.setattr(rollout_mod, "IN_ORDER_SCAN", ())  # the GPU's path, here on the CPU
+    assert torch.equal(sample(probs, u=us[:, 2:3]), invert_cdf(probs, probs.cumsum(-1), us[:, 2:3]))
 
 
 class NoInt64Cumsum(TorchDispatchMode):
