@@ -8,7 +8,8 @@ section 7), one run per pair and seed. Trains the pairs first where <out_dir> ha
   python experiments/m1_objectives.py --help            # every flag, with its default
 
 Writes <out_dir>/m1/m1.{txt,csv,json} (a cell: mean over all runs, 95 % t-interval over the pairs'
-means, per-pair means; see experiments/common.py) and one opd run per row in its pair's folder
+means, per-pair means; see experiments/common.py), m1.png when matplotlib is installed (each
+objective's mean with its interval, and its per-pair means as dots), and one opd run per row in its pair's folder
 (<pair dir>/m1/<label>_s<seed>.{pt,jsonl,json,row.json}). Started again with the same flags, it
 reads the finished runs back and runs only the others.
 """
@@ -20,7 +21,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 from experiments.common import (OPD_RUN_FIELDS, OPSD_FIELDS, RLVR_FIELDS, ExperimentConfig, cell_text, cells,
-                                final_eval, pairs, parse, run_experiment, run_grid)
+                                final_eval, interval, pairs, parse, run_experiment, run_grid)
 from nanoopd.checkpoint import load_checkpoint
 from nanoopd.report import by_label, degraded_cell, header, mean, write_results
 from nanoopd.script import cli
@@ -70,7 +71,40 @@ def m1(cfg: ExperimentConfig, tok, device, log) -> dict:
     write_results(folder, "m1", rows, table, {"teacher_acc": dict(zip((p.seed for p in pcfgs), teacher_acc)),
                                               "cells": cells(rows, ("final_acc", "final_kl")),
                                               "seconds": round(time.time() - t0, 1)}, CSV)
+    figure(os.path.join(folder, "m1.png"), rows, mean(start_acc), mean(teacher_acc), log)
     return {"m1_teacher_acc": mean(teacher_acc)}
+
+
+def figure(path: str, rows: list[dict], start_acc: float, teacher_acc: float, log) -> None:
+    """One row per objective: the mean held-out accuracy with its 95 % interval (a bar), each pair's
+    mean (dots), and the student's start and the teacher as lines."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("m1: no figure: matplotlib is missing (pip install matplotlib)")
+        return
+    groups = list(by_label(rows).items())
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(groups) + 1.2))
+    for i, (label, rs) in enumerate(groups):
+        c = interval(rs, "final_acc")
+        if c["mean"] is None:
+            continue
+        if c["low"] is not None:
+            ax.plot([100 * c["low"], 100 * c["high"]], [i, i], color="tab:blue", lw=3, alpha=0.5)
+        ax.plot(100 * c["mean"], i, "o", color="tab:blue", ms=7)
+        ax.plot([100 * v for v in c["per_pair"].values()], [i] * len(c["per_pair"]), "k.", alpha=0.6, ms=5)
+    for x, name, style in ((start_acc, "student at start", ":"), (teacher_acc, "teacher", "--")):
+        ax.axvline(100 * x, color="gray", ls=style, lw=1, label=name)
+    ax.set_yticks(range(len(groups)), [label for label, _ in groups])
+    ax.invert_yaxis()
+    ax.set_xlabel("held-out accuracy after OPD (%, greedy): mean, 95 % interval over pairs, pairs as dots")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    log(f"m1: figure {path}")
 
 
 def main(argv=None) -> dict:

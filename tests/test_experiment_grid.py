@@ -83,6 +83,12 @@ def test_two_jobs_give_the_bits_of_one(one_and_two_jobs):
     assert len(start) == 2  # each pair's own student
 
 
+def test_m1_draws_its_figure_where_matplotlib_is_installed(one_and_two_jobs):
+    pytest.importorskip("matplotlib")
+    png = one_and_two_jobs[0] / "m1" / "m1.png"
+    assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_a_restarted_grid_reads_finished_runs_back(one_and_two_jobs, monkeypatch):
     import experiments.common as common
     from experiments import m1_objectives
