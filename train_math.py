@@ -90,9 +90,10 @@ class TrainConfig:
     s_layer: int = 2                 # student depth
     s_embd: int = 64                 # student width
     s_head: int = 2                  # student heads
-    s_steps: int = 800               # cold-start SFT steps on teacher traces (0 = no cold start: random init)
+    s_steps: int = 1600              # cold-start SFT steps on teacher traces (0 = no cold start: random init)
     s_lr: float = 3e-3               # student peak learning rate
-    s_pool: int = 4096               # teacher traces sampled once for the student's cold start
+    s_pool: int = 1536               # teacher traces sampled once for the student's cold start (the student learns them all)
+    s_digits: int = 0                # operands of the cold-start pool's problems have 1..s_digits digits (0 = digits)
     # --- optimisation and evaluation
     batch_size: int = 64             # sequences per SFT step (global under torchrun)
     eval_n: int = 500                # held-out problems per accuracy measured during training (OPD's evaluations every opd_eval_every steps)
@@ -141,6 +142,8 @@ class TrainConfig:
         for name in ("s_steps", "save_every", "threads", "log_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.s_digits <= self.digits:
+            raise ConfigError("s_digits", f"must lie in 0..digits ({self.digits}; 0 = digits), got {self.s_digits}")
         if not self.ops or any(o not in "+-*" for o in self.ops):
             raise ConfigError("ops", f"must be a non-empty subset of '+-*', got {self.ops!r}")
         for name in ("t_lr", "s_lr"):
@@ -189,7 +192,7 @@ class TrainConfig:
 PRESETS = {
     "cpu": {},  # the defaults above: a few minutes on a 2-core laptop
     "gpu": dict(t_layer=6, t_embd=256, t_head=8, t_steps=4000, s_layer=4, s_embd=128, s_head=4,
-                s_steps=800, batch_size=128, digits=4, ops="+-*", max_new_tokens=96, eval_n=2000),
+                s_steps=800, s_pool=4096, batch_size=128, digits=4, ops="+-*", max_new_tokens=96, eval_n=2000),
 }
 
 
@@ -273,7 +276,7 @@ def train_teacher(cfg: TrainConfig, tok, device, log) -> GPT:
 def teacher_traces(teacher: GPT, tok, cfg: TrainConfig) -> list[tuple[list[int], list[int]]]:
     """(prompt, response) pairs: the teacher's greedy answers to s_pool training prompts.
     Responses that hit the token budget without <|eos|> are dropped."""
-    problems = sample_problems(cfg.s_pool, "train", cfg.seed + 1, cfg.digits, cfg.ops)
+    problems = sample_problems(cfg.s_pool, "train", cfg.seed + 1, cfg.s_digits or cfg.digits, cfg.ops)
     prompts = [encode_example(tok, p)[0] for p in problems]
     pairs = []
     for i in range(0, len(prompts), 256):

@@ -19,6 +19,7 @@ def run(*args, timeout=120):
     (["--ops", "/"], "--ops"),
     (["--digits", "0"], "--digits"),
     (["--s_steps", "-1"], "--s_steps"),
+    (["--s_digits", "4"], "--s_digits"),
     (["--t_lr", "0"], "--t_lr"),
     (["--preset", "tpu"], "invalid choice"),
     (["--t_steps", "ten"], "invalid int"),
