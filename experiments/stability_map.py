@@ -8,6 +8,8 @@ for the stop-gradient top-K's collapse. Trains the pair first if <out_dir> has n
   python experiments/stability_map.py --out_dir out/pair --threads 2     # the docs' map (about 30 min on 2 cores)
   python experiments/stability_map.py --out_dir out/pair --seeds 1       # one seed: half the time
   python experiments/stability_map.py --out_dir out/pair --lrs 1e-4,1e-3 --ks 4 --k_lr 1e-3
+  python experiments/stability_map.py --pairs 3 --seeds 1 --lrs 1e-4,2e-4,3e-4 --ks 16 --jobs 2 --objectives
+      'topk_stopgrad(teacher),topk_stopgrad(intersection),sampled_token'   # the boundary, on 3 pairs
   python experiments/stability_map.py --help                             # every flag, with its default
 
 Runs, seed by seed (all of seed 1 first, so that a stopped map is a complete one-seed map): for
@@ -63,6 +65,7 @@ class StabilityConfig(ExperimentConfig):
     lrs: str = "1e-5,1e-4,2e-4,3e-4,1e-3"  # comma-separated OPD peak learning rates: the map's columns
     ks: str = "4,16,64"              # comma-separated support sizes of the K sweep (16 reuses the main grid's runs)
     k_lr: float = 3e-4               # the learning rate of the K sweep (must be one of --lrs)
+    objectives: str = ""             # comma-separated rows to run, labels of OBJECTIVES, e.g. 'topk_stopgrad(teacher),sampled_token' (empty: all six)
     opd_eval_every: int = 25         # held-out greedy accuracy every N OPD steps: when accuracy drops, vs the tail
 
     def __post_init__(self):
@@ -76,6 +79,21 @@ class StabilityConfig(ExperimentConfig):
                 raise ConfigError(name, f"must be comma-separated positive numbers; got {getattr(self, name)!r}")
         if self.k_lr not in self.lr_list():
             raise ConfigError("k_lr", f"must be one of --lrs {self.lrs}, got {self.k_lr}")
+        unknown = set(self.chosen()) - {o[0] for o in OBJECTIVES}
+        if unknown:
+            raise ConfigError("objectives", f"unknown row(s) {', '.join(sorted(unknown))}; choose from "
+                              f"{','.join(o[0] for o in OBJECTIVES)}")
+
+    def chosen(self) -> list[str]:
+        return [s.strip() for s in self.objectives.split(",") if s.strip()]
+
+    def labels(self) -> list[str]:
+        """The map's rows, in OBJECTIVES' order (all of them when --objectives is empty)."""
+        return [o[0] for o in OBJECTIVES if not self.chosen() or o[0] in self.chosen()]
+
+    def rows(self) -> tuple:
+        """(label, objective, options) of the map's rows."""
+        return tuple(o for o in OBJECTIVES if o[0] in self.labels())
 
     def lr_list(self) -> list[float]:
         return [float(s) for s in self.lrs.split(",") if s.strip()]
@@ -88,7 +106,7 @@ def k_runs(cfg: StabilityConfig) -> list[tuple]:
     """The K sweep's runs beyond the main grid: K_SWEEP at every K of --ks but 16."""
     by_label = {label: (loss, opts) for label, loss, opts in OBJECTIVES}
     return [(f"{label} k{k}", by_label[label][0], {**by_label[label][1], "k": k})
-            for k in cfg.k_list() if k != K for label in K_SWEEP]
+            for k in cfg.k_list() if k != K for label in K_SWEEP if label in cfg.labels()]
 
 
 def lr_folder(lr: float) -> str:
@@ -131,7 +149,7 @@ def stability(cfg: StabilityConfig, tok, device, log) -> dict:
     calls, meta = [], []
     for seed in cfg.seed_list():  # seed by seed: a stopped map (with --jobs 1) is a complete map of its first seeds
         for lr in cfg.lr_list():
-            runs = list(OBJECTIVES) + (k_runs(cfg) if lr == cfg.k_lr else [])
+            runs = list(cfg.rows()) + (k_runs(cfg) if lr == cfg.k_lr else [])
             at_lr = [replace(p, seeds=str(seed), opd_lr=lr) for p in pcfgs]
             new = grid_calls(replace(cfg, seeds=str(seed)), at_lr, runs, lr_folder(lr), extra_stats=tail_hook)
             calls += new
@@ -155,7 +173,7 @@ def stability(cfg: StabilityConfig, tok, device, log) -> dict:
 
 def tables(cfg, rows, teacher_acc, start_acc, seconds) -> str:
     lrs = cfg.lr_list()
-    main = [r for r in rows if r["label"] in dict((o[0], 1) for o in OBJECTIVES)]
+    main = [r for r in rows if r["label"] in cfg.labels()]
     cell = lambda rs: f"{cell_text(rs)} {degraded_cell(rs) if rs else ''}"
     width = 44
     lines = [f"Stability map | {cfg.pairs} pair(s) x seeds {cfg.seeds} | {cfg.opd_steps} OPD steps x {cfg.opd_batch} rollouts | lrs {cfg.lrs} "
@@ -166,12 +184,12 @@ def tables(cfg, rows, teacher_acc, start_acc, seconds) -> str:
              f"held-out accuracy (final_eval_n={cfg.final_eval_n}): mean [95% t-interval over pairs' means, or over "
              f"the seeds of one pair] (per pair or seed), and degraded runs; K = {K}",
              f"{'objective':27s} | " + " | ".join(f"{'lr ' + format(lr, 'g'):{width}s}" for lr in lrs)]
-    for label, _, _ in OBJECTIVES:
+    for label in cfg.labels():
         lines.append(f"{label:27s} | " + " | ".join(
             f"{cell([r for r in main if r['label'] == label and r['lr'] == lr]):{width}s}" for lr in lrs))
     lines += ["", f"tail mass: start (first {TAIL_WINDOW} steps) -> end (last 10 % of steps), mean over seeds",
               f"{'objective':27s} | " + " | ".join(f"{'lr ' + format(lr, 'g'):17s}" for lr in lrs)]
-    for label, _, _ in OBJECTIVES:
+    for label in cfg.labels():
         cells = []
         for lr in lrs:
             rs = [r for r in main if r["label"] == label and r["lr"] == lr]
@@ -180,7 +198,7 @@ def tables(cfg, rows, teacher_acc, start_acc, seconds) -> str:
         lines.append(f"{label:27s} | " + " | ".join(f"{c:17s}" for c in cells))
     lines += ["", f"K sweep at lr {cfg.k_lr:g} (teacher support): held-out accuracy, degraded seeds, final tail mass",
               f"{'objective':27s} | " + " | ".join(f"{'K ' + str(k):44s}" for k in cfg.k_list())]
-    for label in K_SWEEP:
+    for label in (x for x in K_SWEEP if x in cfg.labels()):
         cells = []
         for k in cfg.k_list():
             rs = [r for r in rows if r["lr"] == cfg.k_lr and r["label"] == (label if k == K else f"{label} k{k}")]
@@ -220,7 +238,7 @@ def figures(cfg, pcfgs, rows, folder: str, log) -> None:
     except ImportError:
         log("stability: no figures: matplotlib is missing (pip install matplotlib)")
         return
-    lrs, labels = cfg.lr_list(), [o[0] for o in OBJECTIVES]
+    lrs, labels = cfg.lr_list(), cfg.labels()
     fig, ax = plt.subplots(figsize=(1.6 * len(lrs) + 3.2, 0.55 * len(labels) + 1.4))
     grid = [[float("nan")] * len(lrs) for _ in labels]
     for i, label in enumerate(labels):

@@ -158,3 +158,15 @@ def test_stage_eval_reads_the_final_accuracies_on_final_eval_n(tmp_path, capsys)
     assert "n=12" in out and "n=3" not in out
     assert all(0 <= summary[k] <= 1 for k in ("teacher_acc_greedy", "student_acc_sampled"))
     assert sample_problems(3, "test", 1337, 1) == sample_problems(12, "test", 1337, 1)[:3]  # the small set opens the large
+
+
+def test_the_stability_map_runs_only_the_rows_asked_for():
+    from experiments.stability_map import OBJECTIVES, StabilityConfig, k_runs
+    from nanoopd.config import ConfigError
+    cfg = StabilityConfig(objectives="sampled_token,topk_stopgrad(teacher)", ks="4,16")
+    assert cfg.labels() == ["topk_stopgrad(teacher)", "sampled_token"]  # in the map's order
+    assert [r[0] for r in cfg.rows()] == cfg.labels()
+    assert [r[0] for r in k_runs(cfg)] == ["topk_stopgrad(teacher) k4"]  # the K sweep of the chosen rows only
+    assert StabilityConfig().labels() == [o[0] for o in OBJECTIVES]
+    with pytest.raises(ConfigError, match="unknown row"):
+        StabilityConfig(objectives="topk_stopgrad")
