@@ -86,21 +86,25 @@ def figure(path: str, rows: list[dict], start_acc: float, teacher_acc: float, lo
         log("m1: no figure: matplotlib is missing (pip install matplotlib)")
         return
     groups = list(by_label(rows).items())
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(groups) + 1.2))
+    fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(groups) + 1.5))
+    clip = lambda x: min(100.0, max(0.0, 100 * x))  # a t-interval over 3 pairs can reach past 0 or 100 %
     for i, (label, rs) in enumerate(groups):
         c = interval(rs, "final_acc")
         if c["mean"] is None:
             continue
         if c["low"] is not None:
-            ax.plot([100 * c["low"], 100 * c["high"]], [i, i], color="tab:blue", lw=3, alpha=0.5)
+            ax.plot([clip(c["low"]), clip(c["high"])], [i, i], color="tab:blue", lw=3, alpha=0.5)
         ax.plot(100 * c["mean"], i, "o", color="tab:blue", ms=7)
         ax.plot([100 * v for v in c["per_pair"].values()], [i] * len(c["per_pair"]), "k.", alpha=0.6, ms=5)
     for x, name, style in ((start_acc, "student at start", ":"), (teacher_acc, "teacher", "--")):
         ax.axvline(100 * x, color="gray", ls=style, lw=1, label=name)
     ax.set_yticks(range(len(groups)), [label for label, _ in groups])
     ax.invert_yaxis()
-    ax.set_xlabel("held-out accuracy after OPD (%, greedy): mean, 95 % interval over pairs, pairs as dots")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.set_xlim(right=100)
+    ax.set_xlabel("held-out accuracy after OPD (%, greedy)")
+    ax.set_title("M1: mean (circle), 95 % t-interval over pairs (bar, cut at 0 and 100 %), each pair's mean (dots)",
+                 fontsize=8)
+    ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
