@@ -77,6 +77,8 @@ class JsonlLog:
     are written again first, so the file always holds the run from step 0."""
 
     def __init__(self, path: str | None, kept: list[dict] = ()):
+        if path and distributed.is_main():
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # the run may be the first in its folder
         self.file = open(path, "w") if path and distributed.is_main() else None
         for record in kept:
             self.write(record)

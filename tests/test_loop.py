@@ -46,3 +46,12 @@ def test_jsonl_rewrites_kept_records_then_appends(tmp_path):
     assert [json.loads(line)["step"] for line in open(path)] == [0, 1]
     with JsonlLog(None) as log:  # no path: nothing is written
         log.write({"step": 0})
+
+
+def test_a_jsonl_log_creates_its_folder(tmp_path):
+    """A run can be the first to write in its folder (an RLVR teacher of an experiment's worker)."""
+    from nanoopd.loop import JsonlLog
+    path = tmp_path / "m4" / "teacher_rlvr_s1.jsonl"
+    with JsonlLog(str(path)) as log:
+        log.write({"step": 0})
+    assert path.read_text() == '{"step": 0}\n'
