@@ -77,11 +77,10 @@ class KVCache:
     next_pos: (B,) the position id the next real token of each row will get; length: tokens so far.
 
     The static decoding step (GPT.decode_step, after GPT.start_decoding) keeps its state on the
-    device instead: slot (1,) the slot it writes next, step_inputs (max_len, B, C + max_len + E) per
-    slot s the position embedding and the additive attention mask of the token written there (and
-    E values of the caller's, see GPT.start_decoding), and
-    k, v as the two halves of one buffer kv (n_layer, 2, B, n_head, max_len, head_dim), so that
-    one copy stores both.
+    device instead: slot (1,) the slot it writes next; step_inputs (max_len, B, C + max_len + E),
+    per slot s the position embedding and the additive attention mask of the token written there
+    (and E values of the caller's, see GPT.start_decoding); and k, v as the two halves of one
+    buffer kv (n_layer, 2, B, n_head, max_len, head_dim), so that one copy stores both.
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device):

@@ -140,9 +140,10 @@ class Decoder:
     sampler_logprobs (B, L), the pre-drawn uniforms u (L, B), alive (B,) (no EOS drawn yet), last
     (B, 1) (the token drawn last), and the KV cache, whose slot (1,) says where the next token goes.
     draw(logits) draws the token of slot s = cache.slot from logits (B, V) straight into last and
-    writes it to tokens; step() is GPT.decode_step over last (slot s), then draw at slot s + 1. step reads no Python state and keeps every shape, so that
-    `torch.compile(step, fullgraph=True, dynamic=False)` traces it once for all N tokens and a CUDA
-    graph can replay it (tests/test_static_decode.py).
+    writes it to tokens; step() is GPT.decode_step over last (slot s), then draw at slot s + 1.
+    step reads no Python state and keeps every shape, so that `torch.compile(step, fullgraph=True,
+    dynamic=False)` traces it once for all N tokens and a CUDA graph can replay it
+    (tests/test_static_decode.py).
 
     A row keeps decoding after its EOS (its later tokens are thrown away at the end): masking it
     would cost a few operators a token and change nothing kept.
