@@ -55,6 +55,10 @@ OPD_RUN_FIELDS = ("loss",) + OBJECTIVE_FLAGS + ("mask_tokens", "hide_from_teache
 PIPELINE_FIELDS = ("stages", "resume")
 OPSD_FIELDS = ("mode", "pi", "live_teacher", "pi_steps")
 STUDENT_FIELDS = ("s_layer", "s_embd", "s_head", "s_steps", "s_lr", "s_pool")
+# what a pair's checkpoints must have been trained with to be reused (the task, then each role's own flags)
+TASK_FIELDS = ("seed", "digits", "ops", "max_new_tokens")
+PAIR_FIELDS = {"teacher": TASK_FIELDS + ("t_layer", "t_embd", "t_head", "t_steps", "t_lr"),
+               "student": TASK_FIELDS + STUDENT_FIELDS + ("s_digits", "batch_size")}
 RLVR_FIELDS = ("teacher", "rlvr_init", "rlvr_steps", "rlvr_lr", "rlvr_prompts", "rlvr_group", "rlvr_cut")
 
 
@@ -128,6 +132,20 @@ def role_finished(path: str, steps: int) -> bool:
     return "optimizer" not in payload or payload["step"] >= steps
 
 
+def check_pair(pcfg: ExperimentConfig) -> None:
+    """Refuse to reuse a pair trained with other flags: each checkpoint train_math.py wrote records
+    its config, and the PAIR_FIELDS of its role must equal this run's (a checkpoint without that
+    record, saved by other code, is taken as it is)."""
+    for role, fields in PAIR_FIELDS.items():
+        path = os.path.join(pcfg.out_dir, f"{role}.pt")
+        trained = read_checkpoint(path).get("extra", {}).get("train") if os.path.exists(path) else None
+        diff = [f"--{f} {trained[f]} (asked: {getattr(pcfg, f)})" for f in fields
+                if trained and f in trained and trained[f] != getattr(pcfg, f)]
+        if diff:
+            raise ConfigError("out_dir", f"{path} was trained with {', '.join(diff)}: pass those flags to reuse "
+                                         f"it, or give another --out_dir to train new pairs there")
+
+
 def train_pair(pcfg: ExperimentConfig, _cell=None) -> dict:
     """The teacher and cold-start student of pcfg.out_dir, trained (or resumed) where not finished."""
     tok, device = get_tokenizer(), pick_device(pcfg.device)
@@ -148,6 +166,8 @@ def train_pair(pcfg: ExperimentConfig, _cell=None) -> dict:
 def pairs(cfg: ExperimentConfig, log) -> list[ExperimentConfig]:
     """Every pair of cfg trained (the missing ones, cfg.jobs at a time); their configs."""
     pcfgs = pair_configs(cfg)
+    for p in pcfgs:
+        check_pair(p)
     todo = [p for p in pcfgs if not (role_finished(os.path.join(p.out_dir, "teacher.pt"), p.t_steps)
                                      and role_finished(os.path.join(p.out_dir, "student.pt"), p.s_steps))]
     if todo:

@@ -170,3 +170,20 @@ def test_the_stability_map_runs_only_the_rows_asked_for():
     assert StabilityConfig().labels() == [o[0] for o in OBJECTIVES]
     with pytest.raises(ConfigError, match="unknown row"):
         StabilityConfig(objectives="topk_stopgrad")
+
+
+
+def test_a_pair_trained_with_other_flags_is_not_reused(tmp_path, capsys):
+    """A pair's checkpoints record the flags train_math.py trained them with; an experiment that
+    asks for another student stops with a message instead of taking the old one for the new."""
+    from experiments import m1_objectives
+    from nanoopd.script import cli
+    flags = m1_flags(tmp_path, 1, 1)
+    flags[flags.index("--pairs") + 1] = "1"
+    m1_objectives.main(flags)  # trains the pair (its student: --s_embd 16), runs the grid
+    flags[flags.index("--s_embd") + 1] = "32"
+    with pytest.raises(SystemExit) as done:
+        cli(lambda: m1_objectives.main(flags))
+    err = capsys.readouterr().err
+    assert done.value.code == 1 and "Traceback" not in err
+    assert "student.pt was trained with --s_embd 16 (asked: 32)" in err and "another --out_dir" in err
