@@ -172,7 +172,6 @@ def test_the_stability_map_runs_only_the_rows_asked_for():
         StabilityConfig(objectives="topk_stopgrad")
 
 
-
 def test_a_pair_trained_with_other_flags_is_not_reused(tmp_path, capsys):
     """A pair's checkpoints record the flags train_math.py trained them with; an experiment that
     asks for another student stops with a message instead of taking the old one for the new."""
