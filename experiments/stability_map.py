@@ -54,9 +54,11 @@ OBJECTIVES = (
 K_SWEEP = ("topk_unnormalized", "topk_stopgrad(teacher)", "topk_renorm")  # the K sweep's rows (teacher support)
 TAIL_FACTOR = 2.0  # the tail has risen when its trailing mean exceeds this multiple of its start (see lead)
 TAIL_WINDOW = 5   # steps in the tail's start value (the first ones, still in the warm-up) and trailing mean
+TAIL_LEVELS = (0.003, 0.01, 0.03)  # absolute warning levels of the tail's trailing mean (2x a start of 1e-4 is noise)
 CSV = ["label", "objective", "k", "lr", "pair", "seed", "start_acc", "final_acc", "first_kl", "final_kl", "first_tail_mass",
        "final_tail_mass", "final_response_length", "final_budget_share", "max_logratio_abs", "degraded", "error",
-       "tail_step", "acc_drop_step", "steps_done", "seconds"]
+       "tail_step", "acc_drop_step", "peak_tail_mass"] + [f"tail_{level:g}_step" for level in TAIL_LEVELS] + [
+       "steps_done", "seconds"]
 
 
 @dataclass
@@ -128,16 +130,43 @@ def tail_hook(options: dict):
 
 
 def lead(row: dict, recs: list[dict]) -> dict:
-    """When the tail rose and when accuracy dropped, both in steps done: the first step at which the
-    tail mass, as a trailing mean over TAIL_WINDOW steps, exceeded TAIL_FACTOR x its mean over the
-    first TAIL_WINDOW steps (one batch's value is too noisy to be the baseline), and the first
+    """When the tail rose and when accuracy dropped, all in steps done. The tail is read through its
+    trailing mean over TAIL_WINDOW steps, m_n = mean of the tail at steps n - TAIL_WINDOW + 1 .. n
+    (one batch's value is too noisy): tail_step is the first n with m_n > TAIL_FACTOR x the mean over
+    the first TAIL_WINDOW steps (first_tail_mass), tail_<level>_step the first n with m_n > level
+    for each of TAIL_LEVELS, and peak_tail_mass the largest m_n. acc_drop_step is the first
     evaluation at which held-out accuracy was more than 10 points below the start."""
     tails = [r["tail_mass"] for r in recs]
     base = sum(tails[:TAIL_WINDOW]) / len(tails[:TAIL_WINDOW]) if tails else None
-    tail_step = next((i + 1 for i in range(TAIL_WINDOW, len(tails))
-                      if sum(tails[i + 1 - TAIL_WINDOW:i + 1]) / TAIL_WINDOW > TAIL_FACTOR * base), None)
+    means = [(i + 1, sum(tails[i + 1 - TAIL_WINDOW:i + 1]) / TAIL_WINDOW) for i in range(TAIL_WINDOW - 1, len(tails))]
+    first_above = lambda level: next((n for n, m in means if m > level), None)
     drop = next((s for s, a in row["evals"][1:] if a < row["start_acc_train"] - 0.10), None)  # the same eval_n set
-    return {"first_tail_mass": base, "tail_step": tail_step, "acc_drop_step": drop}
+    return {"first_tail_mass": base, "tail_step": first_above(TAIL_FACTOR * base) if tails else None,
+            "acc_drop_step": drop, "peak_tail_mass": max((m for _, m in means), default=None),
+            **{f"tail_{level:g}_step": first_above(level) for level in TAIL_LEVELS}}
+
+
+def level_table(rows: list[dict]) -> list[str]:
+    """How well an absolute tail level warns: for each of TAIL_LEVELS, the runs whose accuracy dropped
+    in which the tail's trailing mean passed the level first (and by how many steps), and the runs
+    that did not degrade in which it passed the level all the same."""
+    drops = [r for r in rows if r["degraded"] and r["acc_drop_step"] is not None]
+    good = [r for r in rows if not r["degraded"]]
+    lines = [f"absolute tail levels: the first step its {TAIL_WINDOW}-step trailing mean passed the level, against the "
+             f"accuracy drop of the {len(drops)} degraded runs whose accuracy dropped",
+             f"{'level':6s} | {'drops it precedes':17s} | {'by (steps)':10s} | runs that did not degrade and pass it"]
+    for level in TAIL_LEVELS:
+        key = f"tail_{level:g}_step"
+        leads = [r["acc_drop_step"] - r[key] for r in drops if r[key] is not None and r[key] < r["acc_drop_step"]]
+        passed = sum(r[key] is not None for r in good)
+        lines.append(f"{level:<6g} | {f'{len(leads)} of {len(drops)}':17s} | "
+                     f"{f'{min(leads)}-{max(leads)}' if leads else '-':10s} | {passed} of {len(good)}")
+    peak = max((r["peak_tail_mass"] for r in good if r["peak_tail_mass"] is not None), default=None)
+    ends = [r["final_tail_mass"] for r in rows if r["degraded"] and r.get("final_tail_mass") is not None]
+    if peak is not None:
+        lines.append(f"highest trailing mean of a run that did not degrade: {peak:.4f}"
+                     + (f"; final tail of the degraded runs: {min(ends):.4f}-{max(ends):.4f}" if ends else ""))
+    return lines
 
 
 def stability(cfg: StabilityConfig, tok, device, log) -> dict:
@@ -223,6 +252,7 @@ def tables(cfg, rows, teacher_acc, start_acc, seconds) -> str:
     lines += [f"false alarms: the tail crossed {TAIL_FACTOR:g}x in {len(alarms)} of the {len(good)} runs that did not "
               f"degrade" + (f" ({', '.join(sorted(set(r['label'] + ' lr ' + format(r['lr'], 'g') for r in alarms)))})"
                             if alarms else ""),
+              ""] + level_table(rows) + [
               "tail mass: the student's mass outside the teacher's top-K (K of the run, 16 for the others), mean over "
               "response tokens; start = mean over the first steps, end = over the last 10 %. degraded: non-finite, length "
               "(>= 50 % of rollouts hit the budget) or collapse (held-out accuracy > 10 points below the start)"]

@@ -186,3 +186,29 @@ def test_a_pair_trained_with_other_flags_is_not_reused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert done.value.code == 1 and "Traceback" not in err
     assert "student.pt was trained with --s_embd 16 (asked: 32)" in err and "another --out_dir" in err
+
+
+def test_the_tail_levels_are_read_from_the_trailing_mean():
+    """lead() reads the tail through its 5-step trailing mean: the relative rise, each absolute level
+    and the peak; level_table counts the drops each level precedes and the quiet runs it fires in."""
+    from experiments.stability_map import TAIL_LEVELS, lead, level_table
+    assert TAIL_LEVELS == (0.003, 0.01, 0.03)
+    tails = [1e-4] * 10 + [0.02] * 5 + [0.5] * 5  # steps 1..20: quiet, a small rise, then the leak
+    row = {"evals": [(0, 0.90), (10, 0.89), (20, 0.40)], "start_acc_train": 0.90}
+    got = lead(row, [{"tail_mass": t} for t in tails])
+    assert got["first_tail_mass"] == pytest.approx(1e-4) and got["acc_drop_step"] == 20
+    # the trailing mean at step 11 is (4 x 1e-4 + 0.02) / 5 = 0.00408: past 2x the start and past 0.003
+    assert got["tail_step"] == 11 and got["tail_0.003_step"] == 11
+    assert got["tail_0.01_step"] == 13 and got["tail_0.03_step"] == 16  # 0.0121 at 13; 0.112 at 16
+    assert got["peak_tail_mass"] == pytest.approx(0.5)
+    quiet = lead({"evals": [(0, 0.9), (10, 0.9)], "start_acc_train": 0.9}, [{"tail_mass": 1e-4}] * 10)
+    assert quiet["tail_step"] is None and quiet["acc_drop_step"] is None and quiet["tail_0.003_step"] is None
+    rows = [{**got, "degraded": "collapse", "final_tail_mass": 0.5},
+            {**quiet, "degraded": "", "final_tail_mass": 1e-4},
+            {**quiet, "degraded": "", "final_tail_mass": 0.005, "tail_0.003_step": 7, "peak_tail_mass": 0.005}]
+    lines = level_table(rows)
+    assert "the 1 degraded runs whose accuracy dropped" in lines[0]
+    assert lines[2].split(" | ") == ["0.003 ", "1 of 1           ", "9-9       ", "1 of 2"]
+    assert lines[3].split(" | ")[1:] == ["1 of 1           ", "7-7       ", "0 of 2"]
+    assert lines[4].split(" | ")[1:] == ["1 of 1           ", "4-4       ", "0 of 2"]
+    assert lines[5] == "highest trailing mean of a run that did not degrade: 0.0050; final tail of the degraded runs: 0.5000-0.5000"
