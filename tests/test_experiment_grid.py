@@ -107,6 +107,23 @@ def test_a_restarted_grid_reads_finished_runs_back(one_and_two_jobs, monkeypatch
         [{k: v for k, v in r.items() if k != "seconds"} for r in before]  # and it ends where it would have
 
 
+def test_a_scripts_own_hook_names_the_run_the_same_in_a_worker():
+    """Run as a script, an experiment's own functions (the stability map's tail_hook) live in
+    __main__ in the parent and in __mp_main__ in a spawned worker, which writes the row: the run's
+    key must not differ, or a restarted grid with --jobs 2 would run every run again."""
+    from experiments.common import ExperimentConfig, run_key
+
+    def hook(options):
+        return None
+    in_worker = lambda options: None
+    hook.__module__, in_worker.__module__, in_worker.__qualname__ = "__main__", "__mp_main__", hook.__qualname__
+    cfg = ExperimentConfig()
+    assert run_key(cfg, {"extra_stats": hook}) == run_key(cfg, {"extra_stats": in_worker})
+    other = lambda options: None
+    other.__module__, other.__qualname__ = "experiments.stability_map", hook.__qualname__
+    assert run_key(cfg, {"extra_stats": hook}) != run_key(cfg, {"extra_stats": other})
+
+
 def test_interval_is_a_t_interval_over_the_pairs_means():
     from experiments.common import cell_text, interval
     rows = [{"pair": p, "final_acc": v} for p, vs in ((1, (0.4, 0.6)), (2, (0.6, 0.6)), (3, (0.7, 0.7)))
