@@ -58,7 +58,7 @@ STUDENT_FIELDS = ("s_layer", "s_embd", "s_head", "s_steps", "s_lr", "s_pool")
 # what a pair's checkpoints must have been trained with to be reused (the task, then each role's own flags)
 TASK_FIELDS = ("seed", "digits", "ops", "batch_size")
 PAIR_FIELDS = {"teacher": TASK_FIELDS + ("t_layer", "t_embd", "t_head", "t_steps", "t_lr"),
-               "student": TASK_FIELDS + STUDENT_FIELDS + ("s_digits", "max_new_tokens")}  # the budget of its pool's traces
+               "student": TASK_FIELDS + STUDENT_FIELDS + ("s_digits", "s_ops", "max_new_tokens")}  # the budget of its pool's traces
 RLVR_FIELDS = ("teacher", "rlvr_init", "rlvr_steps", "rlvr_lr", "rlvr_prompts", "rlvr_group", "rlvr_cut")
 
 

@@ -20,6 +20,7 @@ def run(*args, timeout=120):
     (["--digits", "0"], "--digits"),
     (["--s_steps", "-1"], "--s_steps"),
     (["--s_digits", "4"], "--s_digits"),
+    (["--s_ops", "*"], "--s_ops"),
     (["--t_lr", "0"], "--t_lr"),
     (["--preset", "tpu"], "invalid choice"),
     (["--t_steps", "ten"], "invalid int"),
@@ -166,6 +167,29 @@ def test_a_teacher_that_finishes_no_trace_stops_the_cold_start_with_a_message(tm
             "--max_new_tokens", "8", "--s_steps", "2")
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "finished none of its 8 cold-start traces" in r.stderr
+
+
+def test_the_cold_start_pool_draws_its_problems_with_s_digits_and_s_ops(monkeypatch):
+    """--s_digits and --s_ops narrow the problems whose teacher traces the student learns from; the
+    teacher's sampling is replaced by a stand-in that records the prompts it is asked."""
+    import train_math
+    from nanoopd.tokenizer import get_tokenizer
+
+    class Asked(Exception):
+        pass
+
+    def asked(teacher, prompts, *args, **kwargs):
+        raise Asked(prompts)
+
+    monkeypatch.setattr(train_math, "generate", asked)
+    tok = get_tokenizer()
+    for flags, ops, digits in (({}, "+-", 3), ({"s_ops": "+", "s_digits": 2}, "+", 2), ({"s_ops": "-"}, "-", 3)):
+        with pytest.raises(Asked) as e:
+            train_math.teacher_traces(None, tok, train_math.TrainConfig(s_pool=200, **flags))
+        texts = [tok.decode(p[1:]).rstrip("=\n") for p in e.value.args[0]]  # '<|bos|>347+285=\n' -> '347+285'
+        assert len(texts) == 200
+        assert {o for t in texts for o in t if not o.isdigit()} == set(ops)
+        assert max(len(n) for t in texts for n in t.replace("-", "+").split("+")) == digits
 
 
 def test_compile_flag_routes_every_training_forward_through_torch_compile(tmp_path, monkeypatch):
