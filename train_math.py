@@ -38,7 +38,7 @@ from nanoopd import distributed
 from nanoopd.checkpoint import load_checkpoint, save_checkpoint
 from nanoopd.config import ConfigError, parse_config
 from nanoopd.device import seed_everything
-from nanoopd.evaluate import evaluate
+from nanoopd.evaluate import accuracy_by_op, evaluate
 from nanoopd.model import GPT, GPTConfig
 from nanoopd.objectives import OBJECTIVES, check_objective
 from nanoopd.opd import OPDConfig, train_opd
@@ -406,10 +406,14 @@ def main(argv=None) -> dict:
             test = test_problems(cfg, final=True)
             for role in ("teacher", "student"):
                 model = get(role)
-                greedy = evaluate(model, tok, test, 0.0, cfg.max_new_tokens)
+                greedy, texts = evaluate(model, tok, test, 0.0, cfg.max_new_tokens, return_texts=True)
                 sampled = evaluate(model, tok, test, 1.0, cfg.max_new_tokens, seed=cfg.seed)
                 summary[f"{role}_acc_greedy"], summary[f"{role}_acc_sampled"] = greedy, sampled
                 log(f"eval {role}: held-out accuracy greedy {greedy:.1%} | sampled (T=1) {sampled:.1%} | n={len(test)}")
+                if len(cfg.ops) > 1:
+                    by_op = accuracy_by_op(test, texts)
+                    summary[f"{role}_acc_greedy_by_op"] = by_op
+                    log(f"eval {role}: greedy by operator " + " | ".join(f"{o} {a:.1%}" for o, a in by_op.items()))
         elif stage == "pibase":
             models["pibase"] = train_pi_base(cfg, tok, device, log)
         elif stage == "rlvr":

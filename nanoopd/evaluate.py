@@ -50,6 +50,15 @@ def evaluate(model, tok: Tokenizer, problems: list[Problem], temperature: float 
     return (acc, texts) if return_texts else acc
 
 
+def accuracy_by_op(problems: list[Problem], texts: list[str]) -> dict[str, float]:
+    """The accuracy of the responses `texts` to `problems`, split by the problems' operator
+    (evaluate(..., return_texts=True) gives the texts)."""
+    split = {}
+    for p, text in zip(problems, texts):
+        split.setdefault(p.op, []).append(verify(text, p))
+    return {op: sum(r) / len(r) for op, r in sorted(split.items())}
+
+
 def _without_eos(ids: list[int], eos_id: int) -> list[int]:
     """The ids of one response without its final <|eos|> (the only place one can be)."""
     return ids[:-1] if ids and ids[-1] == eos_id else ids

@@ -67,3 +67,11 @@ def test_prompt_prefix_and_bad_arguments():
         sample_problems(1, "valid", 0)
     with pytest.raises(ValueError):
         sample_problems(1, "train", 0, ops="/")
+
+
+def test_accuracy_by_op_splits_the_verifier_by_operator():
+    from nanoopd.evaluate import accuracy_by_op
+    problems = [Problem(12, "+", 30), Problem(50, "-", 8), Problem(7, "+", 1), Problem(9, "-", 9)]
+    texts = [trace_text(problems[0]), trace_text(problems[1]), "A:9", "no answer at all"]
+    assert accuracy_by_op(problems, texts) == {"+": 0.5, "-": 0.5}
+    assert accuracy_by_op(problems[:2], texts[:2]) == {"+": 1.0, "-": 1.0}
