@@ -4,7 +4,8 @@ distillation (OPD) of the one into the other. The pipeline, stage by stage (--st
 
   teacher   SFT of a GPT on gold step-by-step traces                              -> teacher.pt
   student   cold start: a short SFT of a smaller GPT on the teacher's own traces   -> student.pt
-  eval      greedy and sampled held-out accuracy of both (final_eval_n problems)   -> summary.json
+  eval      greedy and sampled held-out accuracy of both (final_eval_n problems;
+            greedy also by operator when --ops has several)                      -> summary.json
   opd       the student samples, the teacher scores every token, the student descends
             the objective (--loss); --mode opsd: the OPSD base is the student and, with
             privileged information (--pi) in its context, its own teacher          -> opd_<name>.{pt,jsonl,json}
