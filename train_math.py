@@ -95,7 +95,7 @@ class TrainConfig:
     s_lr: float = 3e-3               # student peak learning rate
     s_pool: int = 1536               # teacher traces sampled once for the student's cold start (the student learns them all)
     s_digits: int = 0                # operands of the cold-start pool's problems have 1..s_digits digits (0 = digits)
-    s_ops: str = ""                  # operators of the cold-start pool's problems, a subset of ops ('' = ops)
+    s_ops: str = ""                  # operators of the cold-start pool's problems, drawn uniformly from this string of --ops characters (repeat one to weight it: '+++-'; '' = ops)
     # --- optimisation and evaluation
     batch_size: int = 64             # sequences per SFT step (global under torchrun)
     eval_n: int = 500                # held-out problems per accuracy measured during training (OPD's evaluations every opd_eval_every steps)
@@ -149,7 +149,7 @@ class TrainConfig:
         if not self.ops or any(o not in "+-*" for o in self.ops):
             raise ConfigError("ops", f"must be a non-empty subset of '+-*', got {self.ops!r}")
         if any(o not in self.ops for o in self.s_ops):
-            raise ConfigError("s_ops", f"must be a subset of --ops {self.ops!r} ('' = ops), got {self.s_ops!r}")
+            raise ConfigError("s_ops", f"must be made of the operators of --ops {self.ops!r} ('' = ops), got {self.s_ops!r}")
         for name in ("t_lr", "s_lr"):
             if not getattr(self, name) > 0:
                 raise ConfigError(name, "must be > 0")

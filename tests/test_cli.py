@@ -190,6 +190,10 @@ def test_the_cold_start_pool_draws_its_problems_with_s_digits_and_s_ops(monkeypa
         assert len(texts) == 200
         assert {o for t in texts for o in t if not o.isdigit()} == set(ops)
         assert max(len(n) for t in texts for n in t.replace("-", "+").split("+")) == digits
+    with pytest.raises(Asked) as e:  # a repeated operator is drawn that much more often
+        train_math.teacher_traces(None, tok, train_math.TrainConfig(s_pool=400, s_ops="+++-"))
+    minus = sum("-" in tok.decode(p) for p in e.value.args[0])
+    assert 60 <= minus <= 140  # a quarter of 400 (binomial s.d. 8.7)
 
 
 def test_compile_flag_routes_every_training_forward_through_torch_compile(tmp_path, monkeypatch):
