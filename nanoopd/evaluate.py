@@ -56,7 +56,7 @@ def accuracy_by_op(problems: list[Problem], texts: list[str]) -> dict[str, float
     split = {}
     for p, text in zip(problems, texts):
         split.setdefault(p.op, []).append(verify(text, p))
-    return {op: sum(r) / len(r) for op, r in sorted(split.items())}
+    return {op: accuracy(r) for op, r in sorted(split.items())}
 
 
 def _without_eos(ids: list[int], eos_id: int) -> list[int]:
