@@ -49,7 +49,7 @@ from nanoopd.script import cli, finish, start
 from nanoopd.self_distill import PI_KINDS, PrivilegedTeacher, mixture_kinds, pi_example, pi_scores, rule_visible, self_teacher
 from nanoopd.sft import train_sft
 from nanoopd.special_tokens import HiddenTokens, TrackedTokens, token_ids
-from nanoopd.tasks import encode_example, sample_problems
+from nanoopd.tasks import encode_example, sample_problems, weighted_ops
 from nanoopd.tokenizer import get_tokenizer
 from nanoopd.topk import SUPPORTS
 
@@ -95,7 +95,7 @@ class TrainConfig:
     s_lr: float = 3e-3               # student peak learning rate
     s_pool: int = 1536               # teacher traces sampled once for the student's cold start (the student learns them all)
     s_digits: int = 0                # operands of the cold-start pool's problems have 1..s_digits digits (0 = digits)
-    s_ops: str = ""                  # operators of the cold-start pool's problems, drawn uniformly from this string of --ops characters (repeat one to weight it: '+++-'; '' = ops)
+    s_ops: str = ""                  # operators of the cold-start pool's problems, from --ops, each optionally followed by its weight: '+99-' draws 99 '+' for one '-' ('' = ops, equal weights)
     # --- optimisation and evaluation
     batch_size: int = 64             # sequences per SFT step (global under torchrun)
     eval_n: int = 500                # held-out problems per accuracy measured during training (OPD's evaluations every opd_eval_every steps)
@@ -148,8 +148,13 @@ class TrainConfig:
             raise ConfigError("s_digits", f"must lie in 0..digits ({self.digits}; 0 = digits), got {self.s_digits}")
         if not self.ops or any(o not in "+-*" for o in self.ops):
             raise ConfigError("ops", f"must be a non-empty subset of '+-*', got {self.ops!r}")
-        if any(o not in self.ops for o in self.s_ops):
-            raise ConfigError("s_ops", f"must be made of the operators of --ops {self.ops!r} ('' = ops), got {self.s_ops!r}")
+        try:
+            pool_ops = weighted_ops(self.s_ops)
+        except ValueError:
+            pool_ops = None
+        if pool_ops is None or any(o not in self.ops for o in pool_ops):
+            raise ConfigError("s_ops", f"must be operators of --ops {self.ops!r}, each optionally followed by a count >= 1 "
+                                       f"(e.g. '+99-'; '' = ops), got {self.s_ops!r}")
         for name in ("t_lr", "s_lr"):
             if not getattr(self, name) > 0:
                 raise ConfigError(name, "must be > 0")
@@ -280,7 +285,8 @@ def train_teacher(cfg: TrainConfig, tok, device, log) -> GPT:
 def teacher_traces(teacher: GPT, tok, cfg: TrainConfig) -> list[tuple[list[int], list[int]]]:
     """(prompt, response) pairs: the teacher's greedy answers to s_pool training prompts.
     Responses that hit the token budget without <|eos|> are dropped."""
-    problems = sample_problems(cfg.s_pool, "train", cfg.seed + 1, cfg.s_digits or cfg.digits, cfg.s_ops or cfg.ops)
+    problems = sample_problems(cfg.s_pool, "train", cfg.seed + 1, cfg.s_digits or cfg.digits,
+                               weighted_ops(cfg.s_ops) or cfg.ops)
     prompts = [encode_example(tok, p)[0] for p in problems]
     pairs = []
     for i in range(0, len(prompts), 256):

@@ -57,6 +57,19 @@ def _random_number(rng: random.Random, max_digits: int) -> int:
     return rng.randint(0 if n == 1 else 10 ** (n - 1), 10 ** n - 1)
 
 
+def weighted_ops(spec: str) -> str:
+    """Expand an operator mix: each operator, optionally followed by its count (1 if none).
+
+    '+99-' -> 99 '+' then one '-'; '+-' and '+++-' are their own expansions. `sample_problems` draws
+    uniformly from the expanded string, so the counts are the operators' weights: P(op) = n_op / sum n.
+    """
+    parts = re.findall(r"(\D)(\d*)", spec)
+    if "".join(o + n for o, n in parts) != spec or any(n and int(n) < 1 for _, n in parts):
+        raise ValueError(f"an operator mix is operators, each optionally followed by a count >= 1 "
+                         f"(e.g. '+99-'), got {spec!r}")
+    return "".join(o * int(n or 1) for o, n in parts)
+
+
 def sample_problems(n: int, split: str, seed: int, digits: int = 3, ops: str = "+-") -> list[Problem]:
     """n problems of `split` ('train' or 'test'), operands of 1..digits digits, ops drawn uniformly.
 

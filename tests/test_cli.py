@@ -21,6 +21,8 @@ def run(*args, timeout=120):
     (["--s_steps", "-1"], "--s_steps"),
     (["--s_digits", "4"], "--s_digits"),
     (["--s_ops", "*"], "--s_ops"),
+    (["--s_ops", "+0-"], "count >= 1"),
+    (["--s_ops", "3+"], "--s_ops"),
     (["--t_lr", "0"], "--t_lr"),
     (["--preset", "tpu"], "invalid choice"),
     (["--t_steps", "ten"], "invalid int"),
@@ -194,6 +196,9 @@ def test_the_cold_start_pool_draws_its_problems_with_s_digits_and_s_ops(monkeypa
         train_math.teacher_traces(None, tok, train_math.TrainConfig(s_pool=400, s_ops="+++-"))
     minus = sum("-" in tok.decode(p) for p in e.value.args[0])
     assert 60 <= minus <= 140  # a quarter of 400 (binomial s.d. 8.7)
+    with pytest.raises(Asked) as counted:  # a count after an operator is the same weight, the same pool
+        train_math.teacher_traces(None, tok, train_math.TrainConfig(s_pool=400, s_ops="+3-"))
+    assert counted.value.args[0] == e.value.args[0]
 
 
 def test_compile_flag_routes_every_training_forward_through_torch_compile(tmp_path, monkeypatch):

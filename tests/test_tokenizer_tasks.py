@@ -75,3 +75,14 @@ def test_accuracy_by_op_splits_the_verifier_by_operator():
     texts = [trace_text(problems[0]), trace_text(problems[1]), "A:9", "no answer at all"]
     assert accuracy_by_op(problems, texts) == {"+": 0.5, "-": 0.5}
     assert accuracy_by_op(problems[:2], texts[:2]) == {"+": 1.0, "-": 1.0}
+
+
+def test_weighted_ops_expands_counts_and_rejects_what_is_not_a_mix():
+    """'+99-' is 99 '+' and one '-' (the weights sample_problems draws with); no count means 1."""
+    from nanoopd.tasks import weighted_ops
+    assert weighted_ops("+99-") == "+" * 99 + "-"
+    assert weighted_ops("+-") == "+-" and weighted_ops("+++-") == "+++-" and weighted_ops("") == ""
+    assert weighted_ops("-2*12") == "--" + "*" * 12
+    for bad in ("9+", "+0-", "+-0"):
+        with pytest.raises(ValueError, match="count >= 1"):
+            weighted_ops(bad)
