@@ -91,11 +91,11 @@ class TrainConfig:
     s_layer: int = 2                 # student depth
     s_embd: int = 64                 # student width
     s_head: int = 2                  # student heads
-    s_steps: int = 1600              # cold-start SFT steps on teacher traces (0 = no cold start: random init)
+    s_steps: int = 4800              # cold-start SFT steps on teacher traces (0 = no cold start: random init)
     s_lr: float = 3e-3               # student peak learning rate
-    s_pool: int = 1536               # teacher traces sampled once for the student's cold start (the student learns them all)
+    s_pool: int = 3072               # teacher traces sampled once for the student's cold start (the student learns them all)
     s_digits: int = 0                # operands of the cold-start pool's problems have 1..s_digits digits (0 = digits)
-    s_ops: str = ""                  # operators of the cold-start pool's problems, from --ops, each optionally followed by its weight: '+99-' draws 99 '+' for one '-' ('' = ops, equal weights)
+    s_ops: str = "+99-"              # operators of the cold-start pool's problems, from --ops, each optionally followed by its weight: '+99-' draws 99 '+' for one '-' ('' = ops, equal weights)
     # --- optimisation and evaluation
     batch_size: int = 64             # sequences per SFT step (global under torchrun)
     eval_n: int = 500                # held-out problems per accuracy measured during training (OPD's evaluations every opd_eval_every steps)
@@ -201,7 +201,7 @@ class TrainConfig:
 PRESETS = {
     "cpu": {},  # the defaults above: a few minutes on a 2-core laptop
     "gpu": dict(t_layer=6, t_embd=256, t_head=8, t_steps=4000, s_layer=4, s_embd=128, s_head=4,
-                s_steps=800, s_pool=4096, batch_size=128, digits=4, ops="+-*", max_new_tokens=96, eval_n=2000),
+                s_steps=800, s_pool=4096, s_ops="", batch_size=128, digits=4, ops="+-*", max_new_tokens=96, eval_n=2000),
 }
 
 

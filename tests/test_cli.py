@@ -185,7 +185,7 @@ def test_the_cold_start_pool_draws_its_problems_with_s_digits_and_s_ops(monkeypa
 
     monkeypatch.setattr(train_math, "generate", asked)
     tok = get_tokenizer()
-    for flags, ops, digits in (({}, "+-", 3), ({"s_ops": "+", "s_digits": 2}, "+", 2), ({"s_ops": "-"}, "-", 3)):
+    for flags, ops, digits in (({"s_ops": ""}, "+-", 3), ({"s_ops": "+", "s_digits": 2}, "+", 2), ({"s_ops": "-"}, "-", 3)):
         with pytest.raises(Asked) as e:
             train_math.teacher_traces(None, tok, train_math.TrainConfig(s_pool=200, **flags))
         texts = [tok.decode(p[1:]).rstrip("=\n") for p in e.value.args[0]]  # '<|bos|>347+285=\n' -> '347+285'
