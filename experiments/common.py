@@ -398,3 +398,12 @@ def verdict(rows: list[dict], a: str, b: str, key: str = "final_acc", group: str
         word = "not reproduced"
     return {"claim": f"{a} > {b} on {key}", "per_pair": d, "mean": c["mean"], "low": c["low"], "high": c["high"],
             "pairs_in_direction": holds, "pairs": len(d), "verdict": word}
+
+
+def verdict_text(v: dict, scale: float = 100) -> str:
+    """'+5.5 [+2.5, +8.4] (+4.8 +4.8 +6.9) reproduced': one verdict's d, its interval and the per-pair
+    d_p, in points (scale 100 for accuracies kept as fractions)."""
+    if v["mean"] is None:
+        return "-"
+    ci = f" [{scale * v['low']:+.1f}, {scale * v['high']:+.1f}]" if v["low"] is not None else ""
+    return f"{scale * v['mean']:+.1f}{ci} ({' '.join(f'{scale * x:+.1f}' for x in v['per_pair'].values())}) {v['verdict']}"

@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from experiments.common import (OPD_RUN_FIELDS, OPSD_FIELDS, RLVR_FIELDS, ExperimentConfig, cell_text, cells,
                                 final_eval, grid_calls, pairs, parse, run_cells, run_experiment, opd_cell,
-                                start_accs)
+                                start_accs, verdict, verdict_text)
 from nanoopd.checkpoint import load_checkpoint
 from nanoopd.config import ConfigError
 from nanoopd.report import mean
@@ -216,6 +216,19 @@ def tables(cfg, rows, teacher_acc, start_acc, seconds) -> str:
     for label in cfg.labels():
         lines.append(f"{label:27s} | " + " | ".join(
             f"{cell([r for r in main if r['label'] == label and r['lr'] == lr]):{width}s}" for lr in lrs))
+    base = "sampled_token"  # the verdicts' reference arm: each objective above it, and its own end above its start
+    if base in cfg.labels():
+        at = lambda lr: [r for r in main if r["lr"] == lr]
+        gain = lambda lr: ([{**r, "label": "end"} for r in at(lr) if r["label"] == base]
+                           + [{**r, "label": "start", "final_acc": r["start_acc"]} for r in at(lr) if r["label"] == base])
+        lines += ["", f"the verdict rule (docs/scorecard.md) against {base}: d in points [95% t-interval over pairs] "
+                  f"(per pair) verdict; the last row: {base}'s end against its start",
+                  f"{'objective':27s} | " + " | ".join(f"{'lr ' + format(lr, 'g'):{width}s}" for lr in lrs)]
+        for label in (x for x in cfg.labels() if x != base):
+            lines.append(f"{label:27s} | " + " | ".join(
+                f"{verdict_text(verdict(at(lr), label, base)):{width}s}" for lr in lrs))
+        lines.append(f"{'end > start (' + base + ')':27s} | " + " | ".join(
+            f"{verdict_text(verdict(gain(lr), 'end', 'start')):{width}s}" for lr in lrs))
     lines += ["", f"tail mass: start (first {TAIL_WINDOW} steps) -> end (last 10 % of steps), mean over seeds",
               f"{'objective':27s} | " + " | ".join(f"{'lr ' + format(lr, 'g'):17s}" for lr in lrs)]
     for label in cfg.labels():

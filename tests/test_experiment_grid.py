@@ -149,7 +149,7 @@ def test_bad_pairs_and_jobs_are_refused(capsys):
 
 
 def test_verdict_rule_reads_the_pairs_differences():
-    from experiments.common import verdict
+    from experiments.common import verdict, verdict_text
     row = lambda pair, label, acc: {"pair": pair, "label": label, "final_acc": acc}
     # a above b by 3, 4, 5 points on three pairs (two seeds each): every pair, interval above 0
     rows = [row(p, lab, acc + s) for p, gap in ((1, .03), (2, .04), (3, .05)) for s in (0, .01)
@@ -163,6 +163,9 @@ def test_verdict_rule_reads_the_pairs_differences():
     assert verdict(flipped, "a", "b")["verdict"] == "partly"  # two pairs of three
     assert verdict(rows, "b", "a")["verdict"] == "not reproduced"
     assert verdict([r for r in rows if r["pair"] < 3], "a", "b")["verdict"] == "pending"  # fewer than 3 pairs
+    assert verdict_text(v) == "+4.0 [+1.5, +6.5] (+3.0 +4.0 +5.0) reproduced"  # as the stability map prints it
+    one = verdict([r for r in rows if r["pair"] == 1], "a", "b")
+    assert verdict_text(one) == "+3.0 (+3.0) pending"  # one pair: no interval
 
 
 def test_stage_eval_reads_the_final_accuracies_on_final_eval_n(tmp_path, capsys):
@@ -229,3 +232,23 @@ def test_the_tail_levels_are_read_from_the_trailing_mean():
     assert lines[3].split(" | ")[1:] == ["1 of 1           ", "7-7       ", "0 of 2"]
     assert lines[4].split(" | ")[1:] == ["1 of 1           ", "4-4       ", "0 of 2"]
     assert lines[5] == "highest trailing mean of a run that did not degrade: 0.0050; final tail of the degraded runs: 0.5000-0.5000"
+
+
+def test_the_stability_table_prints_each_rates_verdicts_against_sampled_token():
+    """tables() prints, under the accuracy grid, the verdict rule for every objective against
+    sampled-token at every rate, and sampled-token's end against its start: here renorm is 2, 3, 4
+    points above on the three pairs at 1e-3 (reproduced) and level with it at 1e-4 (not reproduced)."""
+    from experiments.stability_map import StabilityConfig, tables
+    cfg = StabilityConfig(lrs="1e-4,1e-3", ks="16", k_lr=1e-3, objectives="topk_renorm,sampled_token")
+    quiet = {"first_tail_mass": 1e-3, "final_tail_mass": 1e-3, "degraded": "", "tail_step": None, "acc_drop_step": None,
+             "peak_tail_mass": 1e-3, **{f"tail_{x:g}_step": None for x in (0.003, 0.01, 0.03)}}
+    rows = [{**quiet, "label": label, "lr": lr, "pair": pair, "seed": seed, "start_acc": 0.5,
+             "final_acc": 0.55 + (0.01 * (pair + 1) if label == "topk_renorm" and lr == 1e-3 else 0)}
+            for label in ("topk_renorm", "sampled_token") for lr in (1e-4, 1e-3) for pair in (1, 2, 3) for seed in (1, 2)]
+    text = tables(cfg, rows, 0.97, 0.5, 60.0)
+    block = text.split("the verdict rule")[1].splitlines()
+    renorm, gain = (next(line for line in block if line.startswith(x)) for x in ("topk_renorm", "end > start"))
+    at_1e4, at_1e3 = renorm.split(" | ")[1:]
+    assert at_1e3.strip() == "+3.0 [+0.5, +5.5] (+2.0 +3.0 +4.0) reproduced"
+    assert at_1e4.strip() == "+0.0 [+0.0, +0.0] (+0.0 +0.0 +0.0) not reproduced"
+    assert gain.split(" | ")[1].strip() == "+5.0 [+5.0, +5.0] (+5.0 +5.0 +5.0) reproduced"
