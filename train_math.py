@@ -15,7 +15,7 @@ distillation (OPD) of the one into the other. The pipeline, stage by stage (--st
 All outputs go to --out_dir (default out/math); a later stage loads what an earlier run left there.
 
 Commands
-  CPU laptop (a few minutes on 2 cores):              python train_math.py
+  CPU laptop (about 9 min on 2 cores):               python train_math.py
   one GPU (wider models, more steps):                 python train_math.py --preset gpu
   several GPUs (every stage data-parallel, DDP):      torchrun --nproc_per_node=4 train_math.py --preset gpu
   resume any stage after an interruption:             python train_math.py --resume   (same flags)
@@ -199,7 +199,7 @@ class TrainConfig:
 
 
 PRESETS = {
-    "cpu": {},  # the defaults above: a few minutes on a 2-core laptop
+    "cpu": {},  # the defaults above: about 9 min on a 2-core laptop (docs/experiments.md)
     "gpu": dict(t_layer=6, t_embd=256, t_head=8, t_steps=4000, s_layer=4, s_embd=128, s_head=4,
                 s_steps=800, s_pool=4096, s_ops="", batch_size=128, digits=4, ops="+-*", max_new_tokens=96, eval_n=2000),
 }

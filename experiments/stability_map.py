@@ -219,8 +219,8 @@ def tables(cfg, rows, teacher_acc, start_acc, seconds) -> str:
     base = "sampled_token"  # the verdicts' reference arm: each objective above it, and its own end above its start
     if base in cfg.labels():
         at = lambda lr: [r for r in main if r["lr"] == lr]
-        gain = lambda lr: ([{**r, "label": "end"} for r in at(lr) if r["label"] == base]
-                           + [{**r, "label": "start", "final_acc": r["start_acc"]} for r in at(lr) if r["label"] == base])
+        ends = lambda lr: [r for r in at(lr) if r["label"] == base]  # the base's runs, read at their end and start
+        gain = lambda rs: [{**r, "label": "end"} for r in rs] + [{**r, "label": "start", "final_acc": r["start_acc"]} for r in rs]
         lines += ["", f"the verdict rule (docs/scorecard.md) against {base}: d in points [95% t-interval over pairs] "
                   f"(per pair) verdict; the last row: {base}'s end against its start",
                   f"{'objective':27s} | " + " | ".join(f"{'lr ' + format(lr, 'g'):{width}s}" for lr in lrs)]
@@ -228,7 +228,7 @@ def tables(cfg, rows, teacher_acc, start_acc, seconds) -> str:
             lines.append(f"{label:27s} | " + " | ".join(
                 f"{verdict_text(verdict(at(lr), label, base)):{width}s}" for lr in lrs))
         lines.append(f"{'end > start (' + base + ')':27s} | " + " | ".join(
-            f"{verdict_text(verdict(gain(lr), 'end', 'start')):{width}s}" for lr in lrs))
+            f"{verdict_text(verdict(gain(ends(lr)), 'end', 'start')):{width}s}" for lr in lrs))
     lines += ["", f"tail mass: start (first {TAIL_WINDOW} steps) -> end (last 10 % of steps), mean over seeds",
               f"{'objective':27s} | " + " | ".join(f"{'lr ' + format(lr, 'g'):17s}" for lr in lrs)]
     for label in cfg.labels():
