@@ -157,7 +157,7 @@ def problems_for(B: int, steps: int):
 def time_opd(student: GPT, teacher: GPT, loss: str, B: int, N: int, problems) -> tuple[float, dict]:
     """Seconds of the fastest of --repeats OPD steps after a warm-up, and that step's record."""
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
-    ocfg = OPDConfig(loss=loss, batch_size=B, max_new_tokens=N, digits=cfg.digits, ops=cfg.ops)
+    ocfg = OPDConfig(loss=loss, opd_batch=B, max_new_tokens=N, digits=cfg.digits, ops=cfg.ops)
     gen = torch.Generator(device=device).manual_seed(0)
     timed = []
     for i in range(args.repeats + 1):
@@ -260,7 +260,7 @@ if args.profile:
         _, _, teacher, student = size_models(s_arch, t_arch)
         problems = problems_for(B, 2)
         opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
-        ocfg = OPDConfig(loss="full_reverse_kl", batch_size=B, max_new_tokens=N, digits=cfg.digits, ops=cfg.ops)
+        ocfg = OPDConfig(loss="full_reverse_kl", opd_batch=B, max_new_tokens=N, digits=cfg.digits, ops=cfg.ops)
         gen = torch.Generator(device=device).manual_seed(0)
         opd_step(student, teacher, opt, no_eos, problems[:B], ocfg, gen, 0)  # warm-up
         with profile(activities=activities) as prof:

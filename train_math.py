@@ -37,11 +37,11 @@ import torch
 
 from nanoopd import distributed
 from nanoopd.checkpoint import load_checkpoint, save_checkpoint
-from nanoopd.config import ConfigError, parse_config
+from nanoopd.config import ConfigError, parse_config, sub_config
 from nanoopd.device import seed_everything
 from nanoopd.evaluate import accuracy_by_op, evaluate
 from nanoopd.model import GPT, GPTConfig
-from nanoopd.objectives import OBJECTIVES, check_objective
+from nanoopd.objectives import check_objective, load_objectives
 from nanoopd.opd import OPDConfig, train_opd
 from nanoopd.rlvr import RLVRConfig, train_rlvr
 from nanoopd.rollout import generate
@@ -51,22 +51,17 @@ from nanoopd.sft import train_sft
 from nanoopd.special_tokens import HiddenTokens, TrackedTokens, token_ids
 from nanoopd.tasks import encode_example, sample_problems, weighted_ops
 from nanoopd.tokenizer import get_tokenizer
-from nanoopd.topk import SUPPORTS
 
 STAGES = ("teacher", "student", "eval", "opd", "pibase", "rlvr")
 PI_MIX = {"none": 0.3, "answer": 0.3, "solution": 0.1, "rule": 0.3}  # the OPSD base's SFT mixture (kind -> weight)
-# OPDConfig's and RLVRConfig's fields that TrainConfig names otherwise (the rest share the name)
-FIELD_OF_OPD = {"steps": "opd_steps", "lr": "opd_lr", "warmup": "opd_warmup", "batch_size": "opd_batch",
-                "eval_every": "opd_eval_every"}
-FIELD_OF_RLVR = {f: f"rlvr_{f}" for f in ("steps", "prompts", "group", "lr", "cut")}
-OBJECTIVE_FLAGS = ("k", "support", "add_sampled", "gamma", "clamp", "baseline")  # objective options, when set
 
 # -----------------------------------------------------------------------------
-# config: every field is a flag (nanoopd/config.py), its comment the help
+# config: every field is a flag (nanoopd/config.py), its comment the help; the OPD and RLVR
+# settings are the library's own (OPDConfig, RLVRConfig), declared once there and inherited here
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(OPDConfig, RLVRConfig):
     # --- run
     out_dir: str = "out/math"        # checkpoints, logs and summary.json go here
     stages: str = "teacher,student,eval"  # comma-separated stages, run in the order given: teacher, student, eval, opd, pibase, rlvr
@@ -102,36 +97,18 @@ class TrainConfig:
     final_eval_n: int = 2000         # held-out problems per final accuracy (stage eval, the experiments' tables): +-1 point (one s.e.) at 80 %
     log_every: int = 100             # print a log line every this many SFT steps (0 = never)
     # --- on-policy distillation (stage opd)
-    loss: str = field(default="sampled_token", metadata={"choices": lambda: sorted(OBJECTIVES)})  # the objective (nanoopd/objectives.py)
-    k: int | None = None             # top-K objectives: support size (None: the objective's default, 16)
-    support: str | None = field(default=None, metadata={"choices": SUPPORTS})  # top-K objectives: whose top-K is the support (None: teacher)
-    add_sampled: bool | None = None  # top-K objectives: also put the sampled token in the support
-    gamma: float | None = None       # sequence_kl: discount in [0, 1] of the return-to-go (None: 1)
-    clamp: float | None = None       # sampled_token: clip r_t to [-clamp, clamp] (None: no clip)
-    baseline: bool | None = None     # sampled_token: subtract the vOPD baseline KL(pi || q)(c_t) from r_t
+    objectives: str = ""             # a Python file of your own objectives (@register, docs/extending.md), imported before --loss is read
     mask_tokens: str = ""            # comma-separated tokens left out of the loss, names or ids, e.g. '<|fmt|>,7'
     hide_from_teacher: str = ""      # comma-separated tokens (names or ids) removed from the teacher's contexts
-    opd_steps: int = 200             # OPD optimizer steps
-    opd_lr: float = 3e-4             # OPD AdamW peak learning rate
-    opd_warmup: int = 10             # OPD linear warm-up steps, then cosine decay to 10 % of opd_lr
-    opd_batch: int = 64              # student rollouts per OPD step (global under torchrun)
-    temperature: float = 1.0         # rollout temperature (> 0); OPD estimates grad KL(pi || q) only at 1
-    top_p: float = 1.0               # rollout nucleus mass in (0, 1] (1 = off)
-    top_k: int = 0                   # rollout top-k (0 = off)
-    opd_eval_every: int = 50         # held-out greedy accuracy and a checkpoint every N OPD steps (0 = start and end only)
     run_name: str = ""               # OPD outputs are opd_<run_name>.{pt,jsonl,json} (empty: the loss name)
-    # --- self-distillation with privileged information (OPSD) and the RLVR teacher
+    # --- self-distillation with privileged information (OPSD)
     mode: str = field(default="opd", metadata={"choices": ("opd", "opsd")})  # stage opd: opd (the teacher model scores) | opsd (the OPSD base with PI is its own teacher)
     pi: str = field(default="rule", metadata={"choices": PI_KINDS})  # OPSD: the teacher's PI: the answer or solution of this problem, or the shared rule
     live_teacher: bool = False       # OPSD: the teacher is the live weights, not a frozen step-0 copy (never differentiated)
     pi_steps: int = 1000             # stage pibase: SFT steps of the OPSD base on the PI mixture
+    # --- the RLVR teacher (stage rlvr)
     teacher: str = field(default="sft", metadata={"choices": ("sft", "rlvr")})  # stage opd: the OPD teacher: teacher.pt (sft) or teacher_rlvr.pt (rlvr)
     rlvr_init: str = field(default="student", metadata={"choices": ("student", "teacher")})  # the RLVR teacher starts from the cold-started student or the SFT teacher
-    rlvr_steps: int = 60             # RLVR optimizer steps
-    rlvr_lr: float = 1e-4            # RLVR AdamW peak learning rate (10 warm-up steps, then cosine)
-    rlvr_prompts: int = 16           # RLVR problems per step
-    rlvr_group: int = 8              # RLVR samples per problem, >= 2 (advantages normalised within each group)
-    rlvr_cut: float = 0.0            # RLVR contexts: 0 = prompts; c in (0, 1) = student samples cut at U[0, c]
 
     def __post_init__(self):
         """Every setting is checked here, before anything runs; errors name the field."""
@@ -190,12 +167,8 @@ class TrainConfig:
             check_objective(self.loss, options, tok.n_vocab)
         except ValueError as e:
             raise ConfigError("loss", f"{self.loss}: {e}") from None
-        for make, field_of in ((lambda: opd_config(self, self.loss, options, self.seed), FIELD_OF_OPD),
-                               (lambda: rlvr_config(self, self.seed), FIELD_OF_RLVR)):
-            try:
-                make()
-            except ConfigError as e:  # a field of OPDConfig / RLVRConfig -> its field here
-                raise ConfigError(field_of.get(e.field, e.field), e.message) from None
+        OPDConfig.__post_init__(self)  # the library's checks of its own settings, named by their flags
+        RLVRConfig.__post_init__(self)
 
 
 PRESETS = {
@@ -206,7 +179,8 @@ PRESETS = {
 
 
 def parse_args(argv=None) -> TrainConfig:
-    return parse_config(TrainConfig, argv, description=__doc__, presets=PRESETS)
+    return parse_config(TrainConfig, argv, description=__doc__, presets=PRESETS,
+                        preload={"objectives": load_objectives})
 
 
 def token_list(cfg: TrainConfig, name: str, tok) -> list[int]:
@@ -218,24 +192,16 @@ def token_list(cfg: TrainConfig, name: str, tok) -> list[int]:
 
 
 def objective_options(cfg: TrainConfig, tok) -> dict:
-    """The objective options set by flags; the ones left unset keep the objective's defaults."""
-    opts = {n: getattr(cfg, n) for n in OBJECTIVE_FLAGS if getattr(cfg, n) is not None}
-    if cfg.mask_tokens:
-        opts["mask_tokens"] = token_list(cfg, "mask_tokens", tok)
-    return opts
+    """The objective options set by flags, mask_tokens as ids; unset ones keep the objective's defaults."""
+    return {**cfg.options, **({"mask_tokens": token_list(cfg, "mask_tokens", tok)} if cfg.mask_tokens else {})}
 
 
 def opd_config(cfg: TrainConfig, loss: str, options: dict, seed: int) -> OPDConfig:
-    return OPDConfig(loss=loss, options=options, steps=cfg.opd_steps, lr=cfg.opd_lr, warmup=cfg.opd_warmup,
-                     batch_size=cfg.opd_batch, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                     max_new_tokens=cfg.max_new_tokens, eval_every=cfg.opd_eval_every, seed=seed,
-                     digits=cfg.digits, ops=cfg.ops)
+    return sub_config(OPDConfig, cfg, loss=loss, options=options, seed=seed)
 
 
 def rlvr_config(cfg: TrainConfig, seed: int) -> RLVRConfig:
-    return RLVRConfig(steps=cfg.rlvr_steps, prompts=cfg.rlvr_prompts, group=cfg.rlvr_group, lr=cfg.rlvr_lr,
-                      temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, cut=cfg.rlvr_cut, seed=seed,
-                      digits=cfg.digits, ops=cfg.ops)
+    return sub_config(RLVRConfig, cfg, seed=seed)
 
 
 def test_problems(cfg: TrainConfig, final: bool = False) -> list:

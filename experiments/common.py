@@ -42,7 +42,7 @@ from nanoopd.opd import train_opd
 from nanoopd.script import finish, start
 from nanoopd.special_tokens import HiddenTokens, TrackedTokens, token_ids
 from nanoopd.tokenizer import get_tokenizer
-from train_math import OBJECTIVE_FLAGS, PRESETS, TrainConfig, opd_config, test_problems, train_student, train_teacher
+from train_math import PRESETS, TrainConfig, opd_config, test_problems, train_student, train_teacher
 
 PAIR_STRIDE = 1000  # pair i's pipeline seed is seed + PAIR_STRIDE * i: the seeds train_math derives (S .. S+4) never overlap
 # t_{0.975, df}: the 95 % two-sided Student-t quantile for df = 1 .. 30 (above 30: 1.96 is within 4 %)
@@ -50,7 +50,7 @@ T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2
         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 
 # the flags that configure the single run of stage opd: M1 and M2 run their own list of objectives
-OPD_RUN_FIELDS = ("loss",) + OBJECTIVE_FLAGS + ("mask_tokens", "hide_from_teacher", "run_name")
+OPD_RUN_FIELDS = ("loss", "options", "objectives", "mask_tokens", "hide_from_teacher", "run_name")
 # what no experiment takes: its stages are its own, and it does not resume
 PIPELINE_FIELDS = ("stages", "resume")
 OPSD_FIELDS = ("mode", "pi", "live_teacher", "pi_steps")
@@ -59,7 +59,8 @@ STUDENT_FIELDS = ("s_layer", "s_embd", "s_head", "s_steps", "s_lr", "s_pool")
 TASK_FIELDS = ("seed", "digits", "ops", "batch_size")
 PAIR_FIELDS = {"teacher": TASK_FIELDS + ("t_layer", "t_embd", "t_head", "t_steps", "t_lr"),
                "student": TASK_FIELDS + STUDENT_FIELDS + ("s_digits", "s_ops", "max_new_tokens")}  # the budget of its pool's traces
-RLVR_FIELDS = ("teacher", "rlvr_init", "rlvr_steps", "rlvr_lr", "rlvr_prompts", "rlvr_group", "rlvr_cut")
+RLVR_FIELDS = ("teacher", "rlvr_init", "rlvr_steps", "rlvr_lr", "rlvr_prompts", "rlvr_group", "rlvr_cut", "rlvr_warmup",
+               "rlvr_eps")
 
 
 @dataclass

@@ -16,6 +16,10 @@ type, default and the comment that explains it.
 - `tuple[float, ...]` fields read a comma-separated list (--gammas 0,0.5,1); any other callable
   annotation is the reader of its flag;
 - field(metadata={"choices": ...}) gives argparse choices (a callable is asked at parse time);
+- a dict field with metadata={"flags": f} becomes one flag per entry of f() ({name: Option}, as
+  objectives.option_flags gives them), unset by default; the flags that are set fill the dict;
+- a class that extends other config dataclasses gets their fields, and so their flags, declared
+  once where the library declares them (sub_config builds the library's config back from it);
 - the config checks itself in __post_init__ and raises ConfigError(field, message); the command
   line turns it into the usage line and `--<field> <message>`, exit code 2.
 """
@@ -36,14 +40,14 @@ class ConfigError(ValueError):
         self.field, self.message = field, message
 
 
-def comments(cls) -> tuple[dict[str, str], dict[str, str]]:
-    """({field: the comment after it}, {field: its '# --- group' heading}) from the source of cls
-    and of the dataclasses it extends."""
-    helps, groups = {}, {}
+def comments(cls) -> tuple[dict[str, str], dict[str, str], list[str]]:
+    """({field: the comment after it}, {field: its '# --- group' heading}, the headings in the
+    order --help shows them: cls's own first, then those of the dataclasses it extends)."""
+    helps, groups, order = {}, {}, []
     for klass in reversed(cls.__mro__):
         if not dataclasses.is_dataclass(klass) or klass is object:
             continue
-        group = klass.__name__
+        group, own = klass.__name__, []
         try:
             source = inspect.getsource(klass).splitlines()
         except (OSError, TypeError):  # defined where no source file exists (an interactive session)
@@ -52,11 +56,19 @@ def comments(cls) -> tuple[dict[str, str], dict[str, str]]:
             heading = re.match(r"\s*# ---\s*(.+)", line)
             if heading:
                 group = heading.group(1).strip()
+                own.append(group)
                 continue
             m = re.match(r"\s+(\w+)\s*:[^=#]+=[^#]*#\s*(.+)", line)
             if m:
                 helps[m.group(1)], groups[m.group(1)] = m.group(2).strip(), group
-    return helps, groups
+        order = own + [g for g in order if g not in own]
+    return helps, groups, order
+
+
+def sub_config(cls, cfg, **given):
+    """A `cls` (a library config that cfg's class extends) from cfg's values of its fields, with
+    `given` in place of some: the script's settings handed to the library."""
+    return cls(**{**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)}, **given})
 
 
 def _base_type(annotation):
@@ -83,13 +95,18 @@ def build_parser(cls, description: str = "", presets: dict | None = None, preset
     if presets:
         p.add_argument("--preset", default=preset, choices=sorted(presets),
                        help=f"bundle of defaults: {', '.join(sorted(presets))} (default: %(default)s)")
-    helps, groups = comments(cls)
-    arg_groups = {}
+    helps, groups, order = comments(cls)
+    arg_groups = {g: p.add_argument_group(g) for g in order}
+    p.generated = {}  # dict field -> the names of the flags that fill it
+    names = {f.name for f in dataclasses.fields(cls)}
     for f in dataclasses.fields(cls):
         if f.name in exclude:
             continue
         g = groups.get(f.name, "options")
         g = arg_groups.setdefault(g, p.add_argument_group(g))
+        if "flags" in f.metadata:
+            p.generated[f.name] = _add_generated(g, f, names)
+            continue
         kind, choices = _base_type(f.type), f.metadata.get("choices")
         text = f.metadata.get("help") or helps.get(f.name, "")
         kw = dict(default=defaults[f.name], help=text.replace("%", "%%") + " (default: %(default)s)")
@@ -102,9 +119,36 @@ def build_parser(cls, description: str = "", presets: dict | None = None, preset
     return p
 
 
-def parse_config(cls, argv=None, description: str = "", presets: dict | None = None, exclude=(), **fixed):
+def _add_generated(group, f, names) -> list[str]:
+    """The flags of dict field f (metadata "flags": a callable giving {name: Option}), each unset
+    (None) by default. Returns their names."""
+    specs = f.metadata["flags"]()
+    for name, spec in specs.items():
+        if name in names:
+            raise ValueError(f"the option {name!r} of --{f.name} has the name of a setting (--{name}): rename the option")
+        kw = dict(default=None, help=spec.help.replace("%", "%%") + " (default: the objective's own)")
+        if spec.kind is bool:
+            group.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, **kw)
+        else:
+            group.add_argument(f"--{name}", type=spec.kind, choices=spec.choices, **kw)
+    return list(specs)
+
+
+def parse_config(cls, argv=None, description: str = "", presets: dict | None = None, exclude=(),
+                 preload: dict | None = None, **fixed):
     """The config of a command line: cls(**flags, **fixed). A bad value exits with the usage line
-    and a message naming the flag (exit code 2); --help lists every flag with its default."""
+    and a message naming the flag (exit code 2); --help lists every flag with its default.
+    preload: {field: load(value)} for flags read before the parser is built (a file that adds
+    choices or flags, like --objectives); a ValueError from load is that flag's error."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    for name in preload or {}:
+        pre.add_argument(f"--{name}", default="")
+        value = getattr(pre.parse_known_args(argv)[0], name)
+        try:
+            if value:
+                preload[name](value)
+        except ValueError as e:
+            build_parser(cls, description).error(f"--{name} {e}")
     preset = None
     if presets:
         pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
@@ -115,6 +159,9 @@ def parse_config(cls, argv=None, description: str = "", presets: dict | None = N
     p = build_parser(cls, description, presets, preset, tuple(exclude) + tuple(fixed))
     args = vars(p.parse_args(argv))
     args.pop("preset", None)
+    for field, flags in p.generated.items():
+        values = {name: args.pop(name) for name in flags}
+        args[field] = {name: value for name, value in values.items() if value is not None}
     try:
         return cls(**args, **fixed)
     except ConfigError as e:

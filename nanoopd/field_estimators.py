@@ -20,12 +20,16 @@ The vOPD baseline read on the top-K only, b(c) = sum_S pi (log pi - log q) (the 
 K(c) = E_{v~pi}[r(v)] that S covers), is sampled_token's baseline="topk" (objectives.py): like any
 b(c) it leaves the expected gradient grad K unchanged and only moves the variance.
 
-Every function returns a per-position loss (B, T) whose gradient is the estimator; the registry
-(objectives.py) masks, averages per token and logs. Inputs are float32 (float64 stays float64).
+Every function returns a per-position loss (B, T) whose gradient is the estimator; each is
+registered at the end of this file, with the divergence it claims (the audit checks the claim), so
+that the registry (objectives.py) masks, averages per token and logs it like the project's own.
+Inputs are float32 (float64 stays float64).
 """
 
 import torch
 
+from nanoopd.objectives import (CLAMP, SPECS, TOPK_OPTIONS, Option, finish, prepare, register, resolve_options,
+                                sampled, token_sum, topk_objective)
 from nanoopd.topk import support_logprobs, topk_unnormalized
 
 
@@ -118,3 +122,60 @@ def topk_bregman(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     correction = (member * (logq.exp() - logp.exp())).sum(-1)  # (B, T)  sum_S (q - pi)
     return topk_unnormalized(student_logits, teacher_logits, index, member) + correction
 
+
+
+# ----------------------------------------------------------------------------------------------
+# registered under their names, so that the audit (toy/audit.py) and --loss can use them
+
+
+def _sampled_field(name: str, form, student_logits, teacher_logits, tokens, mask, options):
+    """k1/k2/k3: a per-position formula of (log pi(y_t), log q(y_t)) on the sampled token."""
+    opt = resolve_options(name, options)
+    extra = {key: opt[key] for key in SPECS[name].options}
+    if extra.get("clamp") is not None and not extra["clamp"] > 0:
+        raise ValueError(f"clamp must be a positive number (or None for no clamp), got {extra['clamp']}")
+    batch = prepare(student_logits, teacher_logits, tokens, mask, opt)
+    logp, logq = sampled(batch)  # (B, T) each
+    return finish(token_sum(form(logp, logq, **extra), batch), batch)
+
+
+@register("kl_k1")
+def kl_k1_loss(student_logits, teacher_logits, tokens, mask, **options):
+    """k1 = r_t as a loss (RL frameworks' KL-loss option 'kl'): expected gradient 0."""
+    return _sampled_field("kl_k1", kl_k1, student_logits, teacher_logits, tokens, mask, options)
+
+
+@register("kl_k2")
+def kl_k2_loss(student_logits, teacher_logits, tokens, mask, **options):
+    """k2 = r_t^2 / 2 as a loss ('mse'): expected gradient grad of the token-level reverse KL."""
+    return _sampled_field("kl_k2", kl_k2, student_logits, teacher_logits, tokens, mask, options)
+
+
+@register("kl_k3", clamp=CLAMP)
+def kl_k3_loss(student_logits, teacher_logits, tokens, mask, **options):
+    """k3 = exp(-r_t) - 1 + r_t as a loss ('low_var_kl'), clipped to [-clamp, clamp] when clamp
+    is given: expected gradient grad of the token-level FORWARD KL(q || pi)."""
+    return _sampled_field("kl_k3", kl_k3, student_logits, teacher_logits, tokens, mask, options)
+
+
+@register("topk_forward_kl", claim="F", **TOPK_OPTIONS,
+          m=Option(None, "lower clamp m of log pi, a negative number; None: no clamp"))
+def topk_forward_kl_loss(student_logits, teacher_logits, tokens, mask, **options):
+    """Forward KL on the teacher's top-K, log pi clamped from below at m (off by default)."""
+    m = options.get("m")
+    if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not m < 0):
+        raise ValueError(f"m (the lower clamp of log pi) must be a negative number or None, got {m!r}")
+    return topk_objective("topk_forward_kl", topk_forward_kl, student_logits, teacher_logits, tokens, mask,
+                          options)
+
+
+@register("topk_tail", **TOPK_OPTIONS)
+def topk_tail_loss(student_logits, teacher_logits, tokens, mask, **options):
+    """Reverse KL of the distributions coarsened to the top-K plus one tail bucket."""
+    return topk_objective("topk_tail", topk_tail, student_logits, teacher_logits, tokens, mask, options)
+
+
+@register("topk_bregman", **TOPK_OPTIONS)
+def topk_bregman_loss(student_logits, teacher_logits, tokens, mask, **options):
+    """Unnormalised top-K with the Bregman correction - pi + q: the stop-gradient gradient."""
+    return topk_objective("topk_bregman", topk_bregman, student_logits, teacher_logits, tokens, mask, options)

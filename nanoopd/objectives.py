@@ -12,7 +12,7 @@ of the full distributions), logratio_max_abs and logratio_pos_share (of r_t on t
 tokens), n_tokens, plus a few per objective. The teacher is always a constant (detached), and
 log-softmaxes and losses are computed in float32 at least (float64 inputs stay float64).
 
-  name               estimator (DESIGN.md section 3)                options
+  name               estimator (docs/design.md#the-objectives)      options
   sampled_token      A_t = sg(-r_t [+ b(c_t)]) on y_t, vOPD b =      clamp=None, baseline=False,
                      KL(pi||q)(c_t) ("full") or its top-k part      k (for baseline="topk")
   sequence_kl        g_gamma, REINFORCE on sum_t r_t at gamma = 1   gamma=1.0
@@ -22,13 +22,8 @@ log-softmaxes and losses are computed in float32 at least (float64 inputs stay f
   topk_stopgrad      sum_S pi (sg(log pi) - log q)                  add_sampled=False
   topk_renorm        KL(pi_hat || q_hat) on S
 
-and what other frameworks ship (field_estimators.py; the audit, toy/audit.py, says what each follows):
-  kl_k1              r_t on y_t (expected gradient 0)               -
-  kl_k2              r_t^2 / 2 (follows the reverse KL)             -
-  kl_k3              exp(-r_t) - 1 + r_t (follows the FORWARD KL)   clamp=None
-  topk_forward_kl    sum_S q (log q - max(log pi, m))               k, m=None, support, add_sampled
-  topk_tail          KL on S + one tail bucket                      k, support, add_sampled
-  topk_bregman       sum_S [pi (log pi - log q) - pi + q]           k, support, add_sampled
+and what other frameworks ship (registered in field_estimators.py; toy/audit.py says what each follows):
+  kl_k1 r_t, kl_k2 r_t^2 / 2, kl_k3 exp(-r_t) - 1 + r_t, topk_forward_kl, topk_tail, topk_bregman.
 
 (top-K: k defaults to 16, or V if the vocabulary is smaller; support is 'teacher', 'student' or
 'intersection'; add_sampled also puts the sampled token y_t in S_t.)
@@ -39,8 +34,8 @@ distribution, not grad KL(pi || q), and every objective sees that sampler's pref
 (sampled_token.py; train_opd prints a note).
 
 Every objective also takes mask_tokens, an iterable of token ids: positions whose sampled token
-is one of them are removed from the mask (special-token masking, DESIGN.md section 3), so that a
-token the teacher never saw cannot carry a log-ratio of tens of nats into the batch.
+is one of them are removed from the mask (special-token masking, docs/design.md#special-tokens), so
+that a token the teacher never saw cannot carry a log-ratio of tens of nats into the batch.
 
 The training step's hot path (opd.opd_step) also passes logp=(student_logp, teacher_logp): the
 float32 log-softmaxes of the same logits (B, T, V), the student's with its graph, computed once per
@@ -49,30 +44,67 @@ does not re-check the token ids and mask values (they come from the sampler; sha
 checked), and returns stats whose values are 0-dim tensors (no host sync): loss, n_tokens and its
 own extras, without kl / logratio_max_abs / logratio_pos_share, which the caller's diagnostics
 report. Without logp (any other caller) nothing changes: stats are python floats, as above.
-An objective added to the registry gets this by building its Batch with _prepare (which takes the
-logp option) and ending with _finish.
+
+Adding an objective (docs/extending.md walks through one): register it with its options and the
+divergence it claims to follow; build its inputs with resolve_options and prepare, end with finish.
+
+    @register("my_objective", claim="F", floor=Option(None, "lower clamp of log pi", float))
+    def my_objective(student_logits, teacher_logits, tokens, mask, **options):
+        opt = resolve_options("my_objective", options)              # defaults filled, unknown names refused
+        b = prepare(student_logits, teacher_logits, tokens, mask, opt)  # checks, masking, log-softmaxes
+        per_token = ...                                                # (B, T) from b.student_logp, b.teacher_logp
+        return finish(token_sum(per_token, b), b)
+
+An option is declared once, in register: it becomes the objective's default, its flag in
+train_math.py (--floor, help from Option.help), and its row in --help. prepare takes the logp of
+the hot path when the caller gives it, so a new objective gets the fast path without asking.
 """
 
+import importlib.util
+import os
 from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 
 from nanoopd.metrics import logratio_stats, masked_average
-from nanoopd.sampled_token import g_gamma_surrogate, sampled_token_surrogate
-from nanoopd.sequence_kl import jsd_from_logprobs, token_kl
 from nanoopd.special_tokens import contains
-from nanoopd.topk import (support_mass, topk_renormalized, topk_stopgrad, topk_support,
-                          topk_unnormalized)
-from nanoopd import field_estimators as field
+from nanoopd.topk import SUPPORTS, support_mass, topk_support
 
-OBJECTIVES: dict[str, Callable] = {}
+CLAIMS = ("J", "K", "F")  # the sequence KL, the token-level reverse KL, the token-level forward KL
 
 
-def register(name: str):
-    """Decorator: add an objective to OBJECTIVES under `name`."""
+class Option(NamedTuple):
+    """One option of an objective: its default, the help of its flag, the type its flag reads
+    (int, float, str or bool: a switch) and, if given, the values it may take."""
+    default: object
+    help: str
+    kind: type = float
+    choices: tuple | None = None
+
+
+class Spec(NamedTuple):
+    claim: str | None  # the divergence whose gradient it claims to follow, one of CLAIMS (None: none)
+    options: dict  # its own options, {name: Option}
+
+
+OBJECTIVES: dict[str, Callable] = {}  # name -> the objective
+SPECS: dict[str, Spec] = {}  # name -> what it claims and which options it takes
+COMMON_OPTIONS = ("mask_tokens", "logp")  # options of every objective (module docstring)
+
+
+def register(name: str, claim: str | None = "K", **options: Option):
+    """Decorator: add an objective to OBJECTIVES under `name`, with the divergence it claims to
+    follow (checked by the audit, toy/audit.py) and its options, each an Option."""
+    if claim not in CLAIMS + (None,):
+        raise ValueError(f"objective {name!r}: claim must be one of {CLAIMS} or None, got {claim!r}")
+    for option, spec in options.items():
+        if not isinstance(spec, Option) or option in COMMON_OPTIONS:
+            raise ValueError(f"objective {name!r}: option {option!r} must be an Option(default, help, kind) "
+                             f"and not one of {COMMON_OPTIONS}")
+
     def add(fn):
-        OBJECTIVES[name] = fn
+        OBJECTIVES[name], SPECS[name] = fn, Spec(claim, options)
         return fn
     return add
 
@@ -92,15 +124,42 @@ def check_objective(name: str, options: dict, vocab_size: int) -> None:
                         torch.ones(1, 2, dtype=torch.bool), **options)
 
 
+def option_flags() -> dict[str, Option]:
+    """Every registered option, once per name, as a command line offers it (train_math.py): the
+    first objective's Option, its help naming every objective that takes it."""
+    flags, takers = {}, {}
+    for name in sorted(SPECS):
+        for option, spec in SPECS[name].options.items():
+            if option in flags and flags[option].kind is not spec.kind:
+                raise ValueError(f"option {option!r} of objective {name!r} reads {spec.kind.__name__}, but "
+                                 f"{takers[option][0]!r} reads {flags[option].kind.__name__}: give them one type")
+            flags.setdefault(option, spec)
+            takers.setdefault(option, []).append(name)
+    return {o: s._replace(default=None, help=f"{s.help} [{', '.join(takers[o])}]") for o, s in flags.items()}
+
+
+def load_objectives(path: str) -> None:
+    """Import the Python file `path`, so that the objectives it registers join OBJECTIVES (a file
+    of your own: it runs as code, like any script you start)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"no objectives file at {path!r}: give the path of a .py file that calls @register")
+    spec = importlib.util.spec_from_file_location(f"user_objectives_{abs(hash(os.path.abspath(path)))}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # a user's file: say which one failed and why, without a traceback
+        raise ValueError(f"importing the objectives file {path!r} failed: {type(e).__name__}: {e}") from None
+
+
 # ----------------------------------------------------------------------------------------------
-# shared plumbing: options, input checks, masking, normalisation, stats
+# what every objective shares: options, input checks, masking, normalisation, stats
 
 
-def _options(name: str, given: dict, **defaults) -> dict:
-    """The objective's options: defaults overridden by `given`; unknown names are an error.
-    mask_tokens and logp (the hot path's shared log-softmaxes) are options of every objective."""
-    defaults["mask_tokens"] = None
-    defaults["logp"] = None
+def resolve_options(name: str, given: dict) -> dict:
+    """The options of objective `name`: its registered defaults overridden by `given`; unknown
+    names are an error. mask_tokens and logp (the hot path's shared log-softmaxes) are options of
+    every objective."""
+    defaults = {**{o: spec.default for o, spec in SPECS[name].options.items()}, **dict.fromkeys(COMMON_OPTIONS)}
     unknown = sorted(set(given) - set(defaults))
     if unknown:
         raise ValueError(f"objective {name!r} got unknown option(s) {unknown}; "
@@ -108,7 +167,7 @@ def _options(name: str, given: dict, **defaults) -> dict:
     return {**defaults, **given}
 
 
-def _check_bool(option: str, value) -> None:
+def check_bool(option: str, value) -> None:
     if not isinstance(value, bool):
         raise ValueError(f"option {option} must be True or False, got {value!r}")
 
@@ -127,9 +186,11 @@ def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-def _prepare(student_logits, teacher_logits, tokens, mask, mask_tokens, logp=None) -> Batch:
-    """Check that the inputs line up, apply mask_tokens, cast, detach the teacher, take each
-    model's log-softmax (or the given logp = (student_logp, teacher_logp), trusted: no value check)."""
+def prepare(student_logits, teacher_logits, tokens, mask, opt: dict) -> Batch:
+    """Check that the inputs line up, apply opt["mask_tokens"], cast, detach the teacher, take each
+    model's log-softmax (or opt["logp"] = (student_logp, teacher_logp), trusted: no value check).
+    opt: the objective's options, as resolve_options returns them."""
+    mask_tokens, logp = opt["mask_tokens"], opt["logp"]
     if student_logits.dim() != 3 or teacher_logits.dim() != 3:
         raise ValueError(f"student_logits and teacher_logits must be (B, T, V), got shapes "
                          f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
@@ -172,7 +233,7 @@ def _prepare(student_logits, teacher_logits, tokens, mask, mask_tokens, logp=Non
     return Batch(student, teacher, tokens, mask, student_logp, teacher_logp.detach(), logp is not None)
 
 
-def _finish(total: torch.Tensor, batch: Batch, **extra: torch.Tensor) -> tuple[torch.Tensor, dict]:
+def finish(total: torch.Tensor, batch: Batch, **extra: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """Per-token loss = total / number of masked tokens, and the stats every objective logs
     (extra: 0-dim tensors; python floats unless batch.hot)."""
     n_tokens = batch.mask.sum()
@@ -185,177 +246,45 @@ def _finish(total: torch.Tensor, batch: Batch, **extra: torch.Tensor) -> tuple[t
                   **{k: float(v) for k, v in extra.items()}}
 
 
-def _sampled(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+def sampled(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """(log pi(y_t|c_t), log q(y_t|c_t)) of the sampled tokens, (B, T) each, read off the shared
     log-softmaxes (sampled_token.sampled_logprobs computes the same from logits)."""
     index = batch.tokens.unsqueeze(-1)  # (B, T, 1)
     return batch.student_logp.gather(-1, index).squeeze(-1), batch.teacher_logp.gather(-1, index).squeeze(-1)
 
 
-def _token_sum(per_token: torch.Tensor, batch: Batch) -> torch.Tensor:
+def token_sum(per_token: torch.Tensor, batch: Batch) -> torch.Tensor:
     """Sum of a per-position loss (B, T) over the masked positions."""
     return (per_token * batch.mask).sum()
 
 
 # ----------------------------------------------------------------------------------------------
-# the objectives
+# options that several objectives take, declared once
+
+K = Option(None, "support size K of the top-K forms (and of sampled_token's baseline='topk'); "
+                 "None: 16, or V if the vocabulary is smaller", int)
+SUPPORT = Option("teacher", "whose top-K is the support S_t", str, SUPPORTS)
+ADD_SAMPLED = Option(False, "also put the sampled token y_t in the support", bool)
+CLAMP = Option(None, "clip r_t (sampled_token) or k3 (kl_k3) to [-clamp, clamp]; None: no clip", float)
+TOPK_OPTIONS = dict(k=K, support=SUPPORT, add_sampled=ADD_SAMPLED)
 
 
-BASELINES = (False, True, "full", "topk")  # sampled_token's baseline option (True = "full")
-
-
-@register("sampled_token")
-def sampled_token_loss(student_logits, teacher_logits, tokens, mask, **options):
-    """Sampled-token OPD. clamp: clip r_t to [-clamp, clamp]; baseline: vOPD, subtract a b(c_t)
-    from r_t (unbiased, lower variance): True or "full" b = KL(pi(.|c_t) || q(.|c_t)), "topk" its
-    part on the teacher's top-k, b = sum_S pi (log pi - log q) (k columns read, option k). Unbiased
-    for the token-level reverse KL only when y ~ pi (T = 1, no top-k/top-p)."""
-    opt = _options("sampled_token", options, clamp=None, baseline=False, k=None)
-    if not any(opt["baseline"] is b or (isinstance(b, str) and opt["baseline"] == b) for b in BASELINES):
-        raise ValueError(f"option baseline must be True or False, or 'full' (= True) or 'topk', "
-                         f"got {opt['baseline']!r}")
-    if opt["k"] is not None and opt["baseline"] != "topk":
-        raise ValueError(f"option k sets the support of baseline='topk'; got k={opt['k']!r} with "
-                         f"baseline={opt['baseline']!r}")
-    batch = _prepare(student_logits, teacher_logits, tokens, mask, opt["mask_tokens"], opt["logp"])
-    logp, logq = _sampled(batch)  # (B, T) each
-    baseline = None
-    if opt["baseline"] is True or opt["baseline"] == "full":
-        with torch.no_grad():
-            baseline = token_kl(batch.student_logp, batch.teacher_logp)  # (B, T)
-    elif opt["baseline"] == "topk":
-        k = min(16, batch.student.shape[-1]) if opt["k"] is None else opt["k"]
-        index, member = topk_support(batch.student, batch.teacher, batch.tokens, k)  # (B, T, k)
-        with torch.no_grad():
-            baseline = topk_unnormalized(batch.student, batch.teacher, index, member)  # (B, T)
-    per_seq = sampled_token_surrogate(logp, logq, batch.mask, opt["clamp"], baseline)  # (B,)
-    return _finish(per_seq.sum(), batch)
-
-
-@register("sequence_kl")
-def sequence_kl_loss(student_logits, teacher_logits, tokens, mask, **options):
-    """The g_gamma family: gamma = 1 (default) is REINFORCE on the sequence reverse KL, unbiased
-    only when y ~ pi (T = 1, no top-k/top-p)."""
-    opt = _options("sequence_kl", options, gamma=1.0)
-    if not 0.0 <= opt["gamma"] <= 1.0:
-        raise ValueError(f"gamma must lie in [0, 1] (0: sampled-token OPD, 1: sequence KL), "
-                         f"got {opt['gamma']}")
-    batch = _prepare(student_logits, teacher_logits, tokens, mask, opt["mask_tokens"], opt["logp"])
-    logp, logq = _sampled(batch)  # (B, T) each
-    per_seq = g_gamma_surrogate(logp, logq, batch.mask, opt["gamma"])  # (B,)  (sequence_kl.sequence_reverse_kl)
-    return _finish(per_seq.sum(), batch)
-
-
-@register("full_reverse_kl")
-def full_reverse_kl_loss(student_logits, teacher_logits, tokens, mask, **options):
-    """Full-vocabulary token-level reverse KL, differentiated directly."""
-    opt = _options("full_reverse_kl", options)
-    batch = _prepare(student_logits, teacher_logits, tokens, mask, opt["mask_tokens"], opt["logp"])
-    return _finish(_token_sum(token_kl(batch.student_logp, batch.teacher_logp), batch), batch)
-
-
-@register("jsd")
-def jsd_loss(student_logits, teacher_logits, tokens, mask, **options):
-    """Generalised JSD(beta) with P = teacher, Q = student: beta -> 0 forward KL, -> 1 reverse."""
-    opt = _options("jsd", options, beta=0.5)
-    batch = _prepare(student_logits, teacher_logits, tokens, mask, opt["mask_tokens"], opt["logp"])
-    per_token = jsd_from_logprobs(batch.student_logp, batch.teacher_logp, opt["beta"])  # (B, T)
-    return _finish(_token_sum(per_token, batch), batch)
-
-
-def _topk(name: str, form: Callable, student_logits, teacher_logits, tokens, mask, options, **defaults):
-    """The top-K forms share everything but the per-position formula `form` (and its own options,
-    `defaults`: the field's forms have some)."""
-    opt = _options(name, options, k=None, support="teacher", add_sampled=False, **defaults)
-    _check_bool("add_sampled", opt["add_sampled"])
-    batch = _prepare(student_logits, teacher_logits, tokens, mask, opt["mask_tokens"], opt["logp"])
+def topk_objective(name: str, form: Callable, student_logits, teacher_logits, tokens, mask, options):
+    """The top-K forms share everything but the per-position formula `form`, which is given the
+    objective's own options beyond TOPK_OPTIONS (the field's forms have some)."""
+    opt = resolve_options(name, options)
+    check_bool("add_sampled", opt["add_sampled"])
+    batch = prepare(student_logits, teacher_logits, tokens, mask, opt)
     k = min(16, batch.student.shape[-1]) if opt["k"] is None else opt["k"]
     index, member = topk_support(batch.student, batch.teacher, batch.tokens, k,
                                  opt["support"], opt["add_sampled"])  # (B, T, K') each
-    per_token = form(batch.student, batch.teacher, index, member,
-                     **{key: opt[key] for key in defaults})  # (B, T)
+    own = {key: opt[key] for key in SPECS[name].options if key not in TOPK_OPTIONS}
+    per_token = form(batch.student, batch.teacher, index, member, **own)  # (B, T)
     mass_pi, mass_q = support_mass(batch.student, batch.teacher, index, member)  # (B, T) each
-    return _finish(_token_sum(per_token, batch), batch,
-                   support_mass_student=masked_average(mass_pi, batch.mask),
-                   support_mass_teacher=masked_average(mass_q, batch.mask))
+    return finish(token_sum(per_token, batch), batch,
+                  support_mass_student=masked_average(mass_pi, batch.mask),
+                  support_mass_teacher=masked_average(mass_q, batch.mask))
 
 
-@register("topk_unnormalized")
-def topk_unnormalized_loss(student_logits, teacher_logits, tokens, mask, **options):
-    """Unnormalised top-K reverse KL: biased, drains mass out of S (kept to show the failure)."""
-    return _topk("topk_unnormalized", topk_unnormalized, student_logits, teacher_logits, tokens,
-                 mask, options)
-
-
-@register("topk_stopgrad")
-def topk_stopgrad_loss(student_logits, teacher_logits, tokens, mask, **options):
-    """Stop-gradient top-K reverse KL: the full-vocabulary gradient truncated to S."""
-    return _topk("topk_stopgrad", topk_stopgrad, student_logits, teacher_logits, tokens, mask,
-                 options)
-
-
-@register("topk_renorm")
-def topk_renorm_loss(student_logits, teacher_logits, tokens, mask, **options):
-    """Renormalised top-K reverse KL(pi_hat || q_hat) on S (local support matching)."""
-    return _topk("topk_renorm", topk_renormalized, student_logits, teacher_logits, tokens, mask,
-                 options)
-
-
-# ----------------------------------------------------------------------------------------------
-# what other frameworks ship (field_estimators.py): registered so that the audit can test them
-
-
-def _sampled_field(name: str, form: Callable, student_logits, teacher_logits, tokens, mask,
-                   options, **defaults):
-    """k1/k2/k3: a per-position formula of (log pi(y_t), log q(y_t)) on the sampled token."""
-    opt = _options(name, options, **defaults)
-    extra = {key: opt[key] for key in defaults}
-    if extra.get("clamp") is not None and not extra["clamp"] > 0:
-        raise ValueError(f"clamp must be a positive number (or None for no clamp), got {extra['clamp']}")
-    batch = _prepare(student_logits, teacher_logits, tokens, mask, opt["mask_tokens"], opt["logp"])
-    logp, logq = _sampled(batch)  # (B, T) each
-    return _finish(_token_sum(form(logp, logq, **extra), batch), batch)
-
-
-@register("kl_k1")
-def kl_k1_loss(student_logits, teacher_logits, tokens, mask, **options):
-    """k1 = r_t as a loss (RL frameworks' KL-loss option 'kl'): expected gradient 0."""
-    return _sampled_field("kl_k1", field.kl_k1, student_logits, teacher_logits, tokens, mask, options)
-
-
-@register("kl_k2")
-def kl_k2_loss(student_logits, teacher_logits, tokens, mask, **options):
-    """k2 = r_t^2 / 2 as a loss ('mse'): expected gradient grad of the token-level reverse KL."""
-    return _sampled_field("kl_k2", field.kl_k2, student_logits, teacher_logits, tokens, mask, options)
-
-
-@register("kl_k3")
-def kl_k3_loss(student_logits, teacher_logits, tokens, mask, **options):
-    """k3 = exp(-r_t) - 1 + r_t as a loss ('low_var_kl'), clipped to [-clamp, clamp] when clamp
-    is given: expected gradient grad of the token-level FORWARD KL(q || pi)."""
-    return _sampled_field("kl_k3", field.kl_k3, student_logits, teacher_logits, tokens, mask, options,
-                          clamp=None)
-
-
-@register("topk_forward_kl")
-def topk_forward_kl_loss(student_logits, teacher_logits, tokens, mask, **options):
-    """Forward KL on the teacher's top-K, log pi clamped from below at m (off by default)."""
-    m = options.get("m")
-    if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not m < 0):
-        raise ValueError(f"m (the lower clamp of log pi) must be a negative number or None, got {m!r}")
-    return _topk("topk_forward_kl", field.topk_forward_kl, student_logits, teacher_logits,
-                 tokens, mask, options, m=None)
-
-
-@register("topk_tail")
-def topk_tail_loss(student_logits, teacher_logits, tokens, mask, **options):
-    """Reverse KL of the distributions coarsened to the top-K plus one tail bucket."""
-    return _topk("topk_tail", field.topk_tail, student_logits, teacher_logits, tokens, mask,
-                 options)
-
-
-@register("topk_bregman")
-def topk_bregman_loss(student_logits, teacher_logits, tokens, mask, **options):
-    """Unnormalised top-K with the Bregman correction - pi + q: the stop-gradient gradient."""
-    return _topk("topk_bregman", field.topk_bregman, student_logits, teacher_logits, tokens,
-                 mask, options)
+# the objectives themselves register on import (they import this module for the plumbing above)
+from nanoopd import builtin_objectives, field_estimators  # noqa: E402,F401

@@ -58,7 +58,7 @@ from nanoopd.loop import (JsonlLog, adamw, can_resume, loss_scale, lr_at, resume
                           set_lr, update)
 from nanoopd.metrics import opd_diagnostic_tensors
 from nanoopd.model import GPT
-from nanoopd.objectives import get_objective
+from nanoopd.objectives import OBJECTIVES, get_objective, option_flags
 from nanoopd.report import format_record, summarize_records
 from nanoopd.rollout import Rollout, check_sampling_args, generate, response_logits
 from nanoopd.tasks import Problem, encode_example, sample_problems, verify
@@ -70,22 +70,23 @@ _COMMON_STATS = ("loss", "kl", "logratio_max_abs", "logratio_pos_share", "n_toke
 
 @dataclass
 class OPDConfig:
-    loss: str = "sampled_token"      # objective name in objectives.OBJECTIVES
-    options: dict = field(default_factory=dict)  # its options (k, support, gamma, clamp, mask_tokens, ...)
-    steps: int = 100                 # optimizer steps
-    lr: float = 1e-4                 # AdamW peak learning rate
-    warmup: int = 10                 # linear warm-up steps, then cosine decay to 10 % of lr
-    batch_size: int = 64             # prompts (rollouts) per step
-    temperature: float = 1.0         # rollout temperature (> 0: OPD needs samples)
-    top_p: float = 1.0               # rollout nucleus mass (1 = off)
+    # --- on-policy distillation (stage opd)
+    loss: str = field(default="sampled_token", metadata={"choices": lambda: sorted(OBJECTIVES)})  # the objective (nanoopd/objectives.py)
+    options: dict = field(default_factory=dict, metadata={"flags": option_flags})  # the objective's options (a flag each below, generated from the registry; mask_tokens as ids)
+    opd_steps: int = 200             # OPD optimizer steps
+    opd_lr: float = 3e-4             # OPD AdamW peak learning rate
+    opd_warmup: int = 10             # OPD linear warm-up steps, then cosine decay to 10 % of opd_lr
+    opd_batch: int = 64              # student rollouts (prompts) per OPD step (global under torchrun)
+    temperature: float = 1.0         # rollout temperature (> 0); OPD estimates grad KL(pi || q) only at 1
+    top_p: float = 1.0               # rollout nucleus mass in (0, 1] (1 = off)
     top_k: int = 0                   # rollout top-k (0 = off)
     max_new_tokens: int = 64         # response budget N
-    grad_clip: float = 1.0           # clip the total gradient norm to this
-    eval_every: int = 25             # held-out greedy accuracy every this many steps (0 = start/end only)
+    grad_clip: float = 1.0           # clip the total gradient norm to this (OPD and RLVR)
+    opd_eval_every: int = 50         # held-out greedy accuracy and a checkpoint every N OPD steps (0 = start and end only)
     seed: int = 0                    # seeds the prompts and the rollout sampler
     digits: int = 3                  # training prompts: operands of 1..digits digits
     ops: str = "+-"                  # training prompts: operators
-    diag_k: int = 16                 # k of the overlap diagnostics
+    diag_k: int = 16                 # k of the top-K overlap diagnostics in the OPD log
     cuda_graph: bool = True          # on CUDA, replay the rollout's decoding step as a CUDA graph (False: eager)
 
     def __post_init__(self):
@@ -94,13 +95,13 @@ class OPDConfig:
         check_sampling_args(self.temperature, self.top_k, self.top_p, self.max_new_tokens)
         if self.temperature == 0:
             raise ConfigError("temperature", "must be > 0: OPD trains on the student's samples")
-        for name in ("steps", "batch_size", "diag_k"):
+        for name in ("opd_steps", "opd_batch", "diag_k"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "warmup"):
+        for name in ("opd_eval_every", "opd_warmup"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
-        for name in ("lr", "grad_clip"):
+        for name in ("opd_lr", "grad_clip"):
             if not getattr(self, name) > 0:
                 raise ConfigError(name, f"must be > 0, got {getattr(self, name)}")
 
@@ -229,7 +230,7 @@ def train_opd(student: GPT, teacher: GPT, tok: Tokenizer, cfg: OPDConfig, run_pr
               start_acc: float | None = None, print_every: int = 1, teacher_score=None, extra_stats=None,
               save_every: int = 0, resume: bool = False, settings: dict | None = None,
               compile: bool = False) -> dict:
-    """Distil `teacher` into `student` (in place) for cfg.steps steps.
+    """Distil `teacher` into `student` (in place) for cfg.opd_steps steps.
 
     teacher may be `student` itself (self-distillation with live weights: it scores without
     gradient and is not frozen); teacher_score and extra_stats are passed on to opd_step;
@@ -237,7 +238,7 @@ def train_opd(student: GPT, teacher: GPT, tok: Tokenizer, cfg: OPDConfig, run_pr
 
     Writes <run_prefix>.jsonl (one record per step), <run_prefix>.pt and <run_prefix>.json (the
     summary, also returned). Held-out greedy accuracy is measured on `eval_problems` at the start
-    (unless `start_acc` is given: the same student was already evaluated), every cfg.eval_every
+    (unless `start_acc` is given: the same student was already evaluated), every cfg.opd_eval_every
     steps, and at the end. A non-finite loss or gradient writes the summary with its `error` and
     re-raises the FloatingPointError.
 
@@ -250,7 +251,7 @@ def train_opd(student: GPT, teacher: GPT, tok: Tokenizer, cfg: OPDConfig, run_pr
     functions of the step; the sampler's state is restored).
 
     Under torchrun every rank calls this with the same arguments: each samples and scores its
-    share of every global batch of cfg.batch_size prompts with its own generator
+    share of every global batch of cfg.opd_batch prompts with its own generator
     (distributed.rank_seed), gradients are averaged by DDP (see opd_step), rank 0 evaluates, logs
     and writes files.
     """
@@ -262,13 +263,13 @@ def train_opd(student: GPT, teacher: GPT, tok: Tokenizer, cfg: OPDConfig, run_pr
         raise ValueError(f"the models have {student.config.vocab_size} tokens, the tokenizer "
                          f"{tok.n_vocab}: retrain them with this tokenizer")
     rank, world = distributed.rank_and_world()
-    distributed.check_shardable(cfg.batch_size, world, "an OPD batch", "prompts", "--opd_batch")
+    distributed.check_shardable(cfg.opd_batch, world, "an OPD batch", "prompts", "--opd_batch")
     name = name or cfg.loss
     device = next(student.parameters()).device
     if teacher is not student:
         freeze(teacher)
-    optimizer = adamw(student, cfg.lr)
-    problems = sample_problems(cfg.steps * cfg.batch_size, "train", cfg.seed, cfg.digits, cfg.ops)
+    optimizer = adamw(student, cfg.opd_lr)
+    problems = sample_problems(cfg.opd_steps * cfg.opd_batch, "train", cfg.seed, cfg.digits, cfg.ops)
     generator = torch.Generator(device=device).manual_seed(distributed.rank_seed(cfg.seed))
     if rank == 0:
         os.makedirs(os.path.dirname(os.path.abspath(run_prefix)), exist_ok=True)
@@ -281,14 +282,14 @@ def train_opd(student: GPT, teacher: GPT, tok: Tokenizer, cfg: OPDConfig, run_pr
     if can_resume(resume, ckpt_path):
         first, state = resume_run_state(ckpt_path, student, optimizer, generator, "opd", run_settings)
         records, summary, elapsed = state["records"], dict(state["summary"], error=None), state["elapsed"]
-        log(f"opd {name}: resuming from '{ckpt_path}' at step {first}/{cfg.steps}")
+        log(f"opd {name}: resuming from '{ckpt_path}' at step {first}/{cfg.opd_steps}")
     else:
         if start_acc is None:
             start_acc = held_out()
         summary = {"name": name, "config": asdict(cfg), "start_acc": start_acc, "evals": [[0, start_acc]],
                    "error": None, "last_good_checkpoint": None}
-    log(f"opd {name}: {cfg.steps} steps of {cfg.loss} {cfg.options or ''} | lr {cfg.lr} | "
-        f"batch {cfg.batch_size}{f' over {world} processes' if world > 1 else ''} | T={cfg.temperature} "
+    log(f"opd {name}: {cfg.opd_steps} steps of {cfg.loss} {cfg.options or ''} | lr {cfg.opd_lr} | "
+        f"batch {cfg.opd_batch}{f' over {world} processes' if world > 1 else ''} | T={cfg.temperature} "
         f"top_p={cfg.top_p} top_k={cfg.top_k} | held-out greedy accuracy at start {summary['start_acc']:.1%} "
         f"(n={len(eval_problems)})")
     if cfg.temperature != 1.0 or cfg.top_p < 1.0 or 0 < cfg.top_k < student.config.vocab_size:
@@ -304,9 +305,9 @@ def train_opd(student: GPT, teacher: GPT, tok: Tokenizer, cfg: OPDConfig, run_pr
                        {"records": records, "summary": summary, "elapsed": elapsed + time.time() - t_start})
 
     with JsonlLog(run_prefix + ".jsonl", kept=records) as jsonl:  # a resumed run rewrites the steps it keeps
-        for step in range(first, cfg.steps):
-            batch = distributed.shard(problems[step * cfg.batch_size:(step + 1) * cfg.batch_size])
-            set_lr(optimizer, lr_at(step, cfg.steps, cfg.lr, cfg.warmup))
+        for step in range(first, cfg.opd_steps):
+            batch = distributed.shard(problems[step * cfg.opd_batch:(step + 1) * cfg.opd_batch])
+            set_lr(optimizer, lr_at(step, cfg.opd_steps, cfg.opd_lr, cfg.opd_warmup))
             try:
                 rec = opd_step(ddp_student, teacher, optimizer, tok, batch, cfg, generator, step, teacher_score,
                                extra_stats)
@@ -314,8 +315,8 @@ def train_opd(student: GPT, teacher: GPT, tok: Tokenizer, cfg: OPDConfig, run_pr
                 summary["error"] = str(e)
                 log(f"opd {name}: stopped: {e}; last good checkpoint: {summary['last_good_checkpoint']}")
                 break
-            last = step == cfg.steps - 1
-            evaluate_now = last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)
+            last = step == cfg.opd_steps - 1
+            evaluate_now = last or (cfg.opd_eval_every and (step + 1) % cfg.opd_eval_every == 0)
             if evaluate_now:
                 rec["eval_acc"] = held_out()
                 summary["evals"].append([step + 1, rec["eval_acc"]])

@@ -36,17 +36,17 @@ from nanoopd.tokenizer import Tokenizer
 
 @dataclass
 class RLVRConfig:
-    steps: int = 30                  # optimizer steps
-    prompts: int = 16                # distinct problems (contexts) per step
-    group: int = 8                   # samples per context, G (advantages are normalised within it)
-    lr: float = 1e-4                 # AdamW peak learning rate
-    warmup: int = 10                 # linear warm-up steps, then cosine decay to 10 % of lr
+    # --- the RLVR teacher (stage rlvr)
+    rlvr_steps: int = 60             # RLVR optimizer steps
+    rlvr_prompts: int = 16           # RLVR problems (contexts) per step
+    rlvr_group: int = 8              # RLVR samples per problem, G >= 2 (advantages normalised within each group)
+    rlvr_lr: float = 1e-4            # RLVR AdamW peak learning rate
+    rlvr_warmup: int = 10            # RLVR linear warm-up steps, then cosine decay to 10 % of rlvr_lr
+    rlvr_eps: float = 1e-6           # RLVR advantage denominator: std of the group + eps
+    rlvr_cut: float = 0.0            # RLVR contexts: 0 = prompts; c in (0, 1) = student samples cut at a fraction drawn from U[0, c]
     temperature: float = 1.0         # sampling temperature of the group (> 0)
     max_new_tokens: int = 64         # response budget per sample
     grad_clip: float = 1.0           # clip the total gradient norm to this
-    eps: float = 1e-6                # advantage denominator std + eps
-    cut: float = 0.0                 # 0: contexts are prompts; in (0, 1): student samples cut at a
-                                     # fraction drawn uniformly from [0, cut], one per context
     seed: int = 0                    # seeds the problems and the samplers
     digits: int = 3                  # training problems: operands of 1..digits digits
     ops: str = "+-"                  # training problems: operators
@@ -56,16 +56,16 @@ class RLVRConfig:
         check_sampling_args(self.temperature, 0, 1.0, self.max_new_tokens)
         if self.temperature == 0:
             raise ConfigError("temperature", "must be > 0: RLVR samples a group per prompt")
-        for name in ("steps", "prompts"):
+        for name in ("rlvr_steps", "rlvr_prompts"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
-        if self.warmup < 0:
-            raise ConfigError("warmup", f"must be >= 0, got {self.warmup}")
-        if self.group < 2:
-            raise ConfigError("group", f"must be >= 2 (a group of one always has zero advantage), got {self.group}")
-        if not 0.0 <= self.cut < 1.0:
-            raise ConfigError("cut", f"must lie in [0, 1) (0 = from prompts), got {self.cut}")
-        for name in ("lr", "grad_clip", "eps"):
+        if self.rlvr_warmup < 0:
+            raise ConfigError("rlvr_warmup", f"must be >= 0, got {self.rlvr_warmup}")
+        if self.rlvr_group < 2:
+            raise ConfigError("rlvr_group", f"must be >= 2 (a group of one always has zero advantage), got {self.rlvr_group}")
+        if not 0.0 <= self.rlvr_cut < 1.0:
+            raise ConfigError("rlvr_cut", f"must lie in [0, 1) (0 = from prompts), got {self.rlvr_cut}")
+        for name in ("rlvr_lr", "grad_clip", "rlvr_eps"):
             if not getattr(self, name) > 0:
                 raise ConfigError(name, f"must be > 0, got {getattr(self, name)}")
 
@@ -102,13 +102,13 @@ def rlvr_step(model: GPT, optimizer: torch.optim.Optimizer, contexts: list[list[
     (distributed.global_token_scale); the step is skipped on every rank when no group on any rank
     carries signal."""
     t0 = time.perf_counter()
-    G = cfg.group
+    G = cfg.rlvr_group
     policy = distributed.bare(model)  # the GPT itself for sampling
     ro = generate(policy, [c for c in contexts for _ in range(G)], cfg.max_new_tokens, eos_id, pad_id,
                   temperature=cfg.temperature, generator=generator)
     rewards = torch.tensor([reward_fn(i // G, ids) for i, ids in enumerate(ro.rows())],
                            dtype=torch.float32).view(len(contexts), G)  # (n, G) verifier rewards, 0/1
-    adv = group_advantages(rewards, cfg.eps).flatten().to(ro.tokens.device)  # (n*G,)
+    adv = group_advantages(rewards, cfg.rlvr_eps).flatten().to(ro.tokens.device)  # (n*G,)
     zero_var = (rewards.std(1, unbiased=False) == 0).float().mean().item()
     model.train()
     with autocast(next(policy.parameters()).device):  # the same precision policy as the OPD step
@@ -142,7 +142,7 @@ def train_rlvr(model: GPT, tok: Tokenizer, cfg: RLVRConfig, student: GPT | None 
                jsonl_path: str | None = None, name: str = "rlvr", ckpt_path: str | None = None,
                save_every: int = 0, resume: bool = False, extra: dict | None = None,
                settings: dict | None = None, compile: bool = False) -> list[dict]:
-    """cfg.steps RLVR steps on `model` (in place) with the math verifier as reward. With cfg.cut > 0
+    """cfg.rlvr_steps RLVR steps on `model` (in place) with the math verifier as reward. With cfg.rlvr_cut > 0
     each step's contexts are `student`'s sampled responses cut at fractions uniform in [0, cut]
     (the student's kind of prefixes). Returns the per-step records (also written to jsonl_path when given).
 
@@ -153,27 +153,27 @@ def train_rlvr(model: GPT, tok: Tokenizer, cfg: RLVRConfig, student: GPT | None 
     Under torchrun each rank takes its share of every step's problems (and their groups) and
     samples with its own generator; rank 0 logs and writes. compile=True runs the training forward
     passes through torch.compile."""
-    if cfg.cut > 0 and student is None:
+    if cfg.rlvr_cut > 0 and student is None:
         raise ValueError("RLVR from student prefixes (cut > 0) needs the student model")
     rank, world = distributed.rank_and_world()
-    distributed.check_shardable(cfg.prompts, world, "an RLVR step", "problems", "--rlvr_prompts")
+    distributed.check_shardable(cfg.rlvr_prompts, world, "an RLVR step", "problems", "--rlvr_prompts")
     device = next(model.parameters()).device
-    optimizer = adamw(model, cfg.lr)
-    problems = sample_problems(cfg.steps * cfg.prompts, "train", cfg.seed, cfg.digits, cfg.ops)
+    optimizer = adamw(model, cfg.rlvr_lr)
+    problems = sample_problems(cfg.rlvr_steps * cfg.rlvr_prompts, "train", cfg.seed, cfg.digits, cfg.ops)
     gen = torch.Generator(device=device).manual_seed(distributed.rank_seed(cfg.seed))
     run_settings = {**asdict(cfg), **(settings or {})}  # what a resume must match
     records, first, saved = [], 0, None  # saved: the step of the last checkpoint of this run
     if can_resume(resume, ckpt_path):
         first, state = resume_run_state(ckpt_path, model, optimizer, gen, "rlvr", run_settings)
         records, saved = state["records"], first
-        log(f"{name}: resuming from '{ckpt_path}' at step {first}/{cfg.steps}")
+        log(f"{name}: resuming from '{ckpt_path}' at step {first}/{cfg.rlvr_steps}")
     ddp_model = distributed.wrap(model, device, compile)  # the model itself in one process, uncompiled
     with JsonlLog(jsonl_path, kept=records) as jsonl:  # a resumed run rewrites the steps it keeps
-        for step in range(first, cfg.steps):
-            set_lr(optimizer, lr_at(step, cfg.steps, cfg.lr, cfg.warmup))
-            batch = distributed.shard(problems[step * cfg.prompts:(step + 1) * cfg.prompts])
-            if cfg.cut > 0:
-                fracs = (torch.rand(len(batch), generator=gen, device=device) * cfg.cut).tolist()
+        for step in range(first, cfg.rlvr_steps):
+            set_lr(optimizer, lr_at(step, cfg.rlvr_steps, cfg.rlvr_lr, cfg.rlvr_warmup))
+            batch = distributed.shard(problems[step * cfg.rlvr_prompts:(step + 1) * cfg.rlvr_prompts])
+            if cfg.rlvr_cut > 0:
+                fracs = (torch.rand(len(batch), generator=gen, device=device) * cfg.rlvr_cut).tolist()
                 contexts, done = student_prefixes(student, tok, batch, fracs, cfg.max_new_tokens, gen)
             else:
                 contexts, done = [encode_example(tok, p)[0] for p in batch], [""] * len(batch)
@@ -186,11 +186,11 @@ def train_rlvr(model: GPT, tok: Tokenizer, cfg: RLVRConfig, student: GPT | None 
                 raise FloatingPointError(f"{name} step {step}: {e}; {kept}") from None
             records.append(rec)
             jsonl.write(rec)
-            if ckpt_path and (step == cfg.steps - 1 or (save_every and (step + 1) % save_every == 0)):
+            if ckpt_path and (step == cfg.rlvr_steps - 1 or (save_every and (step + 1) % save_every == 0)):
                 save_run_state(ckpt_path, model, step + 1, optimizer, gen,
                                {**(extra or {}), "rlvr": run_settings}, {"records": records})
                 saved = step + 1
-            if step % 10 == 0 or step == cfg.steps - 1:
+            if step % 10 == 0 or step == cfg.rlvr_steps - 1:
                 log(f"{name} step {step:4d} | reward {rec['reward']:6.1%} | zero-variance groups "
                     f"{rec['zero_var_groups']:5.1%} | loss {rec['loss']:+.4f} | len {rec['response_length']:5.1f} | "
                     f"{rec['seconds']:.2f}s")

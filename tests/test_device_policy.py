@@ -23,7 +23,7 @@ import nanoopd.model as model_mod
 from nanoopd import OBJECTIVES, distributed, opd, sft
 from nanoopd.metrics import sampled_logratio
 from nanoopd.model import GPT, GPTConfig
-from nanoopd.objectives import _prepare
+from nanoopd.objectives import prepare, resolve_options
 from nanoopd.rlvr import RLVRConfig, rlvr_step
 from nanoopd.rollout import generate
 from nanoopd.tasks import encode_example
@@ -109,7 +109,7 @@ def opd_step_logratios(student, teacher, rollout, problems, monkeypatch, loss="s
 
     monkeypatch.setattr(opd, "generate", lambda *args, **kwargs: rollout)
     monkeypatch.setattr(opd, "get_objective", lambda name: recording)
-    cfg = opd.OPDConfig(loss=loss, batch_size=len(problems), max_new_tokens=rollout.response.shape[1], digits=1)
+    cfg = opd.OPDConfig(loss=loss, opd_batch=len(problems), max_new_tokens=rollout.response.shape[1], digits=1, opd_lr=1e-4)
     student = copy.deepcopy(student)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
     rec = opd.opd_step(student, opd.freeze(copy.deepcopy(teacher)), optimizer, TOK, problems, cfg,
@@ -153,7 +153,7 @@ def test_opd_step_logratios_under_bf16_autocast_agree_with_fp32(seed, monkeypatc
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))
 def test_every_objective_takes_a_finite_opd_step_under_bf16_autocast(name, bf16):
     student, teacher = tiny(1), opd.freeze(tiny(0, 48))
-    cfg = opd.OPDConfig(loss=name, batch_size=4, max_new_tokens=8, digits=1,
+    cfg = opd.OPDConfig(loss=name, opd_batch=4, max_new_tokens=8, digits=1, opd_lr=1e-4,
                         options={"k": 8} if name.startswith("topk") else {})
     opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
     rec = opd.opd_step(student, teacher, opt, TOK, sample_problems(4, "train", 0, 1), cfg,
@@ -170,7 +170,7 @@ def test_rlvr_trains_under_the_same_autocast_as_opd(bf16):
     contexts = [encode_example(TOK, p)[0] for p in sample_problems(2, "train", 0, 1)]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     reward = lambda i, response: float(bool(response) and response[0] % 2 == 0)  # some signal in most groups
-    rec = rlvr_step(model, opt, contexts, reward, RLVRConfig(group=4, max_new_tokens=6), TOK.eos_id, TOK.pad_id,
+    rec = rlvr_step(model, opt, contexts, reward, RLVRConfig(rlvr_group=4, max_new_tokens=6), TOK.eos_id, TOK.pad_id,
                     torch.Generator().manual_seed(0))
     hook.remove()
     assert dtypes == [torch.bfloat16]  # the one training forward pass (sampling runs without grad)
@@ -189,7 +189,7 @@ def test_the_isin_replacement_gives_the_same_booleans():
         assert torch.equal((tokens.unsqueeze(-1) == ids_t).any(-1), torch.isin(tokens, ids_t))
         logits = torch.zeros(5, 7, 12)
         mask = torch.rand(5, 7, generator=g) > 0.3
-        batch = _prepare(logits, logits, tokens, mask, ids)  # objectives' mask_tokens
+        batch = prepare(logits, logits, tokens, mask, resolve_options("full_reverse_kl", {"mask_tokens": ids}))  # objectives' mask_tokens
         assert torch.equal(batch.mask, mask & ~torch.isin(tokens, ids_t))
 
 

@@ -52,8 +52,8 @@ def worker(rank, world, port, out):
 # learning rate is small because Adam scales every gradient to a step of order lr, also the ones
 # that are 0 in exact arithmetic (the attention key bias, which softmax ignores) and so differ
 # between the runs only by rounding noise: at lr 1e-2 those reach 2e-5 after 3 steps.
-OPD = OPDConfig(loss="sampled_token", steps=3, batch_size=5, top_k=1, max_new_tokens=10, digits=1, lr=1e-3,
-                warmup=0, eval_every=2, seed=5)
+OPD = OPDConfig(loss="sampled_token", opd_steps=3, opd_batch=5, top_k=1, max_new_tokens=10, digits=1, opd_lr=1e-3,
+                opd_warmup=0, opd_eval_every=2, seed=5)
 
 
 def opd_pair():
@@ -94,9 +94,9 @@ def resume_worker(rank, world, port, folder):
     torch.set_num_threads(1)
     distributed.setup("cpu")
     tok, problems = get_tokenizer(), sample_problems(4, "test", 0, digits=1)
-    cfg = OPDConfig(loss="sampled_token", steps=4, batch_size=4, max_new_tokens=8, digits=1, lr=3e-3, warmup=1,
-                    eval_every=0, seed=3)
-    rcfg = RLVRConfig(steps=4, prompts=2, group=4, max_new_tokens=6, digits=1, warmup=1, lr=3e-3)
+    cfg = OPDConfig(loss="sampled_token", opd_steps=4, opd_batch=4, max_new_tokens=8, digits=1, opd_lr=3e-3, opd_warmup=1,
+                    opd_eval_every=0, seed=3)
+    rcfg = RLVRConfig(rlvr_steps=4, rlvr_prompts=2, rlvr_group=4, max_new_tokens=6, digits=1, rlvr_warmup=1, rlvr_lr=3e-3)
     rlvr.math_reward = lambda tok, batch, done: lambda i, resp: float(bool(resp) and resp[0] % 2 == 0)
     real_opd, real_rlvr = opd.opd_step, rlvr.rlvr_step
 

@@ -60,7 +60,7 @@ def test_cached_decoding_matches_recomputation():
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))
 def test_one_opd_step_per_objective_is_finite(name):
     student, teacher = tiny(1), freeze(tiny(0, 48))
-    cfg = OPDConfig(loss=name, batch_size=8, max_new_tokens=16, digits=2,
+    cfg = OPDConfig(loss=name, opd_batch=8, max_new_tokens=16, digits=2, opd_lr=1e-4,
                     options={"k": 8} if name.startswith("topk") else {})
     opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
     rec = opd_step(student, teacher, opt, TOK, sample_problems(8, "train", 0, 2), cfg,
@@ -98,7 +98,7 @@ def test_seeded_opd_steps_repeat_on_cuda():
     for _ in range(2):
         student, teacher = tiny(1), freeze(tiny(0, 48))
         opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
-        cfg = OPDConfig(loss="sampled_token", batch_size=8, max_new_tokens=16, digits=2)
+        cfg = OPDConfig(loss="sampled_token", opd_batch=8, max_new_tokens=16, digits=2, opd_lr=1e-4)
         for step in range(2):
             opd_step(student, teacher, opt, TOK, sample_problems(8, "train", step, 2), cfg,
                      torch.Generator(device=GPU).manual_seed(0), step)

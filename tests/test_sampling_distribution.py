@@ -117,7 +117,7 @@ def tiny(seed: int, n_embd: int) -> GPT:
                                              ({}, False)])
 def test_an_opd_run_not_sampling_from_pi_says_so_once_at_its_start(sampling, noted, tmp_path):
     lines = []
-    cfg = OPDConfig(steps=1, batch_size=2, max_new_tokens=4, digits=1, eval_every=0, **sampling)
+    cfg = OPDConfig(opd_steps=1, opd_batch=2, max_new_tokens=4, digits=1, opd_eval_every=0, opd_lr=1e-4, **sampling)
     train_opd(tiny(1, 16), tiny(0, 16), get_tokenizer(), cfg, str(tmp_path / "run"), sample_problems(2, "test", 0, 1),
               log=lines.append, start_acc=0.0)
     notes = [line for line in lines if "not from pi itself" in line]

@@ -123,8 +123,8 @@ def test_mixture_draws_exactly_what_multinomial_drew(weights):
 
 def opsd_config(**kw):
     from nanoopd.opd import OPDConfig
-    base = dict(loss="full_reverse_kl", steps=2, batch_size=4, max_new_tokens=10, digits=1, eval_every=0,
-                seed=0, lr=1e-2, warmup=0)
+    base = dict(loss="full_reverse_kl", opd_steps=2, opd_batch=4, max_new_tokens=10, digits=1, opd_eval_every=0,
+                seed=0, opd_lr=1e-2, opd_warmup=0)
     return OPDConfig(**{**base, **kw})
 
 

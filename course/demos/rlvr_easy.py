@@ -46,8 +46,8 @@ def rlvr() -> list[tuple[int, float, float]]:
     model = GPT(GPTConfig(vocab_size=8, block_size=16, n_layer=1, n_head=2, n_embd=16))
     contexts = [[0], [1], [2], [0, 1], [1, 2], [2, 0], [0, 2], [1, 1]]
     reward = lambda i, response: float(bool(response) and response[0] == GOOD)
-    cfg = RLVRConfig(steps=1, prompts=len(contexts), group=8, lr=3e-2, max_new_tokens=2, digits=1)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    cfg = RLVRConfig(rlvr_steps=1, rlvr_prompts=len(contexts), rlvr_group=8, rlvr_lr=3e-2, max_new_tokens=2, digits=1)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.rlvr_lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(0)
 
     def p_good():
