@@ -21,6 +21,7 @@ Device and dtype policy, decided here and nowhere else.
 import contextlib
 import platform
 import random
+import time
 
 import numpy as np
 import torch
@@ -130,3 +131,33 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+class PhaseClock:
+    """Wall time of the phases of a step without stalling the GPU: on CUDA an event is recorded at
+    every mark and the elapsed times are read at the end (seconds() waits for the last event
+    only); on MPS the device is synchronised at each mark; on the CPU work is synchronous."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.marks = device, []
+        self._mark()
+
+    def _mark(self):
+        if self.device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            synchronize(self.device)  # a no-op on the CPU
+            self.marks.append(time.perf_counter())
+
+    def mark(self) -> None:
+        """End the current phase, start the next."""
+        self._mark()
+
+    def seconds(self) -> list[float]:
+        """The duration of every phase, in seconds."""
+        if self.device.type == "cuda":
+            self.marks[-1].synchronize()
+            return [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]

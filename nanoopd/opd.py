@@ -1,26 +1,21 @@
 """
 On-policy distillation (OPD): one training step, and the loop that repeats it.
 
-Notation (DESIGN.md section 2): student pi_theta, frozen teacher q, prompt x, response
-y = (y_1..y_T) sampled from the student, prefix c_t = (x, y_<t), per-token cost
-r_t = log pi(y_t|c_t) - log q(y_t|c_t). One step:
+Notation (docs/design.md#notation): student pi_theta, frozen teacher q, prompt x, response y sampled
+from the student, prefix c_t = (x, y_<t), per-token cost r_t = log pi(y_t|c_t) - log q(y_t|c_t). One step:
 
     1. x_1..x_B ~ training prompts;   y_i ~ pi_theta(.|x_i)    rollout: temperature, top-p, top-k,
                                                                at most N new tokens, seeded
     2. q(.|c_t) at every response position, no gradient      (the teacher scores the same tokens)
     3. pi_theta(.|c_t) at the same positions, with gradient
     4. loss, stats = OBJECTIVES[name](pi logits, q logits, y, mask, **options)
-                     (DESIGN.md section 3; mask = the response mask, EOS included)
+                     (docs/design.md#the-objectives; mask = the response mask, EOS included)
     5. theta <- AdamW(theta, g / max(1, ||g|| / clip)),   g = grad loss      (loop.update;
        learning rate: linear warm-up, then cosine to 10 %, loop.lr_at)
 
-Sampled-token OPD and g_gamma estimate grad KL(pi || q) only when y ~ pi itself: temperature 1,
-no top-p, no top-k. Other sampling settings draw y from another distribution, and the same
-estimators then follow the gradient under that distribution (the run says so when it starts).
-
-A non-finite loss or gradient norm stops the run with a FloatingPointError that names the step,
-before the optimizer touches the weights; the checkpoint on disk is the last one written (at an
-evaluation or every save_every steps), i.e. the last good one.
+Sampled-token OPD and g_gamma estimate grad KL(pi || q) only when y ~ pi itself (temperature 1, no
+top-p or top-k; other settings follow the gradient under the sampler, and the run says so). A
+non-finite loss or gradient stops the run before the update, naming the step (train_opd).
 
 Every step appends one JSON object to <run>.jsonl. Its keys:
 
@@ -52,7 +47,7 @@ import torch
 
 from nanoopd import distributed
 from nanoopd.config import ConfigError
-from nanoopd.device import autocast, synchronize
+from nanoopd.device import PhaseClock, autocast
 from nanoopd.evaluate import evaluate, response_texts
 from nanoopd.loop import (JsonlLog, adamw, can_resume, loss_scale, lr_at, resume_run_state, save_run_state,
                           set_lr, update)
@@ -106,41 +101,9 @@ class OPDConfig:
                 raise ConfigError(name, f"must be > 0, got {getattr(self, name)}")
 
 
-class PhaseClock:
-    """Wall time of the phases of a step without stalling the GPU: on CUDA an event is recorded at
-    every mark and the elapsed times are read at the end (seconds() waits for the last event
-    only); on MPS the device is synchronised at each mark; on the CPU work is synchronous."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.marks = device, []
-        self._mark()
-
-    def _mark(self):
-        if self.device.type == "cuda":
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            self.marks.append(event)
-        else:
-            synchronize(self.device)  # a no-op on the CPU
-            self.marks.append(time.perf_counter())
-
-    def mark(self) -> None:
-        """End the current phase, start the next."""
-        self._mark()
-
-    def seconds(self) -> list[float]:
-        """The duration of every phase, in seconds."""
-        if self.device.type == "cuda":
-            self.marks[-1].synchronize()
-            return [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
-        return [b - a for a, b in zip(self.marks, self.marks[1:])]
-
-
 def freeze(model: GPT) -> GPT:
     """The teacher: eval mode, no parameter ever requires a gradient."""
-    model.eval()
-    model.requires_grad_(False)
-    return model
+    return model.eval().requires_grad_(False)
 
 
 def plain_scores(teacher: GPT, rollout: Rollout, problems=None) -> torch.Tensor:
@@ -230,11 +193,9 @@ def train_opd(student: GPT, teacher: GPT, tok: Tokenizer, cfg: OPDConfig, run_pr
               start_acc: float | None = None, print_every: int = 1, teacher_score=None, extra_stats=None,
               save_every: int = 0, resume: bool = False, settings: dict | None = None,
               compile: bool = False) -> dict:
-    """Distil `teacher` into `student` (in place) for cfg.opd_steps steps.
-
-    teacher may be `student` itself (self-distillation with live weights: it scores without
-    gradient and is not frozen); teacher_score and extra_stats are passed on to opd_step;
-    compile=True runs the student's training forward passes through torch.compile.
+    """Distil `teacher` into `student` (in place) for cfg.opd_steps steps. teacher may be `student`
+    itself (live self-distillation: it scores without gradient, unfrozen); teacher_score and
+    extra_stats go to opd_step; compile=True compiles the student's training forward passes.
 
     Writes <run_prefix>.jsonl (one record per step), <run_prefix>.pt and <run_prefix>.json (the
     summary, also returned). Held-out greedy accuracy is measured on `eval_problems` at the start
@@ -246,9 +207,9 @@ def train_opd(student: GPT, teacher: GPT, tok: Tokenizer, cfg: OPDConfig, run_pr
     and the records so far; it is written atomically at every evaluation, every `save_every` steps
     (0: only at evaluations) and at the end. With resume=True and a checkpoint there, written by a
     run with the same OPDConfig, the same `settings` (what else defines the run for the caller:
-    the teacher, the evaluation set, ...) and the same number of processes, training continues
-    from its step and ends where an uninterrupted run ends (prompts and learning rates are
-    functions of the step; the sampler's state is restored).
+    the teacher, the evaluation set, ...) and the same number of processes, training continues from
+    its step and ends where an uninterrupted run ends (prompts and learning rates are functions of
+    the step; the sampler's state is restored).
 
     Under torchrun every rank calls this with the same arguments: each samples and scores its
     share of every global batch of cfg.opd_batch prompts with its own generator

@@ -168,6 +168,9 @@ def test_good_opd_flags_reach_the_objective_options():
     assert objective_options(cfg, TOK) == {"k": 8, "support": "intersection", "add_sampled": True,
                                            "mask_tokens": [TOK.fmt_id, 7]}
     assert objective_options(parse_args([]), TOK) == {}  # unset flags keep the objective's defaults
+    # every registered option has its flag, generated from the registry (jsd's beta, topk_forward_kl's m)
+    assert parse_args(["--loss", "jsd", "--beta", "0.1"]).options == {"beta": 0.1}
+    assert parse_args(["--loss", "topk_forward_kl", "--m", "-20"]).options == {"m": -20.0}
 
 
 def test_opd_stage_loads_the_pair_and_writes_its_outputs(tmp_path):
