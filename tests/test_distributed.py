@@ -196,11 +196,11 @@ def test_two_process_opd_matches_single_process(tmp_path):
         assert torch.equal(ranks[0][name], ranks[1][name]), name  # DDP keeps the ranks identical
         assert torch.allclose(ranks[0][name], p, atol=TOL, rtol=0), name
     saved = torch.load(prefix + ".pt", weights_only=True)  # rank 0 wrote it, with both ranks' RNG states
-    assert saved["step"] == OPD.steps and len(saved["extra"]["resume"]["rng"]) == 2
+    assert saved["step"] == OPD.opd_steps and len(saved["extra"]["resume"]["rng"]) == 2
     import json
     two = [json.loads(line) for line in open(prefix + ".jsonl")]
     one = [json.loads(line) for line in open(str(tmp_path / "one.jsonl"))]
-    assert len(two) == len(one) == OPD.steps
+    assert len(two) == len(one) == OPD.opd_steps
     for a, b in zip(one, two):  # the logged numbers are those of the whole global batch (3 + 2 rows)
         for key in ("loss", "kl", "acc", "n_loss_tokens", "response_length", "grad_norm", "overlap_ratio",
                     "entropy_student", "logratio_max_abs", "logratio_pos_share"):
