@@ -353,8 +353,9 @@ def train_rlvr_teacher(cfg: TrainConfig, tok, teacher: GPT, student: GPT, seed: 
     are the student's samples cut at random fractions. Checkpointed to `path` (resumable)."""
     model = copy.deepcopy(student if cfg.rlvr_init == "student" else teacher).train().requires_grad_(True)
     rcfg = rlvr_config(cfg, seed)
-    log(f"rlvr: from the {cfg.rlvr_init}, {rcfg.steps} steps x {rcfg.prompts} problems x {rcfg.group} samples, "
-        f"lr {rcfg.lr}, contexts {'prompts' if rcfg.cut == 0 else f'student samples cut at U[0, {rcfg.cut}]'}")
+    log(f"rlvr: from the {cfg.rlvr_init}, {rcfg.rlvr_steps} steps x {rcfg.rlvr_prompts} problems x {rcfg.rlvr_group} "
+        f"samples, lr {rcfg.rlvr_lr}, contexts "
+        f"{'prompts' if rcfg.rlvr_cut == 0 else f'student samples cut at U[0, {rcfg.rlvr_cut}]'}")
     train_rlvr(model, tok, rcfg, student=student, log=log, jsonl_path=path[:-3] + ".jsonl", ckpt_path=path,
                save_every=cfg.save_every, resume=resume, extra={"role": "teacher_rlvr", "train": asdict(cfg)},
                settings={"init": cfg.rlvr_init}, compile=cfg.compile)
