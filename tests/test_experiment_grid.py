@@ -111,7 +111,8 @@ def test_a_scripts_own_hook_names_the_run_the_same_in_a_worker():
     """Run as a script, an experiment's own functions (the stability map's tail_hook) live in
     __main__ in the parent and in __mp_main__ in a spawned worker, which writes the row: the run's
     key must not differ, or a restarted grid with --jobs 2 would run every run again."""
-    from experiments.common import ExperimentConfig, run_key
+    from experiments.common import ExperimentConfig
+    from experiments.jobs import run_key
 
     def hook(options):
         return None
