@@ -333,8 +333,7 @@ for name, arch in ARCH.items():
 # -----------------------------------------------------------------------------
 # one OPD step per objective: the student samples, the teacher scores, the student learns
 
-torch.manual_seed(0)
-teacher, student0 = freeze(GPT(ARCH["teacher"]).to(device)), GPT(ARCH["student"]).to(device)
+_, _, teacher, student0 = size_models(*SIZES[1][1:3])  # train_math's sizes (ARCH's), seed 0
 problems = problems_for(args.batch, args.repeats + 1)
 P = round(sum(len(encode_example(tok, q)[0]) for q in problems[:args.batch]) / args.batch)
 flops = opd_step_flops(ARCH["student"], ARCH["teacher"], args.batch, P, args.new_tokens)

@@ -1,7 +1,8 @@
 """
 What the experiment scripts share: their config (the pipeline's, plus seeds, pairs and jobs), the
-pairs, the grid of OPD runs on every pair, the workers that run it, the per-cell statistics, and
-the start and end of a script.
+pairs, the grid of OPD runs on every pair, and the start and end of a script. The workers that run
+a grid and its resume are in experiments/jobs.py, the per-cell statistics and the verdict rule in
+experiments/stats.py (imported here: a script takes all it shares from this module).
 
 Pairs (--pairs N): pair i is the teacher and cold-start student of pipeline seed
 seed + PAIR_STRIDE * i (the seeds of train_math.py --seed S), trained in <out_dir> for i = 0 (the
@@ -10,30 +11,17 @@ a pair already there is reused. Every experiment runs its grid on every pair x O
 and writes each pair's runs under that pair's folder (<pair dir>/<mN>/), and the tables of all
 runs in <out_dir>/<mN>/: <mN>.txt (the printed table), <mN>.csv (one row per run, with its pair),
 <mN>.json (every run, and per cell: the mean, the 95 % interval, the per-pair means).
-
-The 95 % interval of a cell is a Student-t interval over the per-pair means,
-  mean_p +- t_{0.975, P-1} * sd(mean_1 .. mean_P) / sqrt(P),
-the pair being the unit a reader redraws (a new machine gives a new pair); with one pair, the
-same interval over that pair's runs (the OPD seeds) instead, and with one run none.
-
-Workers (--jobs J): the runs of a grid, and the pairs, are independent; J spawned processes take
-them in turn, each with an even share of the threads, max(1, T // J) (T: --threads, or torch's
-default), and the parent uses the same share. A run's result depends on the thread count alone,
-never on J or on which worker ran it, so `--jobs 2` gives the bits of `--jobs 1 --threads T//2`
-(tests/test_experiment_grid.py). A finished run leaves <prefix>.row.json; a grid started again
-with the same flags reads those back instead of redoing the runs (resume after an interruption).
 """
 
-import concurrent.futures
 import json
-import math
-import multiprocessing
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import torch
 
+from experiments.jobs import job_threads, run_cells, run_jobs
+from experiments.stats import cell_text, cells, interval, verdict, verdict_text  # noqa: F401 (the scripts')
 from nanoopd.checkpoint import load_checkpoint, read_checkpoint
 from nanoopd.config import ConfigError, parse_config
 from nanoopd.device import pick_device
@@ -45,9 +33,6 @@ from nanoopd.tokenizer import get_tokenizer
 from train_math import PRESETS, TrainConfig, opd_config, test_problems, train_student, train_teacher
 
 PAIR_STRIDE = 1000  # pair i's pipeline seed is seed + PAIR_STRIDE * i: the seeds train_math derives (S .. S+4) never overlap
-# t_{0.975, df}: the 95 % two-sided Student-t quantile for df = 1 .. 30 (above 30: 1.96 is within 4 %)
-T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 
 # the flags that configure the single run of stage opd: M1 and M2 run their own list of objectives
 OPD_RUN_FIELDS = ("loss", "options", "objectives", "mask_tokens", "hide_from_teacher", "run_name")
@@ -96,7 +81,7 @@ def parse(cls, argv, doc: str, exclude=(), **fixed):
 
 def run_experiment(name: str, cfg: ExperimentConfig, body) -> dict:
     """body(cfg, tok, device, log) -> the table's numbers; wall time and the summary around it. The
-    process runs with the workers' share of the threads (see the module's docstring)."""
+    process runs with the workers' share of the threads (see experiments/jobs.py)."""
     t0 = time.time()
     total = cfg.threads or torch.get_num_threads()
     _, device, tok, log, summary = start(cfg, experiment=name)
@@ -105,10 +90,6 @@ def run_experiment(name: str, cfg: ExperimentConfig, body) -> dict:
     summary.update(body(cfg, tok, device, log) or {}, **{f"{name}_seconds": round(time.time() - t0, 1)})
     return finish(cfg, summary, device, log)
 
-
-def job_threads(cfg: ExperimentConfig, total: int) -> int:
-    """The even share of `total` threads of each of the cfg.jobs workers (and of the parent)."""
-    return max(1, total // cfg.jobs)
 
 # -----------------------------------------------------------------------------
 # pairs
@@ -181,68 +162,6 @@ def pairs(cfg: ExperimentConfig, log) -> list[ExperimentConfig]:
 def final_eval(cfg: TrainConfig, model, tok) -> float:
     """Greedy accuracy on the final held-out set (final_eval_n problems)."""
     return evaluate(model, tok, test_problems(cfg, final=True), 0.0, cfg.max_new_tokens)
-
-# -----------------------------------------------------------------------------
-# workers
-
-
-def _init_worker(threads: int) -> None:
-    torch.set_num_threads(threads)
-
-
-def run_jobs(cfg: ExperimentConfig, work, calls: list[tuple]) -> list:
-    """[work(pcfg, cell) for (pcfg, cell) in calls], in that order: here (jobs = 1) or in cfg.jobs
-    spawned processes with this process's thread count. `work` must be a module-level function."""
-    if cfg.jobs == 1 or len(calls) <= 1:
-        return [work(p, c) for p, c in calls]
-    ctx = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools mid-use
-    with concurrent.futures.ProcessPoolExecutor(min(cfg.jobs, len(calls)), mp_context=ctx, initializer=_init_worker,
-                                                initargs=(torch.get_num_threads(),)) as pool:
-        return list(pool.map(work, *zip(*calls)))
-
-
-def run_cells(cfg: ExperimentConfig, work, calls: list[tuple], log) -> list[dict]:
-    """run_jobs for runs whose cell (a dict) names its files by cell["prefix"]: a run whose
-    <prefix>.row.json was written by a run of the same settings is read back, not redone; every
-    other run writes its row there when it ends."""
-    rows, todo = [None] * len(calls), []
-    for i, (pcfg, cell) in enumerate(calls):
-        path = cell["prefix"] + ".row.json"
-        if os.path.exists(path):
-            with open(path) as f:
-                saved = json.load(f)
-            if saved.get("key") == run_key(pcfg, cell):
-                rows[i] = saved["row"]
-                continue
-            log(f"resume: {path} was written with other settings: running it again")
-        todo.append(i)
-    if len(todo) < len(calls):
-        log(f"resume: {len(calls) - len(todo)} of {len(calls)} runs finished earlier, read back")
-    for i, row in zip(todo, run_jobs(cfg, _finished_row, [(calls[i][0], (work, calls[i][1])) for i in todo])):
-        rows[i] = row
-    return rows
-
-
-def run_key(pcfg: ExperimentConfig, cell: dict) -> str:
-    """What defines a run's result: the pair's config but for how the grid is run (jobs, pairs,
-    seeds; the thread count is kept: it changes the bits), and the cell (functions by name)."""
-    settings = {k: v for k, v in asdict(pcfg).items() if k not in ("jobs", "pairs", "seeds")}
-    # a script's own functions live in __main__ in the parent and in __mp_main__ in a spawned worker
-    module = lambda v: "__main__" if v.__module__ == "__mp_main__" else v.__module__
-    name = lambda v: f"{module(v)}.{v.__qualname__}" if callable(v) else v
-    return json.dumps({"config": settings, "threads": torch.get_num_threads(),
-                       "cell": {k: name(v) for k, v in cell.items()}}, sort_keys=True, default=str)
-
-
-def _finished_row(pcfg, work_cell) -> dict:
-    work, cell = work_cell
-    row = work(pcfg, cell)
-    os.makedirs(os.path.dirname(os.path.abspath(cell["prefix"])), exist_ok=True)
-    tmp = cell["prefix"] + ".row.json.tmp"
-    with open(tmp, "w") as f:
-        json.dump({"key": run_key(pcfg, cell), "row": row}, f)
-    os.replace(tmp, cell["prefix"] + ".row.json")  # atomic: a killed run leaves no row
-    return row
 
 # -----------------------------------------------------------------------------
 # the OPD grid
@@ -328,83 +247,3 @@ def opd_cell(pcfg: ExperimentConfig, cell: dict) -> dict:
              final_acc=final_eval(pcfg, model, tok) if s.get("final_acc") is not None else None)
     return {"label": cell["label"], "pair": pcfg.seed, "seed": cell["seed"], **s,
             **(cell["after"](pcfg, cell["label"], model) if cell["after"] else {})}
-
-# -----------------------------------------------------------------------------
-# statistics of a cell over pairs and seeds
-
-
-def interval(rows: list[dict], key: str) -> dict:
-    """The cell's figures for `key` over its runs: mean over all runs, the per-pair means, and the
-    95 % t-interval over the per-pair means (over the runs when there is one pair; none for one run)."""
-    values = [(r["pair"], r[key]) for r in rows if r.get(key) is not None]
-    if not values:
-        return {"mean": None, "low": None, "high": None, "per_pair": {}, "interval": "none", "n_runs": 0}
-    per_pair = {}
-    for p, v in values:
-        per_pair.setdefault(p, []).append(v)
-    per_pair = {p: sum(v) / len(v) for p, v in per_pair.items()}
-    units, kind = (list(per_pair.values()), "t over pair means") if len(per_pair) > 1 else \
-                  ([v for _, v in values], "t over the runs of one pair")
-    mean_all = sum(v for _, v in values) / len(values)
-    center = sum(units) / len(units)
-    if len(units) < 2:
-        return {"mean": mean_all, "low": None, "high": None, "per_pair": per_pair, "interval": "none (one run)",
-                "n_runs": len(values)}
-    sd = math.sqrt(sum((u - center) ** 2 for u in units) / (len(units) - 1))
-    half = T975[min(len(units) - 1, len(T975)) - 1] * sd / math.sqrt(len(units))
-    return {"mean": mean_all, "low": center - half, "high": center + half, "per_pair": per_pair, "interval": kind,
-            "n_runs": len(values)}
-
-
-def cell_text(rows: list[dict], key: str = "final_acc") -> str:
-    """'61.2% [58.1, 64.3] (60.4 62.0 61.1)': the mean over runs, the 95 % interval and the
-    per-pair means, in percent (with one pair: the per-run values)."""
-    c = interval(rows, key)
-    if c["mean"] is None:
-        return "-"
-    each = c["per_pair"].values() if len(c["per_pair"]) > 1 else [r[key] for r in rows if r.get(key) is not None]
-    ci = f" [{100 * c['low']:.1f}, {100 * c['high']:.1f}]" if c["low"] is not None else ""
-    return f"{100 * c['mean']:.1f}%{ci} ({' '.join(f'{100 * v:.1f}' for v in each)})"
-
-
-def cells(rows: list[dict], keys=("final_acc",), group: str = "label") -> dict:
-    """{group value: {key: interval(...)}} for the JSON: every cell's mean, interval and per-pair means."""
-    out = {}
-    for r in rows:
-        out.setdefault(str(r[group]), []).append(r)
-    return {g: {k: interval(rs, k) for k in keys} for g, rs in out.items()}
-
-
-def verdict(rows: list[dict], a: str, b: str, key: str = "final_acc", group: str = "label") -> dict:
-    """The verdict rule of docs/scorecard.md for the claim "a is above b" on `key`: per pair, the
-    difference d_p of the two arms' means over that pair's runs (OPD seeds); the 95 % t-interval of
-    the mean difference over the pairs, d +- t_{0.975, P-1} sd(d_p) / sqrt(P); then
-      reproduced      d_p > 0 on every pair and the interval excludes 0 (lies above it),
-      partly          d_p > 0 on some pairs, or on all with an interval that includes 0,
-      not reproduced  d_p > 0 on no pair.
-    With fewer than 3 pairs the verdict is 'pending' (the rule needs >= 3 pairs)."""
-    arm = lambda lab: {p: v["mean"] for p, v in [(p, interval([r for r in rows if r["pair"] == p and r[group] == lab],
-                                                                key)) for p in sorted({r["pair"] for r in rows})]}
-    A, B = arm(a), arm(b)
-    d = {p: A[p] - B[p] for p in A if A[p] is not None and B.get(p) is not None}
-    c = interval([{"pair": p, key: v} for p, v in d.items()], key)
-    holds = sum(v > 0 for v in d.values())
-    if len(d) < 3:
-        word = "pending"
-    elif holds == len(d) and c["low"] > 0:
-        word = "reproduced"
-    elif holds:
-        word = "partly"
-    else:
-        word = "not reproduced"
-    return {"claim": f"{a} > {b} on {key}", "per_pair": d, "mean": c["mean"], "low": c["low"], "high": c["high"],
-            "pairs_in_direction": holds, "pairs": len(d), "verdict": word}
-
-
-def verdict_text(v: dict, scale: float = 100) -> str:
-    """'+5.5 [+2.5, +8.4] (+4.8 +4.8 +6.9) reproduced': one verdict's d, its interval and the per-pair
-    d_p, in points (scale 100 for accuracies kept as fractions)."""
-    if v["mean"] is None:
-        return "-"
-    ci = f" [{scale * v['low']:+.1f}, {scale * v['high']:+.1f}]" if v["low"] is not None else ""
-    return f"{scale * v['mean']:+.1f}{ci} ({' '.join(f'{scale * x:+.1f}' for x in v['per_pair'].values())}) {v['verdict']}"

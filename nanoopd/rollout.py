@@ -8,19 +8,18 @@ y_t ~ pi(. | c_t), c_t = (x, y_<t), one token per step for every row at once:
     step t:  one forward pass over the single new token of each row   -> logits at c_{t+1}
 
 The logits are turned into the sampling distribution by temperature (0 = greedy argmax), top-k
-(keep the k most likely) and top-p (keep the smallest set of most likely tokens whose mass >= p).
-A row stops at its first <|eos|> (included in the response) or after max_new_tokens; later slots
-are padding. Returned per token: pi(y_t | c_t) under the model itself (temperature 1, no
-truncation: the quantity every OPD objective needs) and the log-prob under the distribution actually
-sampled from. A seeded `torch.Generator` makes a rollout repeatable.
+and top-p, and a token is drawn from it by inverting its CDF (nanoopd/sampling.py). A row stops at
+its first <|eos|> (included in the response) or after max_new_tokens; later slots are padding.
+Returned per token: pi(y_t | c_t) under the model itself (temperature 1, no truncation: the
+quantity every OPD objective needs) and the log-prob under the distribution actually sampled from.
+A seeded `torch.Generator` makes a rollout repeatable.
 
 Speed: a decoding step is a few dozen small kernels, so the loop keeps its own work per step to a
-handful of them. A token is drawn by inverting the CDF (`sample`: one uniform per row, a cumulative
-sum and a comparison) rather than by torch.multinomial, which draws one exponential per vocabulary
-entry and took a quarter of a CPU rollout. After the prompt's prefill every token is one static
-step (`Decoder.step`: fixed shapes, its state on the device, no Python state read), which CUDA
-replays as a graph; padding of finished rows is applied once at the end; the only host sync per
-token is the check that some row is still generating (every CUDA_STOP_EVERY tokens on CUDA).
+handful of them (a token: one uniform per row, a cumulative sum and a comparison). After the
+prompt's prefill every token is one static step (`Decoder.step`: fixed shapes, its state on the
+device, no Python state read), which CUDA replays as a graph; padding of finished rows is applied
+once at the end; the only host sync per token is the check that some row is still generating
+(every CUDA_STOP_EVERY tokens on CUDA).
 """
 
 import contextlib
@@ -31,6 +30,7 @@ import torch
 from nanoopd.config import ConfigError
 from nanoopd.device import autocast
 from nanoopd.model import GPT, KVCache
+from nanoopd.sampling import filter_logits, invert_cdf, sample  # noqa: F401 (invert_cdf: rollout's name in the docs)
 
 
 @dataclass
@@ -61,64 +61,6 @@ def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tenso
     tokens = torch.tensor([[pad_id] * (P - len(p)) + list(p) for p in prompts], dtype=torch.long)  # (B, P)
     valid = torch.tensor([[False] * (P - len(p)) + [True] * len(p) for p in prompts])  # (B, P)
     return tokens.to(device), valid.to(device)
-
-
-def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
-                  top_p: float = 1.0) -> torch.Tensor:
-    """Logits (B, V) of the sampling distribution: scaled by 1/temperature, then tokens outside
-    the top-k and outside the top-p nucleus set to -inf. temperature must be > 0 here."""
-    logits = logits.float() / temperature  # (B, V)
-    V = logits.shape[-1]
-    if top_k and top_k < V:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
-        probs = torch.softmax(sorted_logits, dim=-1)  # (B, V)
-        mass_before = probs.cumsum(-1) - probs  # (B, V) mass of strictly more likely tokens
-        drop_sorted = mass_before >= top_p  # keep the smallest prefix whose mass reaches p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # (B, V)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
-
-
-# devices whose cumulative sum adds in order along the row (the CPU: in a float64 accumulator)
-IN_ORDER_SCAN = ("cpu",)
-
-
-def sample(probs: torch.Tensor, generator: torch.Generator | None = None,
-           u: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """One token per row of probs (B, V) (non-negative, each row with positive total mass; it need
-    not be exactly 1) by inverting the CDF with one uniform u ~ U(0, 1] per row (drawn from
-    `generator`, or given as u (B, 1)): with F_v = sum_{w <= v} p_w and Z = F_V,
-
-        y = min {v : p_v > 0 and F_v >= u Z},    so P(y = v) = (F_v - F_{v-1}) / Z = p_v / Z.
-
-    On the CPU the cumulative sum adds in order, so F never decreases and F_v = F_{v-1} exactly
-    where p_v = 0: y is then #{v : F_v < u Z}, one binary search per row (torch.searchsorted). A GPU
-    scan groups the additions, which can leave a zero-mass token a sliver of rounding above its
-    predecessor (F_v > F_{v-1} = F_v - 0); there invert_cdf states the condition p_v > 0 outright.
-    Both give the same token wherever the sum is in order (tests/test_static_decode.py).
-
-    Exact up to float32: u lies on a grid of 2^-24, so a token of mass below about 6e-8 Z is drawn
-    with a quantised probability. out: an optional (B, 1) int64 buffer the tokens are written to."""
-    if u is None:
-        u = 1.0 - torch.rand(probs.shape[0], 1, device=probs.device, generator=generator)  # (B, 1) in (0, 1]
-    cdf = probs.cumsum(-1)  # (B, V)
-    if probs.device.type in IN_ORDER_SCAN:
-        y = torch.searchsorted(cdf, u * cdf[:, -1:], out=out)  # (B, 1) #{v : F_v < u Z} <= V - 1
-        return y.clamp_(max=probs.shape[-1] - 1).view(-1)  # (B,) (a NaN row, from a diverged model, gives V)
-    return invert_cdf(probs, cdf, u, out)  # (B,)
-
-
-def invert_cdf(probs: torch.Tensor, cdf: torch.Tensor, u: torch.Tensor,
-               out: torch.Tensor | None = None) -> torch.Tensor:
-    """y = min {v : p_v > 0 and F_v >= u Z} per row, Z = max {F_v : p_v > 0}, whatever order the
-    cdf's additions took: probs, cdf (B, V), u (B, 1). A zero-mass token is never drawn, and some
-    token of positive mass always qualifies. Returns (B,) int64 (written to out (B, 1) if given)."""
-    cdf = cdf * (probs > 0)  # (B, V) zero-mass tokens at F = 0 < u Z: never reached
-    hit = cdf >= u * cdf.amax(-1, keepdim=True)  # (B, V)
-    return torch.argmax(hit.view(torch.uint8), -1, keepdim=True, out=out).view(-1)  # (B,) the first hit
 
 
 def check_sampling_args(temperature: float, top_k: int, top_p: float, max_new_tokens: int):

@@ -111,7 +111,8 @@ def test_a_scripts_own_hook_names_the_run_the_same_in_a_worker():
     """Run as a script, an experiment's own functions (the stability map's tail_hook) live in
     __main__ in the parent and in __mp_main__ in a spawned worker, which writes the row: the run's
     key must not differ, or a restarted grid with --jobs 2 would run every run again."""
-    from experiments.common import ExperimentConfig, run_key
+    from experiments.common import ExperimentConfig
+    from experiments.jobs import run_key
 
     def hook(options):
         return None
@@ -211,7 +212,7 @@ def test_a_pair_trained_with_other_flags_is_not_reused(tmp_path, capsys):
 def test_the_tail_levels_are_read_from_the_trailing_mean():
     """lead() reads the tail through its 5-step trailing mean: the relative rise, each absolute level
     and the peak; level_table counts the drops each level precedes and the quiet runs it fires in."""
-    from experiments.stability_map import TAIL_LEVELS, lead, level_table
+    from experiments.tail_warning import TAIL_LEVELS, lead, level_table
     assert TAIL_LEVELS == (0.003, 0.01, 0.03)
     tails = [1e-4] * 10 + [0.02] * 5 + [0.5] * 5  # steps 1..20: quiet, a small rise, then the leak
     row = {"evals": [(0, 0.90), (10, 0.89), (20, 0.40)], "start_acc_train": 0.90}

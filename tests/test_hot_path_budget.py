@@ -18,6 +18,7 @@ import torch
 
 import nanoopd.opd as opd_mod
 import nanoopd.rollout as rollout_mod
+import nanoopd.sampling as sampling_mod
 from nanoopd.model import GPT, GPTConfig
 from nanoopd.opd import OPDConfig, freeze, opd_step
 from nanoopd.tasks import sample_problems
@@ -65,7 +66,7 @@ def test_a_decoding_token_launches_at_most_50_operators_under_bf16_autocast(monk
 def test_with_the_gpus_sampler_a_token_launches_at_most_43_operators(monkeypatch):
     """What a CUDA or MPS step runs: the zero-mass-safe inversion instead of the binary search. (On
     CUDA the stop check, one of these, runs only every rollout.CUDA_STOP_EVERY tokens.)"""
-    monkeypatch.setattr(rollout_mod, "IN_ORDER_SCAN", ())
+    monkeypatch.setattr(sampling_mod, "IN_ORDER_SCAN", ())
     assert ops_per_token(student()) <= 43
 
 

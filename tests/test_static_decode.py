@@ -9,7 +9,7 @@ from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from nanoopd.model import GPT, GPTConfig, KVCache, deterministic_attention
-import nanoopd.rollout as rollout_mod
+import nanoopd.sampling as sampling_mod
 from nanoopd.rollout import filter_logits, generate, invert_cdf, left_pad, response_logits, sample, start_rollout
 
 V, EOS, PAD = 50, 48, 49
@@ -162,7 +162,7 @@ def test_on_the_cpu_one_binary_search_draws_what_invert_cdf_draws(monkeypatch):
     nan = torch.full((2, V), float("nan"))
     y = sample(nan, u=torch.ones(2, 1))
     assert ((0 <= y) & (y < V)).all()
-    monkeypatch.setattr(rollout_mod, "IN_ORDER_SCAN", ())  # the GPU's path, here on the CPU
+    monkeypatch.setattr(sampling_mod, "IN_ORDER_SCAN", ())  # the GPU's path, here on the CPU
     assert torch.equal(sample(probs, u=us[:, 2:3]), invert_cdf(probs, probs.cumsum(-1), us[:, 2:3]))
 
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from nanoopd.sampled_token import g_gamma_surrogate
-from toy.continuous import GaussianPolicy, PolicyStack, distill_students, train_teachers, trajectories
+from toy.continuous import distill_students, train_teachers, trajectories
 from toy.exact import make_problem, train_student, train_students
+from toy.policy import GaussianPolicy, PolicyStack
 from toy.report import wilson
 from toy.runs import inverse_cdf, surrogate_per_run
 

@@ -108,7 +108,7 @@ class TabularAR:
         """Ancestral sampling of n sequences, one position at a time. Returns (n, T) token ids.
 
         Each token inverts its position's CDF with one uniform (toy.runs.inverse_cdf, the draw of
-        nanoopd.rollout.sample): u (n, T) in (0, 1], drawn from `generator` when not given. With a
+        nanoopd.sampling.sample): u (n, T) in (0, 1], drawn from `generator` when not given. With a
         run axis, theta (R, P) and u (R, n, T) give (R, n, T): run r's n sequences.
         """
         if u is None:

@@ -25,7 +25,7 @@ def generators(seeds: list[int], device) -> list[torch.Generator]:
 
 
 def uniforms(gens: list[torch.Generator], n: int, T: int, device) -> torch.Tensor:
-    """(R, n, T) uniforms in (0, 1], run r's from gens[r] (the draws of nanoopd.rollout.sample)."""
+    """(R, n, T) uniforms in (0, 1], run r's from gens[r] (the draws of nanoopd.sampling.sample)."""
     return torch.stack([1.0 - torch.rand(n, T, generator=g, device=device) for g in gens])  # (R, n, T)
 
 
@@ -37,7 +37,7 @@ def normals(gens: list[torch.Generator], n: int, T: int, device) -> torch.Tensor
 
 def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """y = #{v : F_v < u Z} for probs (N, V) and u (N,) in (0, 1]: P(y = v) = p_v / Z, as in
-    nanoopd.rollout.sample; torch's multinomial kernel can return out-of-range ids on MPS)."""
+    nanoopd.sampling.sample; torch's multinomial kernel can return out-of-range ids on MPS)."""
     cdf = probs.cumsum(-1)  # (N, V)
     return (cdf < u[:, None] * cdf[:, -1:]).sum(-1)  # (N,)
 
