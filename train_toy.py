@@ -1,6 +1,6 @@
 """
 train_toy.py: the future-reward-coupling study. How the discount gamma of the OPD gradient
-estimator g_gamma trades bias for variance (DESIGN.md sections 3 and 6).
+estimator g_gamma trades bias for variance (docs/design.md#the-future-reward-coupling-toy).
 
     g_gamma = sum_t ( sum_{t' >= t} gamma^(t'-t) r_t' ) s_t,   r_t = log pi(y_t|c_t) - log q(y_t|c_t)
 

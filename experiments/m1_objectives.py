@@ -1,6 +1,7 @@
 """
-M1: every OPD objective side by side, from the same teacher and cold-start student (DESIGN.md
-section 7), one run per pair and seed. Trains the pairs first where <out_dir> has none.
+M1: every OPD objective side by side, from the same teacher and cold-start student
+(docs/design.md#the-math-experiments-m1-to-m5), one run per pair and seed. Trains the pairs first
+where <out_dir> has none.
 
   python experiments/m1_objectives.py                   # one pair, two seeds: a first look
   python experiments/m1_objectives.py --pairs 3 --jobs 2   # 3 pairs x 2 seeds, two runs at a time

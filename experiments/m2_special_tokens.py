@@ -1,5 +1,5 @@
 """
-M2: special-token mismatch (DESIGN.md sections 3 and 7). A copy of the student is taught to open
+M2: special-token mismatch (docs/design.md#special-token-masking-and-hiding). A copy of the student is taught to open
 every answer with <|fmt|>, a token the teacher never saw, then distilled with and without masking
 that token out of the loss (and hiding it from the teacher's contexts), one run per seed.
 

@@ -1,8 +1,8 @@
 """
 M3: on-policy self-distillation (OPSD) with instance-specific privileged information (the answer,
-the solution of this very problem) vs a shared rule ("write the answer reversed"), DESIGN.md
-sections 4 and 7. The OPSD base is the student and, with PI in its context, its own teacher; one
-run per kind of PI, seed and pair. Trains the OPSD bases (pibase.pt) first where <out_dir> has none:
+the solution of this very problem) vs a shared rule ("write the answer reversed"),
+docs/design.md#self-distillation-with-privileged-information. The OPSD base is the student and, with
+PI in its context, its own teacher; one run per kind of PI, seed and pair. Trains the OPSD bases (pibase.pt) first where <out_dir> has none:
 with --pairs N, one per pipeline seed (experiments/common.py), in <out_dir> and <out_dir>/pair<seed>.
 
   python experiments/m3_opsd.py --loss full_reverse_kl --opd_lr 1e-3 --opd_steps 120 --opd_batch 32

@@ -1,6 +1,6 @@
 """
 M4: the SFT teacher vs an RLVR-adapted teacher as the OPD teacher of the cold-started student
-(DESIGN.md sections 5 and 7). One RLVR teacher per seed (--rlvr_*); for each teacher its
+(docs/design.md#rlvr-group-normalised-reinforce). One RLVR teacher per seed (--rlvr_*); for each teacher its
 from-scratch accuracy, its teacher-continuation accuracy from the student's prefixes, and the OPD
 run it teaches. Trains the pairs first where <out_dir> has none.
 

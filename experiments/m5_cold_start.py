@@ -1,5 +1,5 @@
 """
-M5: OPD with and without the SFT cold start (DESIGN.md sections 5 and 7): the same OPD run from
+M5: OPD with and without the SFT cold start (docs/design.md#cold-start): the same OPD run from
 the cold-started student and from a random initialisation of the student's shape (s_steps 0, one
 per seed). Trains the pairs first where <out_dir> has none.
 

@@ -9,7 +9,7 @@ Evaluations that sample from the models and ask the verifier.
                                   length, let the teacher finish them greedily, verify prefix +
                                   continuation; compared with the teacher's own from-scratch greedy
                                   accuracy on the same problems (a teacher can be far worse from
-                                  student prefixes than from its own; DESIGN.md section 5)
+                                  student prefixes than from its own; docs/design.md#teacher-continuation-accuracy)
 """
 
 from collections.abc import Callable
@@ -88,7 +88,7 @@ def student_prefixes(student, tok, problems: list[Problem], frac: float | list[f
 def teacher_continuation(teacher, student, tok, problems: list[Problem], frac: float = 0.5,
                          max_new_tokens: int = 64, seed: int = 0, temperature: float = 1.0,
                          batch_size: int = 256) -> dict[str, float]:
-    """Teacher-continuation accuracy (DESIGN.md section 5).
+    """Teacher-continuation accuracy (docs/design.md#teacher-continuation-accuracy).
 
       continuation_acc  (1/n) sum_i verify(y_i,<cut + argmax-decode q(.| x_i, y_i,<cut), problem_i),
                         y_i ~ pi(.|x_i) at `temperature`, cut = floor(frac * |y_i|); the teacher

@@ -2,7 +2,7 @@
 The OPD and KL estimators that other frameworks ship, written in nanoopd's notation so that the
 estimator audit (toy/audit.py, docs/audit.md) can hold each one against the divergence it claims.
 
-Notation (DESIGN.md sections 2-3): student pi, teacher q (frozen), prefix c_t, sampled token
+Notation (docs/design.md#what-the-field-ships): student pi, teacher q (frozen), prefix c_t, sampled token
 y_t ~ pi(.|c_t), cost r = log pi(y_t|c_t) - log q(y_t|c_t), score s = grad log pi(y_t|c_t), support
 S_t (the teacher's top-K at c_t by default). Token-level reverse KL K(c) = KL(pi(.|c) || q(.|c)),
 forward KL F(c) = KL(q(.|c) || pi(.|c)). Expected gradients are over y_t ~ pi(.|c_t), with the

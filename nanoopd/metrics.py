@@ -1,5 +1,5 @@
 """
-Diagnostics to log during on-policy distillation (DESIGN.md section 5), as pure tensor functions.
+Diagnostics to log during on-policy distillation (docs/design.md#diagnostics), as pure tensor functions.
 
 Notation: student pi, teacher q, prefix c_t, response mask over the positions that predict the
 response tokens y_t, per-token cost r_t = log pi(y_t|c_t) - log q(y_t|c_t). All averages are over

@@ -10,10 +10,10 @@ samples a group of G responses y_i1..y_iG; the task verifier gives rewards R_ij 
 so grad L is the REINFORCE estimator of -grad E[R] with the group mean as a baseline, averaged
 per response token. A group whose rewards are all equal carries no signal: its advantages are
 exactly 0 (numerator 0, denominator eps > 0), never NaN; a step in which every group is like
-that is skipped. Used here to adapt a teacher on the student's kind of prefixes (DESIGN.md
-section 5): with `cut` > 0 the contexts are the student's own sampled responses cut at a random
-fraction (uniform in [0, cut]) of their length, and the reward judges the cut prefix plus the
-continuation.
+that is skipped. Used here to adapt a teacher on the student's kind of prefixes
+(docs/design.md#rlvr-group-normalised-reinforce): with `cut` > 0 the contexts are the student's own
+sampled responses cut at a random fraction (uniform in [0, cut]) of their length, and the reward
+judges the cut prefix plus the continuation.
 """
 
 import time

@@ -1,7 +1,7 @@
 """
 Sampled-token on-policy distillation and the discounted family g_gamma.
 
-Notation (DESIGN.md section 2): the student pi samples y ~ pi(.|x); at every response position
+Notation (docs/design.md#notation): the student pi samples y ~ pi(.|x); at every response position
 t the per-token log-ratio is a *cost*
 
     r_t = log pi(y_t | c_t) - log q(y_t | c_t),        s_t = grad log pi(y_t | c_t).

@@ -12,7 +12,7 @@ batch is rebuilt by re-left-padding [bos, PI, prompt] and appending the student'
 unchanged, so position t of the teacher's response logits predicts exactly the token y_t that
 position t of the student's predicts.
 
-Two kinds of PI (DESIGN.md section 4):
+Two kinds of PI (docs/design.md#self-distillation-with-privileged-information):
   instance-specific  I = the final answer ("answer") or the whole reference solution ("solution")
                      of this very problem;
   shared rule        I = one instruction identical for every problem ("rule"): here

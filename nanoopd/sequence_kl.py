@@ -1,7 +1,7 @@
 """
 Sequence-level reverse KL, full-vocabulary token-level reverse KL, and the generalised JSD.
 
-Notation (DESIGN.md section 2): student pi, teacher q (frozen), prefix c_t = (x, y_<t), cost
+Notation (docs/design.md#notation): student pi, teacher q (frozen), prefix c_t = (x, y_<t), cost
 r_t = log pi(y_t|c_t) - log q(y_t|c_t), score s_t = grad log pi(y_t|c_t).
 
 1. Sequence-level reverse KL. The quantity OPD wants to minimise is

@@ -1,5 +1,5 @@
 """
-Special-token mismatch (DESIGN.md section 3, experiment M2): a token the student emits but the
+Special-token mismatch (docs/design.md#special-token-masking-and-hiding, experiment M2): a token the student emits but the
 teacher never saw, such as a format token. At such a token log q(y_t|c_t) is tens of nats below
 log pi, so its cost r_t = log pi - log q dominates the batch. Two remedies, and the instrument
 that shows the problem:

@@ -1,7 +1,7 @@
 """
 Top-K support matching: the token-level reverse KL restricted to a small support S_t.
 
-Notation (DESIGN.md sections 2-3): student pi, teacher q, prefix c_t, support S_t of K tokens.
+Notation (docs/design.md#top-k-support-matching): student pi, teacher q, prefix c_t, support S_t of K tokens.
 S_t is the teacher's top-K at c_t (default), the student's top-K, or their intersection, and
 optionally also the sampled token y_t. The full reverse KL needs all V columns; these forms read
 only the K gathered columns (torch.gather), plus one logsumexp per row for the normaliser of

@@ -75,16 +75,23 @@ def test_it_takes_the_hot_path_and_gives_the_same_loss(loaded):
         OBJECTIVES["my_forward_kl"](student, teacher, tokens, mask, flor=-3.0)
 
 
-def test_train_math_trains_it_from_the_command_line(tmp_path):
+def readme_command() -> list[str]:
+    """The README's extension example: its train_math.py command line, as the page prints it too."""
+    line = next(l for l in open(os.path.join(ROOT, "README.md")) if l.startswith("python train_math.py --objectives"))
+    assert line in open(PAGE).read(), "the README's command is the page's"
+    return line.split()[2:]
+
+
+def test_the_readmes_command_trains_it_end_to_end(tmp_path):
     path = page_file(tmp_path)
     save_checkpoint(str(tmp_path / "teacher.pt"), tiny(0, 48), 0)
     save_checkpoint(str(tmp_path / "student.pt"), tiny(1), 0)
-    r = run("--objectives", path, "--stages", "opd", "--loss", "my_forward_kl", "--floor", "-20",
-            "--out_dir", str(tmp_path), "--opd_steps", "2", "--opd_batch", "4", "--max_new_tokens", "12",
-            "--digits", "1", "--eval_n", "4", "--final_eval_n", "4", "--threads", "1")
+    argv = [path if a == "my_objectives.py" else a for a in readme_command()]
+    r = run(*argv, "--out_dir", str(tmp_path), "--opd_steps", "2", "--opd_batch", "4", "--max_new_tokens", "12",
+            "--digits", "1", "--eval_n", "4", "--final_eval_n", "4", "--threads", "1")  # tiny, for the test
     assert r.returncode == 0, r.stderr
     assert len((tmp_path / "opd_my_forward_kl.jsonl").read_text().splitlines()) == 2
-    assert "my_forward_kl {'floor': -20.0}" in r.stdout  # the flag reached the objective
+    assert "my_forward_kl {'floor': -20.0}" in r.stdout  # the generated flag reached the objective
     assert "--floor" in run("--objectives", path, "--help").stdout
 
 

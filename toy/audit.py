@@ -2,7 +2,7 @@
 toy/audit.py: the estimator audit. Every objective in the registry (nanoopd/objectives.py), with
 its default options and the variants that matter, is put through the same exact test on the
 tabular toy (toy/exact.py), and the audit prints which divergence each one really follows
-(DESIGN.md sections 3 and 8; the reading is in docs/audit.md).
+(docs/design.md#the-estimator-audit; the reading is in docs/audit.md).
 
 Commands:
 

@@ -16,7 +16,7 @@ g_gamma surrogate with the per-step log-ratio (a cost)
     r_t = log pi(delta_t | c_t) - log q_k(delta_t | c_t).
 
 The moves are sampled (no reparameterisation), so the positions are data and the only path from
-theta to the loss is log pi(delta_t | c_t): exactly the setting of DESIGN.md section 3, with a
+theta to the loss is log pi(delta_t | c_t): exactly the setting of docs/design.md#discounted-returns-and-the-sequence-kl, with a
 Gaussian density in place of a softmax.
 
 Gradient variance is measured as in the published study: the batch of 64 rollouts is split into 8

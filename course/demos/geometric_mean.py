@@ -4,7 +4,8 @@ Lab opsd: what a PI-free student can learn from a teacher that sees privileged i
     python course/demos/geometric_mean.py
 
 One prompt x, 6 possible answers. The student pi(.|x) never sees I and descends
-E_I KL(pi(.|x) || q(.|x, I)); DESIGN.md section 4 says it ends at the normalised geometric mean
+E_I KL(pi(.|x) || q(.|x, I)); docs/design.md#self-distillation-with-privileged-information says it
+ends at the normalised geometric mean
 pi*(y|x) ∝ exp(E_I log q(y|x, I)). Two kinds of I:
   instance-specific  I = this problem's answer, a in {0, 1, 2} with p(a|x) = 0.5, 0.3, 0.2 (the
                      student cannot tell which): q(.|x, I=a) puts 0.9 on a
