@@ -27,6 +27,20 @@ def test_every_registered_objective_is_audited_with_its_defaults():
     assert {name for name, options, _ in rows if not options} == set(OBJECTIVES)
 
 
+def test_each_row_claims_what_its_objective_registered(monkeypatch):
+    """A newly registered objective is held to the claim it registered, not to a table of the audit's
+    own: k3 registered as a forward-KL estimator is not flagged, and follows what it claims."""
+    from nanoopd.objectives import OBJECTIVES, SPECS, register
+    monkeypatch.setitem(OBJECTIVES, "k3_as_forward", None)  # restored (removed) after the test
+    monkeypatch.setitem(SPECS, "k3_as_forward", None)
+    register("k3_as_forward", claim="F")(OBJECTIVES["kl_k3"])
+    rows = variants(2)
+    assert ("k3_as_forward", {}, "F") in rows and ("sequence_kl", {"gamma": 0.5}, None) in rows
+    assert all(claim == SPECS[name].claim for name, options, claim in rows if "gamma" not in options)
+    row = {(r["objective"], r["options"]): r for r in audit(SMALL)[0]}[("k3_as_forward", "-")]
+    assert row["claims"] == "F" and row["follows"] == "F exactly" and row["flags"] == "-"
+
+
 def test_the_known_estimators_follow_what_the_maths_says(table):
     rows, info = table
     assert rows[("sequence_kl", "-")]["follows"] == "J exactly"

@@ -45,6 +45,7 @@ import torch
 
 from nanoopd import OBJECTIVES
 from nanoopd.config import ConfigError, parse_config
+from nanoopd.objectives import SPECS
 from toy.exact import TabularAR, all_sequences, make_problem, sequence_kl
 
 # -----------------------------------------------------------------------------
@@ -89,26 +90,18 @@ ZERO = 1e-9  # gradient norms under ZERO * ||grad J|| count as 0
 
 def variants(k: int) -> list[tuple[str, dict, str | None]]:
     """(objective, options, the target it claims) for every registered objective with its defaults,
-    then the variants that matter: top-K supports, K = 1, the clamps, gamma, the baselines."""
-    claims = {"sequence_kl": "J", "jsd": None, "topk_forward_kl": "F"}
-    rows = [(name, {}, claims.get(name, "K")) for name in sorted(OBJECTIVES)]
-    rows += [
-        ("sampled_token", {"clamp": 0.5}, "K"),
-        ("sampled_token", {"baseline": True}, "K"),
-        ("sampled_token", {"baseline": "topk", "k": k}, "K"),
-        ("sequence_kl", {"gamma": 0.5}, None),  # between J and K_tok by design
-        ("kl_k3", {"clamp": 1.0}, "K"),
-        ("topk_unnormalized", {"k": k}, "K"),
-        ("topk_stopgrad", {"k": k}, "K"),
-        ("topk_renorm", {"k": k}, "K"),
-        ("topk_renorm", {"k": 1}, "K"),
-        ("topk_forward_kl", {"k": k}, "F"),
-        ("topk_forward_kl", {"k": k, "m": math.log(0.1)}, "F"),
-        ("topk_tail", {"k": k}, "K"),
-        ("topk_tail", {"k": 1}, "K"),
-        ("topk_bregman", {"k": k}, "K"),
+    then the variants that matter: top-K supports, K = 1, the clamps, gamma, the baselines. Each
+    claims what its objective registered (SPECS[name].claim), but g_gamma at gamma < 1, which lies
+    between J and K_tok by design and claims neither."""
+    rows = [(name, {}) for name in sorted(OBJECTIVES)] + [
+        ("sampled_token", {"clamp": 0.5}), ("sampled_token", {"baseline": True}),
+        ("sampled_token", {"baseline": "topk", "k": k}), ("sequence_kl", {"gamma": 0.5}),
+        ("kl_k3", {"clamp": 1.0}), ("topk_unnormalized", {"k": k}), ("topk_stopgrad", {"k": k}),
+        ("topk_renorm", {"k": k}), ("topk_renorm", {"k": 1}), ("topk_forward_kl", {"k": k}),
+        ("topk_forward_kl", {"k": k, "m": math.log(0.1)}), ("topk_tail", {"k": k}), ("topk_tail", {"k": 1}),
+        ("topk_bregman", {"k": k}),
     ]
-    return rows
+    return [(name, options, None if "gamma" in options else SPECS[name].claim) for name, options in rows]
 
 
 # -----------------------------------------------------------------------------
