@@ -10,7 +10,8 @@ import re
 import pytest
 import torch
 
-from toy.audit import COLUMNS, AuditConfig, audit, main, problem, targets, variants
+from toy.audit import AuditConfig, audit, main, problem, targets, variants
+from toy.audit_report import COLUMNS
 
 SMALL = AuditConfig(vocab=4, horizon=3, k=2, out="unused", plots=False)
 
