@@ -195,8 +195,8 @@ MUTANTS: dict[str, tuple[Mutant, ...]] = {
     ),
     "audit": (
         Mutant("the per-token mean not undone (the loss not multiplied by N*T)",
-               "(grads,) = torch.autograd.grad(loss * (N * T), theta_rows, allow_unused=True)",
-               "(grads,) = torch.autograd.grad(loss, theta_rows, allow_unused=True)",
+               "return torch.autograd.grad(loss * (N * T), theta_rows)[0]",
+               "return torch.autograd.grad(loss, theta_rows)[0]",
                "enumerate", "multiply the per-token mean by N*T"),
         Mutant("the expectation unweighted: a plain mean over the sequences",
                "    g = weight @ grads  # (P,)",

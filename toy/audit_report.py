@@ -1,12 +1,20 @@
 """
 What the estimator audit shows: the printed table, audit.csv and the figure of bias against
-variance (toy/audit.py computes every number; nothing here differentiates).
+variance (toy/audit.py computes every number; nothing here differentiates). A cell the audit
+leaves undefined (None: the cosines, errors and verdict of a g_L at rounding level) reads n/a.
 """
 
 import csv
+import os
 
 COLUMNS = ["objective", "options", "claims", "follows", "cos_J", "err_J", "cos_K", "err_K", "cos_F",
            "err_F", "g_norm", "g_norm_at_q", "trace_cov", "mass_slope_at_q", "dJ_step", "flags"]
+NA = "n/a"  # an undefined cell
+
+
+def cell(x, spec: str) -> str:
+    """x in the format spec ('7.3f'), or n/a in the same width where x is None."""
+    return f"{NA:>{int(spec.split('.')[0])}}" if x is None else format(x, spec)
 
 
 def print_table(rows: list[dict], info: dict, cfg) -> None:
@@ -15,23 +23,23 @@ def print_table(rows: list[dict], info: dict, cfg) -> None:
           f"{info['n_sequences']} sequences, {info['n_params']} student parameters, float64, no sampling")
     print(f"J = {info['J']:.4f}, ||grad J|| = {info['grad_J_norm']:.4f}; cos(grad K_tok, grad J) = "
           f"{info['cos_K_J']:.3f}, cos(grad F_tok, grad J) = {info['cos_F_J']:.3f}; top-K variants K = {cfg.k}")
-    head = (f"{'objective':<18} {'options':<18} {'claims':>6} {'follows':>9} {'cos J':>7} {'err J':>8} "
+    w = max([9] + [len(r["follows"] or NA) for r in rows])  # wider for a tie, "J = K exactly"
+    head = (f"{'objective':<18} {'options':<18} {'claims':>6} {'follows':>{w}} {'cos J':>7} {'err J':>8} "
             f"{'cos K':>7} {'err K':>8} {'cos F':>7} {'err F':>8} {'|g| pi=q':>9} {'tr Cov':>9} "
             f"{'dJ step':>9}  flags")
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['objective']:<18} {r['options']:<18} {r['claims']:>6} {r['follows']:>9} "
-              f"{r['cos_J']:7.3f} {r['err_J']:8.2e} {r['cos_K']:7.3f} {r['err_K']:8.2e} "
-              f"{r['cos_F']:7.3f} {r['err_F']:8.2e} {r['g_norm_at_q']:9.2e} {r['trace_cov']:9.3g} "
-              f"{r['dJ_step']:9.2e}  {r['flags']}")
+        targets = " ".join(f"{cell(r[f'cos_{t}'], '7.3f')} {cell(r[f'err_{t}'], '8.2e')}" for t in "JKF")
+        print(f"{r['objective']:<18} {r['options']:<18} {r['claims']:>6} {r['follows'] or NA:>{w}} {targets} "
+              f"{r['g_norm_at_q']:9.2e} {r['trace_cov']:9.3g} {r['dJ_step']:9.2e}  {r['flags']}")
 
 
 def write_csv(rows: list[dict], path: str) -> None:
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
-        w.writerows({c: r[c] for c in COLUMNS} for r in rows)
+        w.writerows({c: NA if r[c] is None else r[c] for c in COLUMNS} for r in rows)
 
 
 def plot(rows: list[dict], path: str) -> bool:
@@ -46,8 +54,9 @@ def plot(rows: list[dict], path: str) -> bool:
         return False
     floor = 1e-3  # a row without variance (a constant loss) is drawn at the left edge
     points: dict[tuple, list[int]] = {}
-    for i, r in enumerate(rows, 1):
-        points.setdefault((round(max(r["trace_cov"], floor), 3), round(r["err_J"], 3)), []).append(i)
+    for i, r in enumerate(rows, 1):  # a g_L at rounding level (err n/a) misses grad J by all of it: 1
+        bias = 1.0 if r["err_J"] is None else r["err_J"]
+        points.setdefault((round(max(r["trace_cov"], floor), 3), round(bias, 3)), []).append(i)
     fig, (ax, key) = plt.subplots(1, 2, figsize=(13, 6), gridspec_kw=dict(width_ratios=[3, 2]))
     for (x, y), ids in points.items():
         bad = any(rows[i - 1]["flags"] != "-" for i in ids)
@@ -66,3 +75,12 @@ def plot(rows: list[dict], path: str) -> bool:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
+
+
+def save(rows: list[dict], out: str, plots: bool) -> list[str]:
+    """Write out/audit.csv and, with plots, out/audit.png; returns the paths written (OSError when
+    out cannot be written)."""
+    os.makedirs(out, exist_ok=True)
+    paths = [os.path.join(out, "audit.csv"), os.path.join(out, "audit.png")]
+    write_csv(rows, paths[0])
+    return paths if plots and plot(rows, paths[1]) else paths[:1]
