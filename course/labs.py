@@ -126,10 +126,11 @@ LABS = (
     Lab("audit", "The estimator audit: which divergence does an estimator follow?", "course/labs/07_audit.md", (
         Task("enumerate", "per_sample_grads and expectation: every grad L(y), then g_L and tr Cov, exactly",
              (G + "test_audit_per_sample_grads_are_the_gradients_of_each_sequence_alone",
+              G + "test_audit_per_sample_grads_of_a_loss_without_a_graph_are_zero",
               G + "test_audit_expectation_is_the_pi_weighted_mean_and_trace_covariance")),
         Task("targets", "token_divergence: the reverse and forward KL at the visited prefixes, pi(y) held fixed",
              (G + "test_audit_token_divergences_are_the_reverse_and_forward_kl_at_visited_prefixes",)),
-        Task("follows", "follows: 'X exactly' by relative error, '~X' by cosine, else 'none'",
+        Task("follows", "follows: 'X exactly' by relative error, '~X' by cosine, ties named, else 'none'",
              (G + "test_audit_follows_names_the_target_an_estimator_follows",)),
         Task("mystery", "the three together: an unknown estimator, k2 and k3 identified",
              (G + "test_audit_finds_what_an_unknown_estimator_follows",)),

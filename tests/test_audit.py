@@ -6,11 +6,13 @@ it prints are exact (float64 enumeration), so the findings are asserted, not sam
 
 import csv
 import re
+from dataclasses import replace
 
 import pytest
 import torch
 
-from toy.audit import COLUMNS, AuditConfig, audit, main, problem, targets, variants
+from toy.audit import AuditConfig, audit, main, problem, targets, variants
+from toy.audit_report import COLUMNS
 
 SMALL = AuditConfig(vocab=4, horizon=3, k=2, out="unused", plots=False)
 
@@ -25,6 +27,20 @@ def test_every_registered_objective_is_audited_with_its_defaults():
     from nanoopd import OBJECTIVES
     rows = variants(2)
     assert {name for name, options, _ in rows if not options} == set(OBJECTIVES)
+
+
+def test_each_row_claims_what_its_objective_registered(monkeypatch):
+    """A newly registered objective is held to the claim it registered, not to a table of the audit's
+    own: k3 registered as a forward-KL estimator is not flagged, and follows what it claims."""
+    from nanoopd.objectives import OBJECTIVES, SPECS, register
+    monkeypatch.setitem(OBJECTIVES, "k3_as_forward", None)  # restored (removed) after the test
+    monkeypatch.setitem(SPECS, "k3_as_forward", None)
+    register("k3_as_forward", claim="F")(OBJECTIVES["kl_k3"])
+    rows = variants(2)
+    assert ("k3_as_forward", {}, "F") in rows and ("sequence_kl", {"gamma": 0.5}, None) in rows
+    assert all(claim == SPECS[name].claim for name, options, claim in rows if "gamma" not in options)
+    row = {(r["objective"], r["options"]): r for r in audit(SMALL)[0]}[("k3_as_forward", "-")]
+    assert row["claims"] == "F" and row["follows"] == "F exactly" and row["flags"] == "-"
 
 
 def test_the_known_estimators_follow_what_the_maths_says(table):
@@ -56,6 +72,39 @@ def test_the_audit_flags_the_field_s_surprises(table):
             rows[("topk_stopgrad", "k=2")][column], rel=1e-9)
 
 
+def test_a_gradient_at_rounding_level_has_no_direction(table):
+    """k1's expected gradient is 0 up to rounding (||g|| ~ 1e-16): its cosines are noise that changes
+    with the summation order, so they, its errors and its verdict are undefined (None, printed n/a)."""
+    rows, _ = table
+    for key in (("kl_k1", "-"), ("topk_renorm", "k=1")):
+        row = rows[key]
+        assert row["follows"] is None and all(row[f"{c}_{t}"] is None for c in ("cos", "err") for t in "JKF")
+    assert rows[("kl_k1", "-")]["g_norm"] < 1e-12 and rows[("kl_k1", "-")]["trace_cov"] > 0
+
+
+def test_a_loss_without_a_graph_is_constant_in_theta_not_a_crash(monkeypatch):
+    """An objective whose loss never reads the student (no graph at all: autograd.grad raises on it,
+    allow_unused or not) is reported as constant in theta."""
+    from nanoopd.objectives import OBJECTIVES, SPECS, register
+    monkeypatch.setitem(OBJECTIVES, "no_graph", None)  # restored (removed) after the test
+    monkeypatch.setitem(SPECS, "no_graph", None)
+    register("no_graph")(lambda student_logits, teacher_logits, tokens, mask, **options:
+                         ((student_logits.detach() - teacher_logits).pow(2).mean(), {}))
+    row = {(r["objective"], r["options"]): r for r in audit(SMALL)[0]}[("no_graph", "-")]
+    assert row["flags"] == "constant in theta" and row["follows"] is None and row["trace_cov"] == 0
+
+
+def test_without_coupling_j_and_k_tie_and_a_tie_is_no_wrong_divergence():
+    """At coupling 0 grad J = grad K_tok: the verdict names both ("J = K exactly"), rounding does not
+    pick one, and neither sequence_kl (claims J) nor a K estimator is flagged for following the other."""
+    rows = {(r["objective"], r["options"]): r for r in audit(replace(SMALL, coupling=0.0))[0]}
+    for key in (("sequence_kl", "-"), ("sampled_token", "-"), ("sampled_token", "baseline=topk k=2"),
+                ("sequence_kl", "gamma=0.5"), ("full_reverse_kl", "-")):
+        assert rows[key]["follows"] == "J = K exactly" and "wrong divergence" not in rows[key]["flags"], key
+    k3 = rows[("kl_k3", "-")]  # F is still another target
+    assert k3["follows"] == "F exactly" and "wrong divergence (claims K, follows F)" in k3["flags"]
+
+
 def test_without_coupling_the_token_level_and_sequence_gradients_agree():
     goals = targets(problem(AuditConfig(vocab=4, horizon=3, k=2, coupling=0.0, plots=False)))
     torch.testing.assert_close(goals["K"], goals["J"], rtol=1e-10, atol=1e-12)
@@ -70,6 +119,8 @@ def test_main_prints_the_table_and_writes_csv_and_figure(tmp_path, capsys):
     with open(tmp_path / "audit.csv") as f:
         written = list(csv.DictReader(f))
     assert len(written) == len(rows) and list(written[0]) == COLUMNS
+    k1 = next(r for r in written if r["objective"] == "kl_k1")  # undefined cells are written n/a
+    assert k1["follows"] == k1["cos_J"] == k1["err_F"] == "n/a" and "n/a" in out
     assert (tmp_path / "audit.png").stat().st_size > 10_000
 
 

@@ -554,27 +554,98 @@ def audit_problem(coupling=1.0):
     return problem(AuditConfig(vocab=4, horizon=3, k=2, coupling=coupling, plots=False))
 
 
-def test_audit_per_sample_grads_are_the_gradients_of_each_sequence_alone():
+def sequence_grad(pb, objective, n: int, shifted: str | None = None) -> torch.Tensor:
+    """grad L(y_n) of sequence n alone, one shared theta: the loss summed over its positions, (P,).
+    shifted, a language model's shift that the registry does not make: "roll" (the objective told
+    that tokens[:, t+1] was sampled at t) or "cut" (the logits at t scored against tokens[:, t+1])."""
+    theta = pb.theta.detach().clone().requires_grad_()
+    y = pb.seqs[n:n + 1]
+    student, teacher, tokens = pb.student.logits(theta, y), pb.teacher.logits(pb.phi, y), y
+    if shifted == "roll":
+        tokens = y.roll(-1, 1)
+    elif shifted == "cut":
+        student, teacher, tokens = student[:, :-1], teacher[:, :-1], y[:, 1:]
+    loss, _ = objective(student, teacher, tokens, torch.ones_like(tokens, dtype=torch.bool))
+    return torch.autograd.grad(loss * tokens.shape[1], theta)[0]
+
+
+def multiple_of(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    """c where a = c b (to rounding), else None."""
+    c = (a @ b / (b @ b)).item()
+    return c if torch.allclose(a, c * b, rtol=1e-9, atol=1e-12) else None
+
+
+def audit_per_sample_grads(pb, objective) -> torch.Tensor:
+    """The student's per_sample_grads(pb, objective, {}), autograd's 'not used in the graph' explained."""
     from toy.audit import per_sample_grads
+    try:
+        return per_sample_grads(pb, objective, {})
+    except RuntimeError as e:
+        if "not have been used in the graph" not in str(e):
+            raise
+        pytest.fail("per_sample_grads differentiated a tensor the loss was not computed from (autograd: not used in "
+                    "the graph): compute student_logits = pb.student.logits(theta_rows, pb.seqs) from theta_rows, "
+                    "the one private copy of theta per sequence that you differentiate")
+
+
+def test_audit_per_sample_grads_are_the_gradients_of_each_sequence_alone():
     pb = audit_problem()
     N, T = pb.seqs.shape
-    grads = per_sample_grads(pb, OBJECTIVES["kl_k2"], {})
+    grads = audit_per_sample_grads(pb, OBJECTIVES["kl_k2"])
     assert tuple(grads.shape) == (N, pb.theta.numel()), (
         f"per_sample_grads must return (N, P) = ({N}, {pb.theta.numel()}), one gradient per sequence, got "
         f"{tuple(grads.shape)}")
     assert grads.dtype == torch.float64, f"per_sample_grads returned {grads.dtype}: the exact toy stays in float64"
+    assert not torch.allclose(grads, grads[:1].expand(N, -1)), (
+        "every row of per_sample_grads is the same vector, the gradient of the whole batch through one shared "
+        "theta: use one private copy of theta per sequence (theta_rows (N, P)), so that row n only sees sequence n")
+    slips = {-1.0: "the sign is flipped: row n is grad L(y_n), the gradient of the loss itself (not of -loss)",
+             1 / (N * T): "per_sample_grads returned grad L(y) / (N T): the objective's loss is a per-token mean over "
+                          "the whole batch; multiply the per-token mean by N*T to get each sequence's sum over its "
+                          "positions",
+             1 / T: "per_sample_grads returned grad L(y) / T: the per-token mean was multiplied by N only; it is a "
+                    "mean over the N*T positions (N sequences of T tokens): multiply by N*T",
+             1 / N: "per_sample_grads returned grad L(y) / N: the per-token mean was multiplied by T only; it is a "
+                    "mean over the N*T positions (N sequences of T tokens): multiply by N*T"}
     for n in (0, 17, N - 1):  # sequence n alone, with one shared theta: the loss summed over its T positions
-        theta = pb.theta.detach().clone().requires_grad_()
-        y = pb.seqs[n:n + 1]
-        loss, _ = OBJECTIVES["kl_k2"](pb.student.logits(theta, y), pb.teacher.logits(pb.phi, y), y,
-                                       torch.ones(1, T, dtype=torch.bool))
-        (alone,) = torch.autograd.grad(loss * T, theta)
-        assert not torch.allclose(grads[n], alone / (N * T), atol=1e-12), (
-            "per_sample_grads returned grad L(y) / (N T): the objective's loss is a per-token mean over the "
-            "whole batch; multiply the per-token mean by N*T to get each sequence's sum over its positions")
-        assert torch.allclose(grads[n], alone, atol=1e-12), (
-            f"row {n} of per_sample_grads is not the gradient of L(y_{n}) computed on that sequence alone: use one "
-            f"private copy of theta per sequence (theta_rows (N, P)), so that row n only sees sequence n")
+        alone = sequence_grad(pb, OBJECTIVES["kl_k2"], n)
+        if torch.allclose(grads[n], alone, atol=1e-12):
+            continue
+        c = multiple_of(grads[n], alone)  # what went wrong: the likely slips first
+        slip = next((why for k, why in slips.items() if c is not None and math.isclose(c, k, rel_tol=1e-6)), None)
+        assert slip is None, slip
+        assert c is None, (f"row {n} of per_sample_grads is {c:.6g} times grad L(y_{n}): multiply the per-token mean "
+                           f"by N*T = {N * T}, and by nothing else")
+        for shift in ("roll", "cut"):
+            assert multiple_of(grads[n], sequence_grad(pb, OBJECTIVES["kl_k2"], n, shift)) is None, (
+                "the objective was given the tokens shifted by one: the registry's tokens are unshifted, the logits "
+                "at position t score tokens[:, t] (the toy's logits(theta, seqs) are already aligned): pass pb.seqs "
+                "and the logits as they are")
+        raise AssertionError(
+            f"row {n} of per_sample_grads is not the gradient of L(y_{n}) computed on that sequence alone, nor a sign, "
+            f"scale or shift slip of it: call objective(student_logits, teacher_logits, pb.seqs, mask) as the registry "
+            f"does, student_logits from theta_rows, one private copy of theta per sequence")
+
+
+def constant_objective(student_logits, teacher_logits, tokens, mask, **options):
+    """A loss that never reads the student: it has no graph at all."""
+    return ((student_logits.detach() - teacher_logits).pow(2).sum(-1) * mask).mean(), {}
+
+
+def test_audit_per_sample_grads_of_a_loss_without_a_graph_are_zero():
+    from toy.audit import per_sample_grads
+    pb = audit_problem()
+    try:
+        grads = per_sample_grads(pb, constant_objective, {})
+    except NotImplementedError:
+        raise
+    except RuntimeError as e:
+        pytest.fail(f"per_sample_grads raised on a loss that does not depend on theta ({str(e).splitlines()[0]}): such a "
+                    f"loss has no graph (loss.requires_grad is False) and torch.autograd.grad raises on it, allow_unused "
+                    f"or not; check loss.requires_grad first and return zeros (N, P)")
+    assert tuple(grads.shape) == (pb.seqs.shape[0], pb.theta.numel()) and not grads.any(), (
+        "a loss that does not depend on theta has per-sample gradients of zeros (N, P): the audit flags it constant "
+        "in theta")
 
 
 def test_audit_expectation_is_the_pi_weighted_mean_and_trace_covariance():
@@ -586,17 +657,31 @@ def test_audit_expectation_is_the_pi_weighted_mean_and_trace_covariance():
         "expectation gave the plain mean over sequences: g_L = sum_y pi(y) grad L(y), weighted by pi(y)")
     assert torch.allclose(g, expected, atol=1e-12), "g_L must be sum_y pi(y) grad L(y)"
     variance = sum(weight[n] * (grads[n] - expected).pow(2).sum() for n in range(5)).item()
+    uncentred = sum(weight[n] * grads[n].pow(2).sum() for n in range(5)).item()
+    assert trace_cov != pytest.approx(uncentred, rel=1e-10), (
+        f"tr Cov = {trace_cov:.6f} is sum_y pi(y) ||grad L(y)||^2, not centred: subtract g_L first, "
+        f"sum_y pi(y) ||grad L(y) - g_L||^2 = {variance:.6f}")
     assert isinstance(trace_cov, float) and trace_cov == pytest.approx(variance, rel=1e-10), (
         f"tr Cov must be sum_y pi(y) ||grad L(y) - g_L||^2 = {variance:.6f} (a python float), got {trace_cov!r}")
+
+
+def token_kl(pb, theta: torch.Tensor, forward: bool) -> torch.Tensor:
+    """sum_y pi(y) sum_t KL at c_t, pi(y) held fixed: what token_divergence must give. Scalar."""
+    logp = torch.log_softmax(pb.student.logits(theta, pb.seqs), -1)  # (N, T, V)
+    logq = torch.log_softmax(pb.teacher.logits(pb.phi, pb.seqs), -1).detach()
+    a, b = (logq, logp) if forward else (logp, logq)
+    return pb.weight.detach() @ (a.exp() * (a - b)).sum(-1).sum(-1)
+
+
+def token_kl_grad(pb, forward: bool) -> torch.Tensor:
+    x = pb.theta.detach().clone().requires_grad_()
+    return torch.autograd.grad(token_kl(pb, x, forward), x)[0]
 
 
 def test_audit_token_divergences_are_the_reverse_and_forward_kl_at_visited_prefixes():
     from toy.audit import token_divergence
     pb = audit_problem()
-    logp = torch.log_softmax(pb.student.logits(pb.theta, pb.seqs), -1)  # (N, T, V)
-    logq = torch.log_softmax(pb.teacher.logits(pb.phi, pb.seqs), -1)
-    reverse = (pb.weight[:, None] * (logp.exp() * (logp - logq)).sum(-1)).sum().item()
-    forward = (pb.weight[:, None] * (logq.exp() * (logq - logp)).sum(-1)).sum().item()
+    reverse, forward = token_kl(pb, pb.theta, False).item(), token_kl(pb, pb.theta, True).item()
     got_reverse = token_divergence(pb, pb.theta, forward=False).item()
     got_forward = token_divergence(pb, pb.theta, forward=True).item()
     assert not (got_reverse == pytest.approx(forward) and got_forward == pytest.approx(reverse)), (
@@ -607,11 +692,7 @@ def test_audit_token_divergences_are_the_reverse_and_forward_kl_at_visited_prefi
         f"{got_reverse:.6f} and {got_forward:.6f}")
     theta = pb.theta.detach().clone().requires_grad_()
     (grad,) = torch.autograd.grad(token_divergence(pb, theta, forward=False), theta)
-    x = pb.theta.detach().clone().requires_grad_()
-    logp_x = torch.log_softmax(pb.student.logits(x, pb.seqs), -1)  # (N, T, V)
-    reference = pb.weight.detach() @ (logp_x.exp() * (logp_x - logq)).sum(-1).sum(-1)  # pi(y) held fixed
-    (expected,) = torch.autograd.grad(reference, x)
-    assert torch.allclose(grad, expected, atol=1e-12), (
+    assert torch.allclose(grad, token_kl_grad(pb, False), atol=1e-12), (
         "the gradient of token_divergence must hold the weights pi(y) fixed (the prefixes' distribution) and "
         "differentiate only the per-prefix distributions pi(.|c_t)")
 
@@ -625,13 +706,26 @@ def test_audit_follows_names_the_target_an_estimator_follows():
     assert err["K"] == pytest.approx(((goals["F"] - goals["K"]).norm() / goals["K"].norm()).item(), rel=1e-10), (
         "err[X] must be the relative error ||g - grad X|| / ||grad X||")
     verdict, _, _ = follows(2.0 * goals["K"], goals)
+    assert verdict != "K exactly", (
+        "follows(2 grad K) said 'K exactly': twice the gradient has the right direction (cosine 1, '~K') but a "
+        "relative error of 1, so it is not 'K exactly'; 'exactly' is decided by the relative error")
+    e = torch.eye(6, dtype=torch.float64)  # g = 3 grad K: cosine 1 to K, but nearer to grad J in relative error
+    verdict, cos, err = follows(3.0 * e[0], {"J": 3.0 * e[0] + 1.5 * e[1], "K": e[0], "F": e[2]})
     assert verdict == "~K", (
-        f"follows(2 grad K) said {verdict!r}: twice the gradient has the right direction (cosine 1, '~K') but a "
-        f"relative error of 1, so it is not 'K exactly'; 'exactly' is decided by the relative error")
+        f"follows(3 grad K) said {verdict!r}, expected '~K': its cosine to grad K is 1, the largest (to grad J "
+        f"{cos['J']:.2f}), though its relative error to grad J is the smaller ({err['J']:.2f} vs {err['K']:.2f}); "
+        f"'~X' names the target of largest cosine, not of smallest relative error")
     orthogonal = torch.linalg.svd(torch.stack(list(goals.values()))).Vh[-1]  # orthogonal to all three
     verdict, cos, _ = follows(orthogonal, goals)
     assert verdict == "none" and max(abs(c) for c in cos.values()) < 1e-10, (
         f"a gradient orthogonal to every target follows none of them, got {verdict!r}")
+    tied = {"J": goals["J"], "K": goals["J"] * (1 + 1e-12), "F": goals["F"]}  # grad J = grad K, as at coupling 0
+    for g, expected in ((goals["J"].clone(), "J = K exactly"), (2.0 * goals["J"], "~J = K")):
+        verdict, _, _ = follows(g, tied)
+        assert verdict == expected, (
+            f"follows said {verdict!r} where grad J and grad K are the same vector (to rounding, as at coupling 0): "
+            f"a tie, {expected!r} (the coinciding targets in the order of goals, joined by ' = '); naming one of "
+            f"them lets rounding decide")
 
 
 def mystery_estimator(student_logits, teacher_logits, tokens, mask, **options):
@@ -643,15 +737,24 @@ def mystery_estimator(student_logits, teacher_logits, tokens, mask, **options):
 
 
 def test_audit_finds_what_an_unknown_estimator_follows():
+    """The three pieces together; where the verdict is wrong, the piece that made it so is named."""
     from toy.audit import expectation, follows, per_sample_grads, targets
     pb = audit_problem()
+    grads = audit_per_sample_grads(pb, mystery_estimator)
+    reference = torch.stack([sequence_grad(pb, mystery_estimator, n) for n in range(pb.seqs.shape[0])])  # (N, P)
+    assert grads.shape == reference.shape and torch.allclose(grads, reference, atol=1e-12), (
+        "per_sample_grads is wrong on the unknown estimator: fix task enumerate first (its failure names the mistake)")
+    g, trace_cov = expectation(grads, pb.weight)
+    assert torch.allclose(g, pb.weight @ reference, atol=1e-12) and trace_cov > 0, (
+        "expectation is wrong: fix task enumerate first (its failure names the mistake)")
     goals = targets(pb)
-    g, trace_cov = expectation(per_sample_grads(pb, mystery_estimator, {}), pb.weight)
-    verdict, _, _ = follows(g, goals)
+    for t, forward in (("K", False), ("F", True)):
+        assert torch.allclose(goals[t], token_kl_grad(pb, forward), atol=1e-12), (
+            f"targets(pb)['{t}'] is not grad {t}_tok: token_divergence is wrong; fix task targets first")
+    verdict, _, err = follows(g, goals)
     assert verdict == "F exactly", (
         f"the unknown estimator -sg(q/pi) log pi follows the forward KL exactly (E_pi[(q/pi) s] = sum_v q grad "
-        f"log pi), but your audit says {verdict!r}")
-    assert trace_cov > 0
+        f"log pi; relative error {err['F']:.1e} here), but follows says {verdict!r}: fix task follows first")
     g3, _ = expectation(per_sample_grads(pb, OBJECTIVES["kl_k3"], {}), pb.weight)
     assert follows(g3, goals)[0] == "F exactly", "kl_k3 follows the forward KL exactly: your audit says otherwise"
     g2, _ = expectation(per_sample_grads(pb, OBJECTIVES["kl_k2"], {}), pb.weight)

@@ -1,41 +1,38 @@
 """
 toy/audit.py: the estimator audit. Every objective in the registry (nanoopd/objectives.py), with
-its default options and the variants that matter, is put through the same exact test on the
-tabular toy (toy/exact.py), and the audit prints which divergence each one really follows
-(docs/design.md#the-estimator-audit; the reading is in docs/audit.md).
-
-Commands:
+its default options and the variants that matter, is put through one exact test on the tabular toy
+(toy/exact.py): which divergence does it really follow, and is it the one it claims
+(SPECS[name].claim)? docs/design.md#the-estimator-audit; the reading is in docs/audit.md.
 
     python -m toy.audit                   # the table, out/audit/audit.csv and audit.png, a few seconds
     python -m toy.audit --out docs        # the CSV and figure that docs/audit.md shows
-    python -m toy.audit --coupling 0      # no coupling: J and K_tok have the same gradient
+    python -m toy.audit --coupling 0      # no coupling: J and K_tok have the same gradient, a tie
     python -m toy.audit --help            # every flag
 
-What is computed. Every sequence y in {0..V-1}^T is enumerated, so every expectation below is a
-weighted sum, in float64, with no sampling. Each objective L is called through the registry on all
-V^T sequences at once, with one private copy of theta per sequence, so that one backward pass gives
-every per-sample gradient grad L(y) (L(y) = the objective's loss summed over the T positions of y,
-the sampling distribution pi(y) held fixed, as a sampled estimator sees it):
+Every sequence y in {0..V-1}^T is enumerated, so every expectation below is a weighted sum, in
+float64, with no sampling. Each objective is called as the registry calls it, loss, stats =
+objective(student_logits, teacher_logits, tokens, mask, **options), tokens unshifted (the logits at
+t predict tokens[:, t]), on all V^T sequences at once with one private copy of theta per sequence:
+one backward pass gives every per-sample gradient grad L(y) (L(y): the loss summed over y's T
+positions; the sampling distribution pi(y) held fixed, as a sampled estimator sees it):
 
-    g_L       = sum_y pi(y) grad L(y)                                   the expected gradient
-    tr Cov    = sum_y pi(y) || grad L(y) - g_L ||^2                     its per-sample variance
-    grad J    = grad KL(pi || q), the sequence-level reverse KL (autograd of the enumerated J)
+    g_L        = sum_y pi(y) grad L(y)                                   the expected gradient
+    tr Cov     = sum_y pi(y) || grad L(y) - g_L ||^2                     its per-sample variance
+    grad J     = grad KL(pi || q), the sequence-level reverse KL (autograd of the enumerated J)
     grad K_tok = sum_y sg(pi(y)) sum_t grad KL(pi(.|c_t) || q(.|c_t))   token-level reverse KL
     grad F_tok = sum_y sg(pi(y)) sum_t grad KL(q(.|c_t) || pi(.|c_t))   token-level forward KL
 
-Per objective: the cosine and relative error ||g_L - g*|| / ||g*|| to each target g*, which
-target it follows (relative error < 1e-6: "K exactly"; else cosine >= 0.99: "~K"; else none),
-||g_L|| at pi = q (a second problem where the teacher is the student itself: 0 for a proper
-objective), tr Cov, and the change of J after a step of length --step along -g_L. Flags: constant
-in theta (every grad L(y) is 0), zero expected gradient, wrong divergence (it follows another
-target than the one it claims), points away from its claimed target (cosine <= 0), drains S /
-fills S (at pi = q its step lowers / raises the student's mass on the teacher's top-K), not
-stationary at pi = q, raises J.
+Per objective: the cosine and relative error ||g_L - g*|| / ||g*|| to each target g*, and which
+target it follows (error < 1e-6: "K exactly"; else cosine >= 0.99: "~K"; else "none"; coinciding
+targets are a tie, "J = K exactly"), all undefined (n/a) where g_L is at rounding level; ||g_L|| at
+pi = q (the teacher replaced by the student: 0 for a proper objective), tr Cov, and the change of J
+after a step of --step along -g_L. Flags: constant in theta (every grad L(y) is 0), zero expected
+gradient, wrong divergence (it follows targets other than the one it claims), points away from its
+claimed target (cosine <= 0), drains S / fills S (at pi = q its step lowers / raises the student's
+mass on the teacher's top-K), not stationary at pi = q, raises J. toy/audit_report.py prints them.
 """
 
-import csv
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -45,6 +42,8 @@ import torch
 
 from nanoopd import OBJECTIVES
 from nanoopd.config import ConfigError, parse_config
+from nanoopd.objectives import SPECS
+from toy.audit_report import print_table, save
 from toy.exact import TabularAR, all_sequences, make_problem, sequence_kl
 
 # -----------------------------------------------------------------------------
@@ -89,26 +88,18 @@ ZERO = 1e-9  # gradient norms under ZERO * ||grad J|| count as 0
 
 def variants(k: int) -> list[tuple[str, dict, str | None]]:
     """(objective, options, the target it claims) for every registered objective with its defaults,
-    then the variants that matter: top-K supports, K = 1, the clamps, gamma, the baselines."""
-    claims = {"sequence_kl": "J", "jsd": None, "topk_forward_kl": "F"}
-    rows = [(name, {}, claims.get(name, "K")) for name in sorted(OBJECTIVES)]
-    rows += [
-        ("sampled_token", {"clamp": 0.5}, "K"),
-        ("sampled_token", {"baseline": True}, "K"),
-        ("sampled_token", {"baseline": "topk", "k": k}, "K"),
-        ("sequence_kl", {"gamma": 0.5}, None),  # between J and K_tok by design
-        ("kl_k3", {"clamp": 1.0}, "K"),
-        ("topk_unnormalized", {"k": k}, "K"),
-        ("topk_stopgrad", {"k": k}, "K"),
-        ("topk_renorm", {"k": k}, "K"),
-        ("topk_renorm", {"k": 1}, "K"),
-        ("topk_forward_kl", {"k": k}, "F"),
-        ("topk_forward_kl", {"k": k, "m": math.log(0.1)}, "F"),
-        ("topk_tail", {"k": k}, "K"),
-        ("topk_tail", {"k": 1}, "K"),
-        ("topk_bregman", {"k": k}, "K"),
+    then the variants that matter: top-K supports, K = 1, the clamps, gamma, the baselines. Each
+    claims what its objective registered (SPECS[name].claim), but g_gamma at gamma < 1, which lies
+    between J and K_tok by design and claims neither."""
+    rows = [(name, {}) for name in sorted(OBJECTIVES)] + [
+        ("sampled_token", {"clamp": 0.5}), ("sampled_token", {"baseline": True}),
+        ("sampled_token", {"baseline": "topk", "k": k}), ("sequence_kl", {"gamma": 0.5}),
+        ("kl_k3", {"clamp": 1.0}), ("topk_unnormalized", {"k": k}), ("topk_stopgrad", {"k": k}),
+        ("topk_renorm", {"k": k}), ("topk_renorm", {"k": 1}), ("topk_forward_kl", {"k": k}),
+        ("topk_forward_kl", {"k": k, "m": math.log(0.1)}), ("topk_tail", {"k": k}), ("topk_tail", {"k": 1}),
+        ("topk_bregman", {"k": k}),
     ]
-    return rows
+    return [(name, options, None if "gamma" in options else SPECS[name].claim) for name, options in rows]
 
 
 # -----------------------------------------------------------------------------
@@ -150,8 +141,9 @@ def per_sample_grads(pb: Problem, objective: Callable, options: dict) -> torch.T
         teacher_logits = pb.teacher.logits(pb.phi, pb.seqs)  # (N, T, V)
     mask = torch.ones(N, T, dtype=torch.bool)  # every position is a response token
     loss, _ = objective(student_logits, teacher_logits, pb.seqs, mask, **options)
-    (grads,) = torch.autograd.grad(loss * (N * T), theta_rows, allow_unused=True)  # undo the mean
-    return torch.zeros_like(theta_rows) if grads is None else grads  # (N, P)
+    if not loss.requires_grad:  # no graph: the loss never reads the student; autograd.grad would raise
+        return torch.zeros_like(theta_rows)  # constant in theta
+    return torch.autograd.grad(loss * (N * T), theta_rows)[0]  # (N, P); * N*T undoes the per-token mean
     # lab:audit end
 
 
@@ -211,12 +203,15 @@ def follows(g: torch.Tensor, goals: dict[str, torch.Tensor]) -> tuple[str, dict[
 
     err_X = ||g - grad X|| / ||grad X||. Verdict: "X exactly" for the target of smallest error when
     it is below EXACT; else "~X" for the target of largest cosine when it is at least NEAR; else
-    "none"."""
+    "none". Targets that coincide with X (gradients equal to EXACT: J and K_tok at coupling 0) are
+    a tie, named together ("J = K exactly", "~J = K"): rounding noise must not pick one of them."""
     # lab:audit begin
     cos = {t: cosine(g, goal) for t, goal in goals.items()}
     err = {t: ((g - goal).norm() / goal.norm()).item() for t, goal in goals.items()}
     best, nearest = min(err, key=err.get), max(cos, key=cos.get)
-    verdict = (best + " exactly" if err[best] < EXACT else "~" + nearest if cos[nearest] >= NEAR else "none")
+    x = best if err[best] < EXACT else nearest
+    tie = " = ".join(t for t, goal in goals.items() if (goal - goals[x]).norm() < EXACT * goals[x].norm())
+    verdict = tie + " exactly" if err[best] < EXACT else "~" + tie if cos[nearest] >= NEAR else "none"
     return verdict, cos, err
     # lab:audit end
 
@@ -226,42 +221,39 @@ def follows(g: torch.Tensor, goals: dict[str, torch.Tensor]) -> tuple[str, dict[
 
 
 def audit_one(cfg, pb, pb_eq, goals, name, options, claims) -> dict:
-    """Every number and flag of one (objective, options) row."""
+    """Every number and flag of one (objective, options) row. A g_L at rounding level (||g_L|| under
+    ZERO * ||grad J||) has no direction: its cosines, errors and verdict are None (printed n/a)."""
+    zero = ZERO * goals["J"].norm().item()  # gradient norms and slopes under it count as 0
     grads = per_sample_grads(pb, OBJECTIVES[name], options)  # (N, P)
     g, trace_cov = expectation(grads, pb.weight)  # (P,) g_L, and tr Cov
-    scale = goals["J"].norm().item()
+    moves = g.norm().item() > zero
+    verdict, cos, err = follows(g, goals) if moves else (None, dict.fromkeys(TARGETS), dict.fromkeys(TARGETS))
     row = dict(objective=name, options=" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                                 for k, v in options.items()) or "-",
-               claims=claims or "-", g_norm=g.norm().item())
-    row["follows"], cos, err = follows(g, goals)
-    for t in TARGETS:
-        row[f"cos_{t}"], row[f"err_{t}"] = cos[t], err[t]
-    row["trace_cov"] = trace_cov
+               claims=claims or "-", follows=verdict, g_norm=g.norm().item(), trace_cov=trace_cov,
+               **{f"cos_{t}": cos[t] for t in TARGETS}, **{f"err_{t}": err[t] for t in TARGETS})
     # at pi = q: the gradient, and what a step along -g_L does to the mass on the teacher's top-K
     g_eq, _ = expectation(per_sample_grads(pb_eq, OBJECTIVES[name], options), pb_eq.weight)  # (P,)
     row["g_norm_at_q"] = g_eq.norm().item()
     mass_grad = grad_of(lambda x: support_mass(pb_eq, x, cfg.k), pb_eq.theta)  # (P,)
     row["mass_slope_at_q"] = -(mass_grad @ g_eq).item()  # d(mass)/d(step) along -g_L
-    # a small step along -g_L: does the sequence KL J go down?
+    # a small step along -g_L (none along a zero gradient): does the sequence KL J go down?
     J = lambda x: sequence_kl(pb.student, x, pb.teacher, pb.phi, pb.seqs).item()  # noqa: E731
     with torch.no_grad():
-        moves = row["g_norm"] > ZERO * scale  # no step along a zero gradient
         row["dJ_step"] = (J(pb.theta - cfg.step * g / g.norm()) - J(pb.theta)) if moves else 0.0
     flags = []
-    if grads.norm(dim=-1).max() <= ZERO * scale:
+    if grads.norm(dim=-1).max() <= zero:
         flags.append("constant in theta")
-    elif row["g_norm"] <= ZERO * scale:
+    elif not moves:
         flags.append("zero expected gradient")
-    followed = row["follows"].strip("~")[0]
-    if claims and row["follows"] != "none" and followed != claims:
-        flags.append(f"wrong divergence (claims {claims}, follows {followed})")
-    elif claims and row["g_norm"] > ZERO * scale and row[f"cos_{claims}"] <= 0:
+    followed = verdict.strip("~").removesuffix(" exactly").split(" = ") if verdict not in (None, "none") else [claims]
+    if claims and claims not in followed:  # a tie that holds the claimed target is no wrong divergence
+        flags.append(f"wrong divergence (claims {claims}, follows {' = '.join(followed)})")
+    elif claims and moves and cos[claims] <= 0:
         flags.append(f"points away from {claims}")
-    if row["mass_slope_at_q"] < -ZERO * scale:
-        flags.append("drains S")
-    elif row["mass_slope_at_q"] > ZERO * scale:
-        flags.append("fills S")
-    if row["g_norm_at_q"] > ZERO * scale:
+    if abs(row["mass_slope_at_q"]) > zero:
+        flags.append("drains S" if row["mass_slope_at_q"] < 0 else "fills S")
+    if row["g_norm_at_q"] > zero:
         flags.append("not stationary at pi=q")
     if row["dJ_step"] > 0:
         flags.append("raises J")
@@ -284,71 +276,6 @@ def audit(cfg: AuditConfig) -> tuple[list[dict], dict]:
 
 
 # -----------------------------------------------------------------------------
-# output
-
-COLUMNS = ["objective", "options", "claims", "follows", "cos_J", "err_J", "cos_K", "err_K", "cos_F",
-           "err_F", "g_norm", "g_norm_at_q", "trace_cov", "mass_slope_at_q", "dJ_step", "flags"]
-
-
-def print_table(rows: list[dict], info: dict, cfg: AuditConfig) -> None:
-    print(f"exact toy: V={cfg.vocab}, T={cfg.horizon}, coupling {cfg.coupling}, seed {cfg.seed}: "
-          f"{info['n_sequences']} sequences, {info['n_params']} student parameters, float64, no sampling")
-    print(f"J = {info['J']:.4f}, ||grad J|| = {info['grad_J_norm']:.4f}; cos(grad K_tok, grad J) = "
-          f"{info['cos_K_J']:.3f}, cos(grad F_tok, grad J) = {info['cos_F_J']:.3f}; top-K variants K = {cfg.k}")
-    head = (f"{'objective':<18} {'options':<18} {'claims':>6} {'follows':>9} {'cos J':>7} {'err J':>8} "
-            f"{'cos K':>7} {'err K':>8} {'cos F':>7} {'err F':>8} {'|g| pi=q':>9} {'tr Cov':>9} "
-            f"{'dJ step':>9}  flags")
-    print(head)
-    print("-" * len(head))
-    for r in rows:
-        print(f"{r['objective']:<18} {r['options']:<18} {r['claims']:>6} {r['follows']:>9} "
-              f"{r['cos_J']:7.3f} {r['err_J']:8.2e} {r['cos_K']:7.3f} {r['err_K']:8.2e} "
-              f"{r['cos_F']:7.3f} {r['err_F']:8.2e} {r['g_norm_at_q']:9.2e} {r['trace_cov']:9.3g} "
-              f"{r['dJ_step']:9.2e}  {r['flags']}")
-
-
-def write_csv(rows: list[dict], path: str) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        w.writerows({c: r[c] for c in COLUMNS} for r in rows)
-
-
-def plot(rows: list[dict], path: str) -> bool:
-    """Bias ||g_L - grad J|| / ||grad J|| against tr Cov, one numbered point per row (rows that land
-    on the same point share it), the key beside. False without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("figure skipped: matplotlib is not installed (pip install matplotlib)")
-        return False
-    floor = 1e-3  # a row without variance (a constant loss) is drawn at the left edge
-    points: dict[tuple, list[int]] = {}
-    for i, r in enumerate(rows, 1):
-        points.setdefault((round(max(r["trace_cov"], floor), 3), round(r["err_J"], 3)), []).append(i)
-    fig, (ax, key) = plt.subplots(1, 2, figsize=(13, 6), gridspec_kw=dict(width_ratios=[3, 2]))
-    for (x, y), ids in points.items():
-        bad = any(rows[i - 1]["flags"] != "-" for i in ids)
-        ax.scatter(x, y, color="tab:red" if bad else "tab:blue", s=30, zorder=3)
-        ax.annotate(",".join(map(str, ids)), (x, y), fontsize=8, xytext=(4, 3), textcoords="offset points")
-    ax.set_xscale("log")
-    ax.set_xlabel("tr Cov[grad L(y)], y ~ pi  (variance of one sample)")
-    ax.set_ylabel("||E[grad L] - grad J|| / ||grad J||  (bias against the sequence KL)")
-    ax.set_title("The estimator audit, exact (red: flagged)")
-    ax.grid(alpha=0.3)
-    lines = [f"{i:>2} {r['objective']} {'' if r['options'] == '-' else r['options']}"
-             + ("" if r["flags"] == "-" else f"  [{r['flags']}]") for i, r in enumerate(rows, 1)]
-    key.axis("off")
-    key.text(0, 1, "\n".join(lines), va="top", family="monospace", fontsize=6.5)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
-
-
-# -----------------------------------------------------------------------------
 # main
 
 
@@ -359,11 +286,7 @@ def main(argv=None) -> list[dict]:
     rows, info = audit(cfg)
     print_table(rows, info, cfg)
     try:
-        os.makedirs(cfg.out, exist_ok=True)
-        write_csv(rows, os.path.join(cfg.out, "audit.csv"))
-        wrote = [os.path.join(cfg.out, "audit.csv")]
-        if cfg.plots and plot(rows, os.path.join(cfg.out, "audit.png")):
-            wrote.append(os.path.join(cfg.out, "audit.png"))
+        wrote = save(rows, cfg.out, cfg.plots)
     except OSError as e:
         print(f"error: cannot write to --out {cfg.out!r}: {e}", file=sys.stderr)
         sys.exit(1)
