@@ -95,6 +95,17 @@ def test_the_readmes_command_trains_it_end_to_end(tmp_path):
     assert "--floor" in run("--objectives", path, "--help").stdout
 
 
+def test_the_audit_finds_it_follows_the_forward_kl_it_claims(tmp_path):
+    from toy.audit import main as audit
+    path = page_file(tmp_path)
+    try:
+        rows = audit(["--objectives", path, "--no-plots", "--out", str(tmp_path / "audit")])
+    finally:
+        OBJECTIVES.pop("my_forward_kl", None), SPECS.pop("my_forward_kl", None)
+    row = next(r for r in rows if r["objective"] == "my_forward_kl")
+    assert row["follows"] == "F exactly" and row["flags"] == "-", row  # "-": no flag
+
+
 def test_bad_objectives_files_get_a_message_naming_the_flag(tmp_path):
     for text, message in [(None, "no objectives file"), ("raise RuntimeError('oops')", "RuntimeError: oops"),
                           ("import nonexistent_module_xyz", "nonexistent_module_xyz")]:

@@ -42,7 +42,7 @@ import torch
 
 from nanoopd import OBJECTIVES
 from nanoopd.config import ConfigError, parse_config
-from nanoopd.objectives import SPECS
+from nanoopd.objectives import SPECS, load_objectives
 from toy.audit_report import print_table, save
 from toy.exact import TabularAR, all_sequences, make_problem, sequence_kl
 
@@ -60,6 +60,7 @@ class AuditConfig:
     k: int = 2                 # K of the top-K variants (the teacher's top-K unless stated)
     # --- the audit
     step: float = 1e-3         # length of the probe step along -g_L / ||g_L|| (does J go down?)
+    objectives: str = ""       # a Python file of your own objectives (docs/extending.md), audited with the rest
     # --- output
     out: str = "out/audit"     # folder for audit.csv and audit.png
     plots: bool = True         # write the figure (needs matplotlib)
@@ -280,7 +281,7 @@ def audit(cfg: AuditConfig) -> tuple[list[dict], dict]:
 
 
 def main(argv=None) -> list[dict]:
-    cfg = parse_config(AuditConfig, argv, description=__doc__)
+    cfg = parse_config(AuditConfig, argv, description=__doc__, preload={"objectives": load_objectives})
     torch.set_num_threads(cfg.threads)
     start = time.time()
     rows, info = audit(cfg)
