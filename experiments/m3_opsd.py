@@ -2,7 +2,8 @@
 M3: on-policy self-distillation (OPSD) with instance-specific privileged information (the answer,
 the solution of this very problem) vs a shared rule ("write the answer reversed"),
 docs/design.md#self-distillation-with-privileged-information. The OPSD base is the student and, with
-PI in its context, its own teacher; one run per kind of PI, seed and pair. Trains the OPSD bases (pibase.pt) first where <out_dir> has none:
+PI in its context, its own teacher; one run per kind of PI, seed and pair. Trains the OPSD bases
+(pibase.pt) first where <out_dir> has none:
 with --pairs N, one per pipeline seed (experiments/common.py), in <out_dir> and <out_dir>/pair<seed>.
 
   python experiments/m3_opsd.py --loss full_reverse_kl --opd_lr 1e-3 --opd_steps 120 --opd_batch 32
@@ -98,7 +99,7 @@ def m3(cfg: ExperimentConfig, tok, device, log) -> dict:
 
 
 def main(argv=None) -> dict:
-    cfg = parse(ExperimentConfig, argv, __doc__, exclude=("run_name", "hide_from_teacher") + RLVR_FIELDS + STUDENT_FIELDS,
+    cfg = parse(ExperimentConfig, argv, __doc__, exclude=("run_name", "hide_from_teacher", "objectives") + RLVR_FIELDS + STUDENT_FIELDS,
                 mode="opsd", pi="rule")
     return run_experiment("m3", cfg, m3)
 

@@ -107,7 +107,7 @@ def m4(cfg: M4Config, tok, device, log) -> dict:
 
 
 def main(argv=None) -> dict:
-    cfg = parse(M4Config, argv, __doc__, exclude=("run_name", "hide_from_teacher") + OPSD_FIELDS + ("teacher",))
+    cfg = parse(M4Config, argv, __doc__, exclude=("run_name", "hide_from_teacher", "objectives") + OPSD_FIELDS + ("teacher",))
     return run_experiment("m4", cfg, m4)
 
 

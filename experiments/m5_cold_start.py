@@ -92,7 +92,7 @@ def m5(cfg: ExperimentConfig, tok, device, log) -> dict:
 
 
 def main(argv=None) -> dict:
-    cfg = parse(ExperimentConfig, argv, __doc__, exclude=("run_name", "hide_from_teacher") + OPSD_FIELDS + RLVR_FIELDS)
+    cfg = parse(ExperimentConfig, argv, __doc__, exclude=("run_name", "hide_from_teacher", "objectives") + OPSD_FIELDS + RLVR_FIELDS)
     return run_experiment("m5", cfg, m5)
 
 
