@@ -140,22 +140,18 @@ def parse_config(cls, argv=None, description: str = "", presets: dict | None = N
     and a message naming the flag (exit code 2); --help lists every flag with its default.
     preload: {field: load(value)} for flags read before the parser is built (a file that adds
     choices or flags, like --objectives); a ValueError from load is that flag's error."""
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # the flags read before the parser exists
+    pre.add_argument("--preset", default=next(iter(presets)) if presets else None)
     for name in preload or {}:
         pre.add_argument(f"--{name}", default="")
-        value = getattr(pre.parse_known_args(argv)[0], name)
+    early = vars(pre.parse_known_args(argv)[0])
+    for name, load in (preload or {}).items():
         try:
-            if value:
-                preload[name](value)
+            if early[name]:
+                load(early[name])
         except ValueError as e:
             build_parser(cls, description).error(f"--{name} {e}")
-    preset = None
-    if presets:
-        pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-        pre.add_argument("--preset", default=next(iter(presets)))
-        preset = pre.parse_known_args(argv)[0].preset
-        if preset not in presets:
-            preset = next(iter(presets))  # the full parser rejects the bad name with its choices
+    preset = early["preset"] if presets and early["preset"] in presets else next(iter(presets or {}), None)
     p = build_parser(cls, description, presets, preset, tuple(exclude) + tuple(fixed))
     args = vars(p.parse_args(argv))
     args.pop("preset", None)
