@@ -10,6 +10,9 @@ formula at every response position and finishes with the per-token average and t
   jsd                generalised JSD(beta), P = teacher, Q = student
   topk_unnormalized, topk_stopgrad, topk_renorm: the reverse KL on the top-K support S_t
 
+sampled_token and sequence_kl are registered on_policy (right only for y ~ pi); the others are
+exact at whatever prefixes the rows hold (objectives.py).
+
 docs/design.md#the-objectives gives each one's expected gradient and bias.
 """
 
@@ -24,7 +27,7 @@ from nanoopd.topk import topk_renormalized, topk_stopgrad, topk_support, topk_un
 BASELINES = (False, True, "full", "topk")  # sampled_token's baseline option (True = "full")
 
 
-@register("sampled_token", clamp=CLAMP, k=K,
+@register("sampled_token", on_policy=True, clamp=CLAMP, k=K,
           baseline=Option(False, "vOPD: subtract b(c_t) = KL(pi || q)(c_t) from r_t (True or 'full'; "
                                  "'topk': its part on the top-K, from Python)", bool))
 def sampled_token_loss(student_logits, teacher_logits, tokens, mask, **options):
@@ -54,7 +57,7 @@ def sampled_token_loss(student_logits, teacher_logits, tokens, mask, **options):
     return finish(per_seq.sum(), batch)
 
 
-@register("sequence_kl", claim="J",
+@register("sequence_kl", claim="J", on_policy=True,
           gamma=Option(1.0, "discount in [0, 1] of the return-to-go (0: sampled-token OPD, 1: sequence KL)"))
 def sequence_kl_loss(student_logits, teacher_logits, tokens, mask, **options):
     """The g_gamma family: gamma = 1 (default) is REINFORCE on the sequence reverse KL, unbiased
@@ -105,5 +108,6 @@ def topk_renorm_loss(student_logits, teacher_logits, tokens, mask, **options):
     """Renormalised top-K reverse KL(pi_hat || q_hat) on S (local support matching)."""
     return topk_objective("topk_renorm", topk_renormalized, student_logits, teacher_logits, tokens, mask,
                           options)
+
 
 

@@ -21,7 +21,8 @@ K(c) = E_{v~pi}[r(v)] that S covers), is sampled_token's baseline="topk" (object
 b(c) it leaves the expected gradient grad K unchanged and only moves the variance.
 
 Every function returns a per-position loss (B, T) whose gradient is the estimator; each is
-registered at the end of this file, with the divergence it claims (the audit checks the claim), so
+registered at the end of this file, with the divergence it claims (the audit checks the claim) and,
+for k1/k2/k3, on_policy (they read the sampled token's r: right only for y ~ pi), so
 that the registry (objectives.py) masks, averages per token and logs it like the project's own.
 Inputs are float32 (float64 stays float64).
 """
@@ -139,19 +140,19 @@ def _sampled_field(name: str, form, student_logits, teacher_logits, tokens, mask
     return finish(token_sum(form(logp, logq, **extra), batch), batch)
 
 
-@register("kl_k1")
+@register("kl_k1", on_policy=True)
 def kl_k1_loss(student_logits, teacher_logits, tokens, mask, **options):
     """k1 = r_t as a loss (RL frameworks' KL-loss option 'kl'): expected gradient 0."""
     return _sampled_field("kl_k1", kl_k1, student_logits, teacher_logits, tokens, mask, options)
 
 
-@register("kl_k2")
+@register("kl_k2", on_policy=True)
 def kl_k2_loss(student_logits, teacher_logits, tokens, mask, **options):
     """k2 = r_t^2 / 2 as a loss ('mse'): expected gradient grad of the token-level reverse KL."""
     return _sampled_field("kl_k2", kl_k2, student_logits, teacher_logits, tokens, mask, options)
 
 
-@register("kl_k3", clamp=CLAMP)
+@register("kl_k3", on_policy=True, clamp=CLAMP)
 def kl_k3_loss(student_logits, teacher_logits, tokens, mask, **options):
     """k3 = exp(-r_t) - 1 + r_t as a loss ('low_var_kl'), clipped to [-clamp, clamp] when clamp
     is given: expected gradient grad of the token-level FORWARD KL(q || pi)."""

@@ -4,7 +4,7 @@ One calling convention for every distillation objective, and the registry that n
     loss, stats = OBJECTIVES[name](student_logits, teacher_logits, tokens, mask, **options)
 
 student_logits, teacher_logits: (B, T, V) at the positions that predict tokens (B, T), the
-response y sampled from the student pi; mask: (B, T), bool or 0/1, True on response tokens.
+response y, sampled from pi (on_policy below); mask: (B, T), bool or 0/1, True on response tokens.
 Every objective returns a surrogate loss whose gradient is its estimator, averaged per response
 token (sum over masked tokens / number of masked tokens; an all-masked batch gives a loss of 0
 whose gradients are 0), and stats, a dict of python floats: loss, kl (mean per-token reverse KL
@@ -13,9 +13,9 @@ tokens), n_tokens, plus a few per objective. The teacher is always a constant (d
 log-softmaxes and losses are computed in float32 at least (float64 inputs stay float64).
 
   name               estimator (docs/design.md#the-objectives)      options
-  sampled_token      A_t = sg(-r_t [+ b(c_t)]) on y_t, vOPD b =      clamp=None, baseline=False,
+  sampled_token*     A_t = sg(-r_t [+ b(c_t)]) on y_t, vOPD b =      clamp=None, baseline=False,
                      KL(pi||q)(c_t) ("full") or its top-k part      k (for baseline="topk")
-  sequence_kl        g_gamma, REINFORCE on sum_t r_t at gamma = 1   gamma=1.0
+  sequence_kl*       g_gamma, REINFORCE on sum_t r_t at gamma = 1   gamma=1.0
   full_reverse_kl    sum_v pi (log pi - log q), exact gradient      -
   jsd                generalised JSD(beta), P = teacher, Q = student beta=0.5
   topk_unnormalized  sum_S pi (log pi - log q)       (biased)       k=16, support='teacher',
@@ -23,15 +23,17 @@ log-softmaxes and losses are computed in float32 at least (float64 inputs stay f
   topk_renorm        KL(pi_hat || q_hat) on S
 
 and what other frameworks ship (registered in field_estimators.py; toy/audit.py says what each follows):
-  kl_k1 r_t, kl_k2 r_t^2 / 2, kl_k3 exp(-r_t) - 1 + r_t, topk_forward_kl, topk_tail, topk_bregman.
+  kl_k1*, kl_k2*, kl_k3* (r_t, r_t^2 / 2, exp(-r_t) - 1 + r_t), topk_forward_kl, topk_tail, topk_bregman.
 
 (top-K: k defaults to 16, or V if the vocabulary is smaller; support is 'teacher', 'student' or
 'intersection'; add_sampled also puts the sampled token y_t in S_t.)
 
-Every estimator assumes the response was sampled from pi itself (temperature 1, no top-k or top-p):
-sampled at other settings, sampled_token and sequence_kl estimate the gradient under that sampling
-distribution, not grad KL(pi || q), and every objective sees that sampler's prefixes
-(sampled_token.py; train_opd prints a note).
+SPECS[name].on_policy, True for the names marked *: the estimator is right only for y ~ pi itself
+(temperature 1, no top-k or top-p), for it reads the sampled token's r_t; sampled otherwise, it
+estimates the gradient under that sampling distribution, not grad KL(pi || q) (sampled_token.py;
+train_opd prints a note). The others are forms over the full distributions (or S_t) at each
+prefix, exact at whatever prefixes the rows hold, teacher samples too; every objective sees the
+sampler's prefixes. SPECS[name].uses_teacher is False where the teacher is never read.
 
 Every objective also takes mask_tokens, an iterable of token ids: positions whose sampled token
 is one of them are removed from the mask (special-token masking, docs/design.md#special-tokens), so
@@ -86,6 +88,8 @@ class Option(NamedTuple):
 class Spec(NamedTuple):
     claim: str | None  # the divergence whose gradient it claims to follow, one of CLAIMS (None: none)
     options: dict  # its own options, {name: Option}
+    on_policy: bool = False  # right only for y ~ pi: it reads the sampled token's log-ratio (register)
+    uses_teacher: bool = True  # it reads the teacher's logits at all
 
 
 OBJECTIVES: dict[str, Callable] = {}  # name -> the objective
@@ -93,18 +97,22 @@ SPECS: dict[str, Spec] = {}  # name -> what it claims and which options it takes
 COMMON_OPTIONS = ("mask_tokens", "logp")  # options of every objective (module docstring)
 
 
-def register(name: str, claim: str | None = "K", **options: Option):
-    """Decorator: add an objective to OBJECTIVES under `name`, with the divergence it claims to
-    follow (checked by the audit, toy/audit.py) and its options, each an Option."""
+def register(name: str, claim: str | None = "K", on_policy: bool = False, uses_teacher: bool = True,
+             **options: Option):
+    """Decorator: add an objective to OBJECTIVES under `name` with the divergence it claims to follow
+    (checked by toy/audit.py), its options (each an Option) and two flags (module docstring): on_policy,
+    right only for y ~ pi (it reads r_t of the sampled token); uses_teacher, it reads the teacher."""
     if claim not in CLAIMS + (None,):
         raise ValueError(f"objective {name!r}: claim must be one of {CLAIMS} or None, got {claim!r}")
+    if not isinstance(on_policy, bool) or not isinstance(uses_teacher, bool):
+        raise ValueError(f"objective {name!r}: on_policy and uses_teacher must be True or False")
     for option, spec in options.items():
         if not isinstance(spec, Option) or option in COMMON_OPTIONS:
             raise ValueError(f"objective {name!r}: option {option!r} must be an Option(default, help, kind) "
                              f"and not one of {COMMON_OPTIONS}")
 
     def add(fn):
-        OBJECTIVES[name], SPECS[name] = fn, Spec(claim, options)
+        OBJECTIVES[name], SPECS[name] = fn, Spec(claim, options, on_policy, uses_teacher)
         return fn
     return add
 
