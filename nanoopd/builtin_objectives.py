@@ -7,6 +7,7 @@ formula at every response position and finishes with the per-token average and t
   sampled_token      sg(-(r_t - b(c_t))) log pi(y_t|c_t): the token-level reverse KL K's REINFORCE form
   sequence_kl        g_gamma (gamma = 1: REINFORCE on the sequence KL J)
   full_reverse_kl    sum_v pi (log pi - log q) at every prefix: grad K exactly
+  forward_kl         sum_v q (log q - log pi) at every prefix: grad F exactly, d/dlogits = pi - q
   jsd                generalised JSD(beta), P = teacher, Q = student
   topk_unnormalized, topk_stopgrad, topk_renorm: the reverse KL on the top-K support S_t
 
@@ -79,6 +80,14 @@ def full_reverse_kl_loss(student_logits, teacher_logits, tokens, mask, **options
     return finish(token_sum(token_kl(batch.student_logp, batch.teacher_logp), batch), batch)
 
 
+@register("forward_kl", claim="F")
+def forward_kl_loss(student_logits, teacher_logits, tokens, mask, **options):
+    """Full-vocabulary token-level forward KL(q || pi), differentiated directly: the teacher is a
+    constant, so the gradient is -sum_v q grad log pi, pi - q in the student's logits."""
+    batch = prepare(student_logits, teacher_logits, tokens, mask, resolve_options("forward_kl", options))
+    return finish(token_sum(token_kl(batch.teacher_logp, batch.student_logp), batch), batch)  # KL(q || pi)
+
+
 @register("jsd", claim=None,
           beta=Option(0.5, "JSD mix in [0, 1]: -> 0 the forward KL, -> 1 the reverse KL"))
 def jsd_loss(student_logits, teacher_logits, tokens, mask, **options):
@@ -108,6 +117,3 @@ def topk_renorm_loss(student_logits, teacher_logits, tokens, mask, **options):
     """Renormalised top-K reverse KL(pi_hat || q_hat) on S (local support matching)."""
     return topk_objective("topk_renorm", topk_renormalized, student_logits, teacher_logits, tokens, mask,
                           options)
-
-
-

@@ -17,6 +17,7 @@ log-softmaxes and losses are computed in float32 at least (float64 inputs stay f
                      KL(pi||q)(c_t) ("full") or its top-k part      k (for baseline="topk")
   sequence_kl*       g_gamma, REINFORCE on sum_t r_t at gamma = 1   gamma=1.0
   full_reverse_kl    sum_v pi (log pi - log q), exact gradient      -
+  forward_kl         sum_v q (log q - log pi), exact gradient       -
   jsd                generalised JSD(beta), P = teacher, Q = student beta=0.5
   topk_unnormalized  sum_S pi (log pi - log q)       (biased)       k=16, support='teacher',
   topk_stopgrad      sum_S pi (sg(log pi) - log q)                  add_sampled=False
