@@ -10,6 +10,7 @@ formula at every response position and finishes with the per-token average and t
   forward_kl         sum_v q (log q - log pi) at every prefix: grad F exactly, d/dlogits = pi - q
   jsd                generalised JSD(beta), P = teacher, Q = student
   topk_unnormalized, topk_stopgrad, topk_renorm: the reverse KL on the top-K support S_t
+  sft                -log pi(y_t|c_t), the next-token cross-entropy of the rows' own tokens (no teacher)
 
 sampled_token and sequence_kl are registered on_policy (right only for y ~ pi); the others are
 exact at whatever prefixes the rows hold (objectives.py).
@@ -117,3 +118,15 @@ def topk_renorm_loss(student_logits, teacher_logits, tokens, mask, **options):
     """Renormalised top-K reverse KL(pi_hat || q_hat) on S (local support matching)."""
     return topk_objective("topk_renorm", topk_renormalized, student_logits, teacher_logits, tokens, mask,
                           options)
+
+
+@register("sft", claim=None, uses_teacher=False)
+def sft_loss(student_logits, teacher_logits, tokens, mask, **options):
+    """Next-token cross-entropy -log pi(y_t|c_t) of the rows' own tokens; the teacher's logits are
+    only checked and logged (stats), never part of the loss. Its gradient, pi - onehot(y_t) in the
+    logits, averages to 0 over y_t ~ pi: on the student's own samples it has no expected signal;
+    on teacher samples it is SeqKD, -grad log pi(y|x) with y ~ q (nanoopd/sft.py trains the same
+    loss on the teacher's traces)."""
+    batch = prepare(student_logits, teacher_logits, tokens, mask, resolve_options("sft", options))
+    logp, _ = sampled(batch)  # (B, T)
+    return finish(token_sum(-logp, batch), batch)

@@ -22,6 +22,7 @@ log-softmaxes and losses are computed in float32 at least (float64 inputs stay f
   topk_unnormalized  sum_S pi (log pi - log q)       (biased)       k=16, support='teacher',
   topk_stopgrad      sum_S pi (sg(log pi) - log q)                  add_sampled=False
   topk_renorm        KL(pi_hat || q_hat) on S
+  sft (no teacher)   -log pi(y_t|c_t), SeqKD on teacher samples     -
 
 and what other frameworks ship (registered in field_estimators.py; toy/audit.py says what each follows):
   kl_k1*, kl_k2*, kl_k3* (r_t, r_t^2 / 2, exp(-r_t) - 1 + r_t), topk_forward_kl, topk_tail, topk_bregman.
@@ -34,7 +35,7 @@ SPECS[name].on_policy, True for the names marked *: the estimator is right only 
 estimates the gradient under that sampling distribution, not grad KL(pi || q) (sampled_token.py;
 train_opd prints a note). The others are forms over the full distributions (or S_t) at each
 prefix, exact at whatever prefixes the rows hold, teacher samples too; every objective sees the
-sampler's prefixes. SPECS[name].uses_teacher is False where the teacher is never read.
+sampler's prefixes. SPECS[name].uses_teacher is False where the teacher is never read (sft).
 
 Every objective also takes mask_tokens, an iterable of token ids: positions whose sampled token
 is one of them are removed from the mask (special-token masking, docs/design.md#special-tokens), so
