@@ -11,7 +11,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from toy.audit import AuditConfig, audit, main, problem, targets, variants
+from toy.audit import FIRST, AuditConfig, audit, main, problem, targets, variants
 from toy.audit_report import COLUMNS
 
 SMALL = AuditConfig(vocab=4, horizon=3, k=2, out="unused", plots=False)
@@ -23,10 +23,20 @@ def table():
     return {(r["objective"], r["options"]): r for r in rows}, info
 
 
-def test_every_registered_objective_is_audited_with_its_defaults():
+def test_every_registered_objective_that_reads_the_teacher_is_audited_with_its_defaults():
     from nanoopd import OBJECTIVES
+    from nanoopd.objectives import SPECS
     rows = variants(2)
-    assert {name for name, options, _ in rows if not options} == set(OBJECTIVES)
+    assert {name for name, options, _ in rows if not options} == {n for n in OBJECTIVES if SPECS[n].uses_teacher}
+    assert "sft" in OBJECTIVES and "sft" not in {name for name, _, _ in rows}  # no teacher, no divergence to it
+
+
+def test_the_row_numbers_docs_audit_md_cites_stay_put():
+    """Rows 1-13 are FIRST with their defaults, then the 14 variants; an objective registered since
+    (forward_kl, row 28) comes after them, so that the page's "row 19" is still topk_unnormalized at K = 2."""
+    rows = [(name, options) for name, options, _ in variants(2)]
+    assert rows[:13] == [(name, {}) for name in FIRST] and rows[18] == ("topk_unnormalized", {"k": 2})
+    assert rows[26] == ("topk_bregman", {"k": 2}) and rows[27] == ("forward_kl", {})
 
 
 def test_each_row_claims_what_its_objective_registered(monkeypatch):
@@ -48,6 +58,9 @@ def test_the_known_estimators_follow_what_the_maths_says(table):
     assert rows[("sequence_kl", "-")]["follows"] == "J exactly"
     for name in ("sampled_token", "kl_k2", "full_reverse_kl"):
         assert rows[(name, "-")]["follows"] == "K exactly"
+    forward = rows[("forward_kl", "-")]  # claims F, follows it exactly, 0 at pi = q, unflagged
+    assert (forward["claims"], forward["follows"], forward["flags"]) == ("F", "F exactly", "-")
+    assert forward["g_norm_at_q"] < 1e-12 and forward["err_F"] < 1e-12
     for options in ("baseline=True", "baseline=topk k=2"):  # vOPD: any b(c) keeps the expectation
         assert rows[("sampled_token", options)]["follows"] == "K exactly"
     # coupling on: the token-level gradient is a different thing from grad J
@@ -116,6 +129,7 @@ def test_main_prints_the_table_and_writes_csv_and_figure(tmp_path, capsys):
     rows = main(["--vocab", "4", "--horizon", "3", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert "kl_k3" in out and "wrong divergence" in out and "wrote" in out
+    assert "not audited: sft (reads no teacher" in out
     with open(tmp_path / "audit.csv") as f:
         written = list(csv.DictReader(f))
     assert len(written) == len(rows) and list(written[0]) == COLUMNS

@@ -33,6 +33,9 @@ def print_table(rows: list[dict], info: dict, cfg) -> None:
         targets = " ".join(f"{cell(r[f'cos_{t}'], '7.3f')} {cell(r[f'err_{t}'], '8.2e')}" for t in "JKF")
         print(f"{r['objective']:<18} {r['options']:<18} {r['claims']:>6} {r['follows'] or NA:>{w}} {targets} "
               f"{r['g_norm_at_q']:9.2e} {r['trace_cov']:9.3g} {r['dJ_step']:9.2e}  {r['flags']}")
+    if info.get("not_audited"):
+        print(f"not audited: {', '.join(info['not_audited'])} (reads no teacher: no divergence to the teacher "
+              f"to follow)")
 
 
 def write_csv(rows: list[dict], path: str) -> None:
