@@ -33,6 +33,7 @@ import time
 import torch
 
 from nanoopd.device import amp_dtype, pick_device, synchronize
+from nanoopd.flops import opd_step_flops
 from nanoopd.model import GPT, GPTConfig
 from nanoopd.objectives import OBJECTIVES
 from nanoopd.opd import OPDConfig, freeze, opd_step
@@ -104,21 +105,10 @@ def best_time(fn, repeats: int) -> float:
     return min(times)
 
 
-def forward_flops(c: GPTConfig, tokens: int, context: float) -> float:
-    """Matmul FLOPs of a forward pass over `tokens` tokens that attend to `context` keys on average:
-    2 * (12 L C^2 + C V) per token for the weights (attention and MLP projections, tied head) plus
-    4 L C per attended key (q k^T and the weighted sum of v)."""
-    L, C, V = c.n_layer, c.n_embd, c.vocab_size
-    return 2.0 * tokens * (12 * L * C * C + C * V) + 4.0 * tokens * L * context * C
-
-
-def opd_step_flops(student: GPTConfig, teacher: GPTConfig, B: int, P: int, N: int) -> float:
-    """Matmul FLOPs of one OPD step: the student's rollout (prefill, then N - 1 one-token decoding
-    steps over the KV cache), the teacher's forward over prompt + response, and the student's forward
-    and backward (3 forwards' worth) over the same tokens."""
-    rollout = forward_flops(student, B * P, P / 2) + sum(forward_flops(student, B, P + t) for t in range(1, N))
-    scored = B * (P + N - 1)
-    return rollout + forward_flops(teacher, scored, (P + N) / 2) + 3 * forward_flops(student, scored, (P + N) / 2)
+def step_flops(student: GPTConfig, teacher: GPTConfig, B: int, P: int, N: int) -> float:
+    """Matmul FLOPs of one OPD step of B rows of P prompt and N response tokens (nanoopd/flops.py):
+    the student's rollout, the teacher's scoring, the student's forward and backward."""
+    return sum(opd_step_flops(student, teacher, ([P] * B, [N] * B)))
 
 
 def peak_dtype() -> tuple[torch.dtype, str]:
@@ -290,7 +280,7 @@ if args.vs == "trl":
         ours, rec = time_opd(student, teacher, "full_reverse_kl", B, N, problems)
         theirs = trl_step_time(s_cfg, t_cfg, B, N, problems)
         P = sum(len(encode_example(tok, q)[0]) for q in problems[B:2 * B]) / B
-        flops = opd_step_flops(s_cfg, t_cfg, B, round(P), N)
+        flops = step_flops(s_cfg, t_cfg, B, round(P), N)
         print(f"{label:17s} {B:5d} {N:4d} | {1 / ours:8.2f} {1 / theirs:8.2f} {theirs / ours:5.1f}x | "
               f"{flops / 1e9:6.2f} | {flops / ours / 1e9:7.1f} ({flops / ours / peak:4.0%}) "
               f"{flops / theirs / 1e9:7.1f} ({flops / theirs / peak:4.0%})")
@@ -336,7 +326,7 @@ for name, arch in ARCH.items():
 _, _, teacher, student0 = size_models(*SIZES[1][1:3])  # train_math's sizes (ARCH's), seed 0
 problems = problems_for(args.batch, args.repeats + 1)
 P = round(sum(len(encode_example(tok, q)[0]) for q in problems[:args.batch]) / args.batch)
-flops = opd_step_flops(ARCH["student"], ARCH["teacher"], args.batch, P, args.new_tokens)
+flops = step_flops(ARCH["student"], ARCH["teacher"], args.batch, P, args.new_tokens)
 print(f"\nOPD step, batch {args.batch}, {args.new_tokens} new tokens (seconds of the fastest of {args.repeats} steps "
       f"after a warm-up); {flops / 1e9:.2f} GFLOP of matmuls per step")
 print(f"{'objective':18s} {'steps/s':>7s} | {'rollout':>13s} {'teacher':>13s} {'student':>13s} {'rest':>13s} | "

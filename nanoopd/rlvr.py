@@ -25,7 +25,8 @@ import torch
 from nanoopd import distributed
 from nanoopd.config import ConfigError
 from nanoopd.device import autocast
-from nanoopd.evaluate import student_prefixes
+from nanoopd.evaluate import evaluate, student_prefixes
+from nanoopd.flops import check_budget, pass_flops
 from nanoopd.loop import (JsonlLog, adamw, can_resume, loss_scale, lr_at, resume_run_state, save_run_state,
                           set_lr, update)
 from nanoopd.model import GPT
@@ -43,6 +44,8 @@ class RLVRConfig:
     rlvr_lr: float = 1e-4            # RLVR AdamW peak learning rate
     rlvr_warmup: int = 10            # RLVR linear warm-up steps, then cosine decay to 10 % of rlvr_lr
     rlvr_eps: float = 1e-6           # RLVR advantage denominator: std of the group + eps
+    rlvr_flops: float = 0.0          # stop RLVR at the first step whose running FLOPs reach this (0 = off: rlvr_steps steps)
+    rlvr_eval_every: int = 0         # held-out greedy accuracy every N RLVR steps and at the end, given held-out problems (0 = never)
     rlvr_cut: float = 0.0            # RLVR contexts: 0 = prompts; c in (0, 1) = student samples cut at a fraction drawn from U[0, c]
     temperature: float = 1.0         # sampling temperature of the group (> 0)
     max_new_tokens: int = 64         # response budget per sample
@@ -59,8 +62,9 @@ class RLVRConfig:
         for name in ("rlvr_steps", "rlvr_prompts"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
-        if self.rlvr_warmup < 0:
-            raise ConfigError("rlvr_warmup", f"must be >= 0, got {self.rlvr_warmup}")
+        for name in ("rlvr_warmup", "rlvr_eval_every", "rlvr_flops"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
         if self.rlvr_group < 2:
             raise ConfigError("rlvr_group", f"must be >= 2 (a group of one always has zero advantage), got {self.rlvr_group}")
         if not 0.0 <= self.rlvr_cut < 1.0:
@@ -106,7 +110,8 @@ def rlvr_step(model: GPT, optimizer: torch.optim.Optimizer, contexts: list[list[
     policy = distributed.bare(model)  # the GPT itself for sampling
     ro = generate(policy, [c for c in contexts for _ in range(G)], cfg.max_new_tokens, eos_id, pad_id,
                   temperature=cfg.temperature, generator=generator)
-    rewards = torch.tensor([reward_fn(i // G, ids) for i, ids in enumerate(ro.rows())],
+    rows = ro.rows()  # one transfer: the rewards' ids and the FLOPs' lengths
+    rewards = torch.tensor([reward_fn(i // G, ids) for i, ids in enumerate(rows)],
                            dtype=torch.float32).view(len(contexts), G)  # (n, G) verifier rewards, 0/1
     adv = group_advantages(rewards, cfg.rlvr_eps).flatten().to(ro.tokens.device)  # (n*G,)
     zero_var = (rewards.std(1, unbiased=False) == 0).float().mean().item()
@@ -117,16 +122,19 @@ def rlvr_step(model: GPT, optimizer: torch.optim.Optimizer, contexts: list[list[
     loss = policy_gradient_loss(logp, adv, ro.response_mask)
     n_local = float(ro.response_mask.sum())
     scale = loss_scale(loss, n_local, "RLVR")  # 1.0 in one process
-    gnorm = 0.0
-    if distributed.any_rank(zero_var < 1.0):  # at least one group carries signal
+    gnorm, updated = 0.0, distributed.any_rank(zero_var < 1.0)  # at least one group carries signal
+    if updated:
         gnorm = update(model, optimizer, loss * scale, cfg.grad_clip, "RLVR")
+    one_pass = pass_flops(policy.config, [len(c) for c in contexts for _ in range(G)], [len(r) for r in rows])
     record = {"loss": loss.item(), "reward": rewards.mean().item(), "zero_var_groups": zero_var,
               "grad_norm": gnorm, "response_length": ro.lengths.float().mean().item(),
+              "flops": one_pass * (4 if updated else 2),  # sampling, then the forward (and the backward: 2 forwards)
               "seconds": time.perf_counter() - t0}
     if distributed.active():  # the record of the global batch: token- or row-weighted means
-        rows = float(len(contexts) * G)
-        record = distributed.reduce_record(record, {"loss": n_local, "reward": rows, "zero_var_groups": rows,
-                                                    "response_length": rows}, max_keys=("seconds",))
+        n_rows = float(len(contexts) * G)
+        record = distributed.reduce_record(record, {"loss": n_local, "reward": n_rows, "zero_var_groups": n_rows,
+                                                    "response_length": n_rows}, sum_keys=("flops",),
+                                           max_keys=("seconds",))
     return record
 
 
@@ -141,10 +149,15 @@ def math_reward(tok: Tokenizer, problems: list[Problem], done: list[str]) -> Cal
 def train_rlvr(model: GPT, tok: Tokenizer, cfg: RLVRConfig, student: GPT | None = None, log=print,
                jsonl_path: str | None = None, name: str = "rlvr", ckpt_path: str | None = None,
                save_every: int = 0, resume: bool = False, extra: dict | None = None,
-               settings: dict | None = None, compile: bool = False) -> list[dict]:
+               settings: dict | None = None, compile: bool = False,
+               eval_problems: list[Problem] | None = None) -> list[dict]:
     """cfg.rlvr_steps RLVR steps on `model` (in place) with the math verifier as reward. With cfg.rlvr_cut > 0
     each step's contexts are `student`'s sampled responses cut at fractions uniform in [0, cut]
-    (the student's kind of prefixes). Returns the per-step records (also written to jsonl_path when given).
+    (the student's kind of prefixes). Returns the per-step records (also written to jsonl_path when given),
+    each with its matmul FLOPs (`flops`: the group's sampling, forward and backward; the student's
+    sampling of cut prefixes is not counted) and, every cfg.rlvr_eval_every steps and at the end
+    when eval_problems are given, the held-out greedy accuracy `eval_acc`. With cfg.rlvr_flops > 0
+    the run ends after the step whose running FLOPs reach that budget.
 
     With ckpt_path, a checkpoint (weights, optimizer, every rank's RNG states, the records; plus
     `extra`) is written atomically every save_every steps and at the end; with resume=True and a
@@ -163,6 +176,9 @@ def train_rlvr(model: GPT, tok: Tokenizer, cfg: RLVRConfig, student: GPT | None 
     gen = torch.Generator(device=device).manual_seed(distributed.rank_seed(cfg.seed))
     run_settings = {**asdict(cfg), **(settings or {})}  # what a resume must match
     records, first, saved = [], 0, None  # saved: the step of the last checkpoint of this run
+    prompt_lens = [len(encode_example(tok, p)[0]) for p in problems[:cfg.rlvr_prompts]]
+    check_budget(cfg.rlvr_flops, "rlvr_flops", 2 * pass_flops(model.config, prompt_lens * cfg.rlvr_group,
+                                                              [1] * len(prompt_lens) * cfg.rlvr_group))
     if can_resume(resume, ckpt_path):
         first, state = resume_run_state(ckpt_path, model, optimizer, gen, "rlvr", run_settings)
         records, saved = state["records"], first
@@ -170,6 +186,8 @@ def train_rlvr(model: GPT, tok: Tokenizer, cfg: RLVRConfig, student: GPT | None 
     ddp_model = distributed.wrap(model, device, compile)  # the model itself in one process, uncompiled
     with JsonlLog(jsonl_path, kept=records) as jsonl:  # a resumed run rewrites the steps it keeps
         for step in range(first, cfg.rlvr_steps):
+            if 0 < cfg.rlvr_flops <= sum(r["flops"] for r in records):  # a resumed run that had spent its budget
+                break
             set_lr(optimizer, lr_at(step, cfg.rlvr_steps, cfg.rlvr_lr, cfg.rlvr_warmup))
             batch = distributed.shard(problems[step * cfg.rlvr_prompts:(step + 1) * cfg.rlvr_prompts])
             if cfg.rlvr_cut > 0:
@@ -184,14 +202,21 @@ def train_rlvr(model: GPT, tok: Tokenizer, cfg: RLVRConfig, student: GPT | None 
                 kept = (f"the checkpoint of step {saved} ('{ckpt_path}') is intact" if saved is not None
                         else "no checkpoint of this run was written yet")
                 raise FloatingPointError(f"{name} step {step}: {e}; {kept}") from None
+            spent = sum(r["flops"] for r in records) + rec["flops"]
+            last = step == cfg.rlvr_steps - 1 or 0 < cfg.rlvr_flops <= spent
+            if eval_problems and (last or (cfg.rlvr_eval_every and (step + 1) % cfg.rlvr_eval_every == 0)):
+                rec["eval_acc"] = distributed.from_main(lambda: evaluate(model, tok, eval_problems, 0.0, cfg.max_new_tokens))
             records.append(rec)
             jsonl.write(rec)
-            if ckpt_path and (step == cfg.rlvr_steps - 1 or (save_every and (step + 1) % save_every == 0)):
+            if ckpt_path and (last or (save_every and (step + 1) % save_every == 0)):
                 save_run_state(ckpt_path, model, step + 1, optimizer, gen,
                                {**(extra or {}), "rlvr": run_settings}, {"records": records})
                 saved = step + 1
-            if step % 10 == 0 or step == cfg.rlvr_steps - 1:
+            if step % 10 == 0 or last:
                 log(f"{name} step {step:4d} | reward {rec['reward']:6.1%} | zero-variance groups "
                     f"{rec['zero_var_groups']:5.1%} | loss {rec['loss']:+.4f} | len {rec['response_length']:5.1f} | "
-                    f"{rec['seconds']:.2f}s")
+                    f"{spent / 1e9:.1f} GFLOP | {rec['seconds']:.2f}s"
+                    + (f" | held-out {rec['eval_acc']:.1%}" if "eval_acc" in rec else ""))
+            if last:
+                break
     return records

@@ -20,6 +20,7 @@ from nanoopd import distributed
 from nanoopd.distributed import check_shardable
 from nanoopd.checkpoint import save_checkpoint
 from nanoopd.device import autocast, synchronize
+from nanoopd.flops import FlopCount, sft_flops
 from nanoopd.loop import adamw, can_resume, lr_at, restore_training_state, set_lr, update
 
 
@@ -47,7 +48,8 @@ def sft_loss(model, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -
 
 def train_sft(model, next_examples, steps: int, lr: float, pad_id: int, warmup: int = 50, log_every: int = 50,
               desc: str = "sft", log=print, grad_clip: float = 1.0, ckpt_path: str | None = None,
-              save_every: int = 0, resume: bool = False, extra: dict | None = None, compile: bool = False):
+              save_every: int = 0, resume: bool = False, extra: dict | None = None, compile: bool = False,
+              count: FlopCount | None = None):
     """Run `steps` AdamW steps on batches from next_examples(step) -> list of (prompt, response).
 
     next_examples must be a pure function of the step index, so that a resumed run sees exactly the
@@ -57,7 +59,9 @@ def train_sft(model, next_examples, steps: int, lr: float, pad_id: int, warmup: 
     next_examples; each trains on its shard of the global batch. Returns the per-step (global)
     losses of the steps run here. A non-finite loss stops with an error naming the step; the last
     checkpoint written stays the good one. compile=True runs the training forward passes through
-    torch.compile.
+    torch.compile. count: a FlopCount that the matmul FLOPs of every step are added to (all
+    `steps`, those of a resumed run's earlier steps included; nanoopd/flops.py); the log lines
+    show the running total.
     """
     device = next(model.parameters()).device
     opt = adamw(model, lr)
@@ -65,6 +69,9 @@ def train_sft(model, next_examples, steps: int, lr: float, pad_id: int, warmup: 
     if can_resume(resume, ckpt_path):
         start = int(restore_training_state(ckpt_path, model, opt)["step"])
         log(f"{desc}: resuming from '{ckpt_path}' at step {start}/{steps}")
+    count = FlopCount() if count is None else count
+    for step in range(start):  # the steps an earlier process ran: their batches are functions of the step
+        count.add(sft_flops(model.config, next_examples(step)))
     ddp_model = distributed.wrap(model, device, compile)  # the model itself unless distributed or compiled
     world = distributed.rank_and_world()[1]
     is_main = distributed.is_main()  # logs, progress and checkpoints on rank 0 only
@@ -75,6 +82,7 @@ def train_sft(model, next_examples, steps: int, lr: float, pad_id: int, warmup: 
     for step in bar:
         set_lr(opt, lr_at(step, steps, lr, warmup))
         examples = next_examples(step)
+        count.add(sft_flops(model.config, examples))  # the global batch's
         check_shardable(len(examples), world, f"{desc}: a batch")  # on every rank alike, before any collective
         x, y = make_batch(distributed.shard(examples), pad_id, device)
         n_global = distributed.all_reduce_sum((y != -1).sum().float())  # loss tokens on all ranks
@@ -91,7 +99,7 @@ def train_sft(model, next_examples, steps: int, lr: float, pad_id: int, warmup: 
         if log_every and (step % log_every == 0 or step == steps - 1) and is_main:
             synchronize(device)
             log(f"{desc} step {step:5d} | loss {losses[-1]:.4f} | lr {opt.param_groups[0]['lr']:.2e} | "
-                f"tok/s {ntok / (time.time() - t0):,.0f}")
+                f"tok/s {ntok / (time.time() - t0):,.0f} | {count.charged / 1e12:.3f} TFLOP")
         if ckpt_path and is_main and (step + 1 == steps or (save_every and (step + 1) % save_every == 0)):
             save_checkpoint(ckpt_path, model, step + 1, optimizer=opt, extra=extra)
     return losses
