@@ -40,6 +40,7 @@ from nanoopd.checkpoint import load_checkpoint, save_checkpoint
 from nanoopd.config import ConfigError, parse_config, sub_config
 from nanoopd.device import seed_everything
 from nanoopd.evaluate import accuracy_by_op, evaluate
+from nanoopd.flops import FlopCount, pass_flops
 from nanoopd.model import GPT, GPTConfig
 from nanoopd.objectives import check_objective, load_objectives
 from nanoopd.opd import OPDConfig, train_opd
@@ -155,6 +156,10 @@ class TrainConfig(OPDConfig, RLVRConfig):
             raise ConfigError("teacher", "picks the OPD teacher model; with --mode opsd the teacher is the model itself with PI")
         if self.mode == "opsd" and self.hide_from_teacher:
             raise ConfigError("hide_from_teacher", "works with --mode opd; with --mode opsd the teacher's context is the PI")
+        if self.lmbda < 1 and (self.mode == "opsd" or self.hide_from_teacher):
+            raise ConfigError("lmbda", "< 1 has the teacher sample rows; " + ("with --mode opsd the teacher is the student "
+                              "with PI, and" if self.mode == "opsd" else "--hide_from_teacher changes how the teacher "
+                              "scores, not how it would sample:") + " there is no teacher to sample from; use --lmbda 1")
         tok = get_tokenizer()
         options = objective_options(self, tok)
         token_list(self, "hide_from_teacher", tok)
@@ -228,11 +233,15 @@ def load_role(cfg: TrainConfig, role: str, tok, device, log=None, train=None) ->
 # the stages
 
 
+FLOPS = {}  # role -> the FlopCount of its stage (summary.json: <stage>_flops, <stage>_flops_given)
+
+
 def sft(cfg: TrainConfig, model: GPT, role: str, batch, steps: int, lr: float, log, **kw) -> GPT:
-    """SFT of `model` on batch(step), checkpointed to <out_dir>/<role>.pt (resumable)."""
+    """SFT of `model` on batch(step), checkpointed to <out_dir>/<role>.pt (resumable), FLOPs counted in FLOPS[role]."""
+    FLOPS[role] = FlopCount()
     train_sft(model, batch, steps, lr, get_tokenizer().pad_id, log_every=cfg.log_every, desc=role, log=log,
               ckpt_path=os.path.join(cfg.out_dir, f"{role}.pt"), save_every=cfg.save_every, resume=cfg.resume,
-              extra={"role": role, "train": asdict(cfg)}, compile=cfg.compile, **kw)
+              extra={"role": role, "train": asdict(cfg)}, compile=cfg.compile, count=FLOPS[role], **kw)
     return model
 
 
@@ -247,9 +256,14 @@ def train_teacher(cfg: TrainConfig, tok, device, log) -> GPT:
                cfg.t_steps, cfg.t_lr, log)
 
 
-@torch.no_grad()
 def teacher_traces(teacher: GPT, tok, cfg: TrainConfig) -> list[tuple[list[int], list[int]]]:
-    """(prompt, response) pairs: the teacher's greedy answers to s_pool training prompts.
+    """(prompt, response) pairs: the teacher's greedy answers to s_pool training prompts (the pool)."""
+    return [(prompt, resp) for _, prompt, resp in teacher_pool(teacher, tok, cfg)]
+
+
+@torch.no_grad()
+def teacher_pool(teacher: GPT, tok, cfg: TrainConfig) -> list[tuple]:
+    """(problem, prompt, response) triples: the teacher's greedy answers to s_pool training prompts.
     Responses that hit the token budget without <|eos|> are dropped."""
     problems = sample_problems(cfg.s_pool, "train", cfg.seed + 1, cfg.s_digits or cfg.digits,
                                weighted_ops(cfg.s_ops) or cfg.ops)
@@ -257,10 +271,9 @@ def teacher_traces(teacher: GPT, tok, cfg: TrainConfig) -> list[tuple[list[int],
     pairs = []
     for i in range(0, len(prompts), 256):
         ro = generate(teacher, prompts[i:i + 256], cfg.max_new_tokens, tok.eos_id, tok.pad_id, temperature=0.0)
-        for prompt, resp, m in zip(prompts[i:i + 256], ro.response.tolist(), ro.response_mask.tolist()):
-            resp = [t for t, k in zip(resp, m) if k]
+        for problem, prompt, resp in zip(problems[i:i + 256], prompts[i:i + 256], ro.rows()):
             if resp and resp[-1] == tok.eos_id:
-                pairs.append((prompt, resp))
+                pairs.append((problem, prompt, resp))
     if not pairs:
         raise ValueError(f"the teacher finished none of its {cfg.s_pool} cold-start traces with <|eos|> within "
                          f"--max_new_tokens {cfg.max_new_tokens}: it is undertrained (more --t_steps) or the "
@@ -282,7 +295,9 @@ def train_student(cfg: TrainConfig, tok, device, teacher: GPT, log) -> GPT:
     log(f"student: {len(pairs)} teacher traces in the cold-start pool")
     g = torch.Generator().manual_seed(cfg.seed + 2)
     order = torch.randint(len(pairs), (cfg.s_steps, cfg.batch_size), generator=g)  # (steps, B): batches by step
-    return sft(cfg, model, "student", lambda s: [pairs[i] for i in order[s].tolist()], cfg.s_steps, cfg.s_lr, log)
+    sft(cfg, model, "student", lambda s: [pairs[i] for i in order[s].tolist()], cfg.s_steps, cfg.s_lr, log)
+    FLOPS["student"].add(0.0, pass_flops(teacher.config, *zip(*[(len(p), len(r)) for p, r in pairs])))  # the pool's sampling
+    return model
 
 
 def train_pi_base(cfg: TrainConfig, tok, device, log) -> GPT:
@@ -312,13 +327,15 @@ def run_opd(cfg: TrainConfig, tok, teacher: GPT, student: GPT, log) -> tuple[str
                   os.path.join(cfg.out_dir, f"opd_{name}"), test_problems(cfg), log, name,
                   teacher_score=HiddenTokens(hide) if hide else None, extra_stats=TrackedTokens(track) if track else None,
                   save_every=cfg.save_every, resume=cfg.resume, compile=cfg.compile,
-                  settings={"mode": "opd", "teacher": cfg.teacher, "eval_n": cfg.eval_n, "hide": hide})
+                  settings={"mode": "opd", "teacher": cfg.teacher, "eval_n": cfg.eval_n, "hide": hide},
+                  teacher_pool=teacher_pool(teacher, tok, cfg) if cfg.lmbda < 1 and cfg.teacher_rows == "pool" else None)
     s.update(start_acc_train=s["start_acc"], final_acc_train=s["final_acc"], start_acc=start_acc,
              final_acc=evaluate(student, tok, final, 0.0, cfg.max_new_tokens))  # the final ones on final_eval_n
     log(f"opd {name}: held-out greedy accuracy {s['start_acc']:.1%} -> {s['final_acc']:.1%} (n={len(final)}) | "
         f"reverse KL {s['first_kl']:.3f} -> {s['final_kl']:.3f} | degraded: {s['degraded'] or 'no'}")
     return name, {k: s[k] for k in ("start_acc", "final_acc", "start_acc_train", "final_acc_train", "first_kl",
-                                    "final_kl", "final_response_length", "final_overlap_ratio", "degraded", "seconds")}
+                                    "final_kl", "final_response_length", "final_overlap_ratio", "degraded", "seconds",
+                                    "flops", "flops_given")}
 
 
 def rule_problems(cfg: TrainConfig) -> list:
@@ -404,6 +421,8 @@ def main(argv=None) -> dict:
             student = copy.deepcopy(models["student"]) if "student" in models else get("student")
             name, result = run_opd(cfg, tok, teacher, student, log)
             summary[f"opd_{name}"] = result
+        if stage in FLOPS:
+            summary[f"{stage}_flops"], summary[f"{stage}_flops_given"] = FLOPS[stage].charged, FLOPS[stage].given
         distributed.barrier()  # ranks start the next stage together (rank 0 may still be saving)
         summary[f"{stage}_seconds"] = round(time.time() - t0, 1)
         log(f"stage {stage} done in {summary[f'{stage}_seconds']:.1f}s")

@@ -21,7 +21,7 @@ def lead(row: dict, recs: list[dict]) -> dict:
     base = sum(tails[:TAIL_WINDOW]) / len(tails[:TAIL_WINDOW]) if tails else None
     means = [(i + 1, sum(tails[i + 1 - TAIL_WINDOW:i + 1]) / TAIL_WINDOW) for i in range(TAIL_WINDOW - 1, len(tails))]
     first_above = lambda level: next((n for n, m in means if m > level), None)
-    drop = next((s for s, a in row["evals"][1:] if a < row["start_acc_train"] - 0.10), None)  # the same eval_n set
+    drop = next((s for s, a, *_ in row["evals"][1:] if a < row["start_acc_train"] - 0.10), None)  # the same eval_n set
     return {"first_tail_mass": base, "tail_step": first_above(TAIL_FACTOR * base) if tails else None,
             "acc_drop_step": drop, "peak_tail_mass": max((m for _, m in means), default=None),
             **{f"tail_{level:g}_step": first_above(level) for level in TAIL_LEVELS}}

@@ -17,25 +17,9 @@ Sampled-token OPD and g_gamma estimate grad KL(pi || q) only when y ~ pi itself 
 top-p or top-k; other settings follow the gradient under the sampler, and the run says so). A
 non-finite loss or gradient stops the run before the update, naming the step (train_opd).
 
-Every step appends one JSON object to <run>.jsonl. Its keys:
-
-  step                 0-based step index
-  loss                 the objective's surrogate loss (per response token)
-  kl                   mean token-level reverse KL(pi(.|c_t) || q(.|c_t)) over response tokens
-  acc                  verifier accuracy of this step's sampled rollouts (train prompts)
-  tok_s                response tokens of this step / wall time of the whole step
-  overlap_ratio        |TopK(pi) ∩ TopK(q)| / k, k = 16 (metrics.opd_diagnostics)
-  overlap_mass_student, overlap_mass_teacher   pi and q mass on that intersection
-  entropy_student, entropy_teacher, entropy_gap   H(pi), H(q), |H(q) - H(pi)|
-  logratio_max_abs     max |r_t| over response tokens;  logratio_pos_share  share of r_t > 0
-  response_length      mean response length (tokens, EOS included)
-  budget_share         share of responses that hit the budget N without an EOS
-  grad_norm            total gradient norm before clipping
-  n_loss_tokens        response tokens the loss saw (after mask_tokens)
-  t_rollout, t_teacher, t_student   seconds in sampling, teacher scoring, student fwd+bwd+step
-  eval_acc             held-out greedy accuracy (only on steps where it was evaluated)
-plus the objective's own extra stats (e.g. support_mass_student for the top-K forms) and those of
-an extra_stats hook (e.g. special_tokens.TrackedTokens: track_logratio_mean, track_share, ...).
+Every step appends one JSON object to <run>.jsonl: its loss, the diagnostics of docs/design.md#diagnostics,
+its FLOPs and timings (the keys: nanoopd/step_record.py). GKD's lmbda < 1 has the teacher write a
+share of the rows (nanoopd/mixed_batch.py); lmbda = 1 is the loop above, bit for bit.
 """
 
 import json
@@ -48,19 +32,18 @@ import torch
 from nanoopd import distributed
 from nanoopd.config import ConfigError
 from nanoopd.device import PhaseClock, autocast
-from nanoopd.evaluate import evaluate, response_texts
+from nanoopd.evaluate import evaluate, without_eos
+from nanoopd.flops import FlopCount, check_budget, opd_step_flops
 from nanoopd.loop import (JsonlLog, adamw, can_resume, loss_scale, lr_at, resume_run_state, save_run_state,
                           set_lr, update)
-from nanoopd.metrics import opd_diagnostic_tensors
+from nanoopd.mixed_batch import TEACHER_ROWS, TeacherRows, merge, student_share
 from nanoopd.model import GPT
-from nanoopd.objectives import OBJECTIVES, get_objective, option_flags
+from nanoopd.objectives import OBJECTIVES, SPECS, get_objective, option_flags
 from nanoopd.report import format_record, summarize_records
 from nanoopd.rollout import Rollout, check_sampling_args, generate, response_logits
+from nanoopd.step_record import step_record
 from nanoopd.tasks import Problem, encode_example, sample_problems, verify
 from nanoopd.tokenizer import Tokenizer
-
-# the per-objective stats that opd_diagnostics already reports (over the full response mask)
-_COMMON_STATS = ("loss", "kl", "logratio_max_abs", "logratio_pos_share", "n_tokens")
 
 
 @dataclass
@@ -83,6 +66,9 @@ class OPDConfig:
     ops: str = "+-"                  # training prompts: operators
     diag_k: int = 16                 # k of the top-K overlap diagnostics in the OPD log
     cuda_graph: bool = True          # on CUDA, replay the rollout's decoding step as a CUDA graph (False: eager)
+    lmbda: float = 1.0               # GKD's lambda: the share of each step's rows the student samples (1 = on-policy; 0 = teacher sequences only)
+    teacher_rows: str = field(default="fresh", metadata={"choices": TEACHER_ROWS})  # lmbda < 1: the teacher's rows are sampled now for the step's prompts (fresh) or taken from the cold-start pool of teacher traces (pool)
+    opd_flops: float = 0.0           # stop OPD at the first step whose running FLOPs (teacher sampling charged) reach this (0 = off: opd_steps steps)
 
     def __post_init__(self):
         """Each message starts with the field's name, so that a command line can name its flag."""
@@ -99,6 +85,12 @@ class OPDConfig:
         for name in ("opd_lr", "grad_clip"):
             if not getattr(self, name) > 0:
                 raise ConfigError(name, f"must be > 0, got {getattr(self, name)}")
+        if not 0.0 <= self.lmbda <= 1.0:
+            raise ConfigError("lmbda", f"must lie in [0, 1] (the student's share of each batch), got {self.lmbda}")
+        if self.teacher_rows not in TEACHER_ROWS:
+            raise ConfigError("teacher_rows", f"must be one of {', '.join(TEACHER_ROWS)}, got {self.teacher_rows!r}")
+        if not self.opd_flops >= 0:
+            raise ConfigError("opd_flops", f"must be >= 0 (0 = off), got {self.opd_flops}")
 
 
 def freeze(model: GPT) -> GPT:
@@ -113,31 +105,40 @@ def plain_scores(teacher: GPT, rollout: Rollout, problems=None) -> torch.Tensor:
 
 def opd_step(student: GPT, teacher: GPT, optimizer: torch.optim.Optimizer, tok: Tokenizer,
              problems: list[Problem], cfg: OPDConfig, generator: torch.Generator,
-             step: int, teacher_score=None, extra_stats=None) -> dict:
+             step: int, teacher_score=None, extra_stats=None, teacher_rows: TeacherRows | None = None) -> dict:
     """One on-policy distillation step on `problems` (one rollout each): the five steps of the
-    module docstring. Returns the step record (its JSONL keys, without eval_acc). The teacher
-    must be frozen (or be the student itself, scored without gradient).
+    module docstring. Returns the step record (nanoopd/step_record.py, without eval_acc). The
+    teacher must be frozen (or be the student itself, scored without gradient). At cfg.lmbda < 1
+    the last rows are the teacher's (teacher_rows: fresh samples, or a pool; nanoopd/mixed_batch.py).
 
-    Hooks: teacher_score(teacher, rollout, problems) -> logits (B, N, V) replaces plain_scores,
-    e.g. to give the teacher another context for the same response tokens
-    (self_distill.PrivilegedTeacher, special_tokens.HiddenTokens); extra_stats(student_logits,
-    teacher_logits, rollout) -> dict adds figures to the record (special_tokens.TrackedTokens).
+    Hooks: teacher_score(teacher, rollout, problems) -> logits (B, N, V) replaces plain_scores, to
+    give the teacher another context for the same tokens (self_distill.PrivilegedTeacher,
+    special_tokens.HiddenTokens); extra_stats(student_logits, teacher_logits, rollout) -> dict adds
+    figures to the record (special_tokens.TrackedTokens).
 
     Under torchrun `student` is the DDP-wrapped model and `problems` this rank's share of the
     global batch. The loss each rank differentiates is scaled so that DDP's gradient average is
     exactly the gradient of the per-token loss over the whole global batch
     (distributed.global_token_scale; the factor is 1 in one process). The record is then that
-    of the global batch (distributed.reduce_record): summed token counts and throughput, the
+    of the global batch (distributed.reduce_record): summed token counts, FLOPs and throughput, the
     max of maxima and timings, and means weighted by each rank's rows (per-response figures) or
     response tokens (the loss: loss tokens; every other per-token figure)."""
     model = distributed.bare(student)  # the GPT itself: sampling needs no gradient sync
     device = next(model.parameters()).device
     objective = get_objective(cfg.loss)
     clock = PhaseClock(device)
-    # 1. the student samples its own responses
+    # 1. the student samples its own responses (at lmbda < 1, the teacher writes the last B - S rows)
+    S = student_share(cfg.lmbda, len(problems))
     prompts = [encode_example(tok, p)[0] for p in problems]
-    ro = generate(model, prompts, cfg.max_new_tokens, tok.eos_id, tok.pad_id, temperature=cfg.temperature,
-                  top_k=cfg.top_k, top_p=cfg.top_p, generator=generator, cuda_graph_replay=cfg.cuda_graph)
+    ro = generate(model, prompts[:S], cfg.max_new_tokens, tok.eos_id, tok.pad_id, temperature=cfg.temperature,
+                  top_k=cfg.top_k, top_p=cfg.top_p, generator=generator, cuda_graph_replay=cfg.cuda_graph) if S else None
+    charged = []
+    if S < len(problems):
+        rank, world = distributed.rank_and_world()
+        t_ro, t_prompts, t_problems, charged = (teacher_rows or TeacherRows("fresh"))(
+            teacher, prompts[S:], problems[S:], (step * world + rank) * (len(problems) - S), cfg, tok, generator)
+        prompts, problems = prompts[:S] + t_prompts, problems[:S] + t_problems
+        ro = merge([ro, t_ro], tok.pad_id)
     clock.mark()
     # 2. the teacher scores every response token, without gradient
     with torch.no_grad(), autocast(device):
@@ -156,52 +157,33 @@ def opd_step(student: GPT, teacher: GPT, optimizer: torch.optim.Optimizer, tok: 
     # 5. the update
     gnorm = update(student, optimizer, loss * scale, cfg.grad_clip, f"OPD step {step} ({cfg.loss!r})")
     clock.mark()
-
-    diag = opd_diagnostic_tensors(student_logits, teacher_logits, ro.response, ro.response_mask, cfg.diag_k,
-                                  logp=(student_logp, teacher_logp))
-    lengths = ro.lengths  # (B,)
-    last = ro.response.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)  # (B,)
-    hit_budget = (lengths == cfg.max_new_tokens) & (last != tok.eos_id)  # (B,)
-    as_tensor = lambda v: v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v), device=device)
-    figures = {**diag, "budget_share": hit_budget.float().mean(), "n_new": lengths.sum().float(),
-               **{k: as_tensor(v) for k, v in stats.items()}}  # an objective may still give python floats
-    values = dict(zip(figures, torch.stack(list(figures.values())).tolist()))  # the one transfer of the step's figures
-    t_rollout, t_teacher, t_student = clock.seconds()
-    rewards = [verify(text, p) for text, p in zip(response_texts(tok, ro), problems)]
-    n_new = int(values.pop("n_new"))
-    record = {
-        "step": step, "loss": values["loss"], "kl": values["kl"], "acc": sum(rewards) / len(rewards),
-        "tok_s": n_new / (t_rollout + t_teacher + t_student),
-        **{k: values[k] for k in diag if k != "kl"},
-        "budget_share": values["budget_share"], "grad_norm": gnorm,
-        "n_loss_tokens": values["n_tokens"],
-        **(extra_stats(student_logits, teacher_logits, ro) if extra_stats else {}),
-        "t_rollout": t_rollout, "t_teacher": t_teacher, "t_student": t_student,
-        **{k: v for k, v in values.items() if k not in _COMMON_STATS and k not in diag and k != "budget_share"},
-    }
-    if distributed.active():
-        weights = {k: float(n_new) for k in record}
-        weights.update({k: float(len(problems)) for k in ("acc", "response_length", "budget_share", "track_rows")})
-        weights.update(loss=values["n_tokens"])
-        record = distributed.reduce_record(record, weights, sum_keys=("tok_s", "n_loss_tokens"),
-                                           max_keys=("logratio_max_abs", "t_rollout", "t_teacher", "t_student"))
-    return record
+    rows = ro.rows()  # one transfer: the verifier's texts and the FLOPs' lengths
+    rewards = [verify(tok.decode(without_eos(ids, tok.eos_id)), p) for ids, p in zip(rows, problems)]
+    p_len, n_len = [len(p) for p in prompts], [len(r) for r in rows]
+    flops = opd_step_flops(model.config, teacher.config, (p_len[:S], n_len[:S]), (p_len[S:], n_len[S:]),
+                           ([p for p, c in zip(p_len[S:], charged) if c], [n for n, c in zip(n_len[S:], charged) if c]),
+                           scored=SPECS[cfg.loss].uses_teacher)
+    return step_record(step, S, ro, (student_logits, teacher_logits), (student_logp, teacher_logp), stats, rewards,
+                       cfg, tok, gnorm, clock.seconds(), flops,
+                       extra_stats(student_logits, teacher_logits, ro) if extra_stats else {})
 
 
 def train_opd(student: GPT, teacher: GPT, tok: Tokenizer, cfg: OPDConfig, run_prefix: str,
               eval_problems: list[Problem], log=print, name: str | None = None,
               start_acc: float | None = None, print_every: int = 1, teacher_score=None, extra_stats=None,
               save_every: int = 0, resume: bool = False, settings: dict | None = None,
-              compile: bool = False) -> dict:
+              compile: bool = False, teacher_pool: list | None = None) -> dict:
     """Distil `teacher` into `student` (in place) for cfg.opd_steps steps. teacher may be `student`
     itself (live self-distillation: it scores without gradient, unfrozen); teacher_score and
-    extra_stats go to opd_step; compile=True compiles the student's training forward passes.
+    extra_stats go to opd_step; compile=True compiles the student's training forward passes;
+    teacher_pool: the (problem, prompt ids, response ids) traces of cfg.teacher_rows = 'pool'.
 
     Writes <run_prefix>.jsonl (one record per step), <run_prefix>.pt and <run_prefix>.json (the
     summary, also returned). Held-out greedy accuracy is measured on `eval_problems` at the start
     (unless `start_acc` is given: the same student was already evaluated), every cfg.opd_eval_every
-    steps, and at the end. A non-finite loss or gradient writes the summary with its `error` and
-    re-raises the FloatingPointError.
+    steps, and at the end: summary["evals"] holds [step, accuracy, FLOPs charged, FLOPs given]. With
+    cfg.opd_flops > 0 the run ends after the step whose FLOPs reach that budget. A non-finite loss
+    or gradient writes the summary with its `error` and re-raises the FloatingPointError.
 
     The checkpoint <run_prefix>.pt holds the weights, the optimizer state, every rank's RNG states
     and the records so far; it is written atomically at every evaluation, every `save_every` steps
@@ -223,14 +205,23 @@ def train_opd(student: GPT, teacher: GPT, tok: Tokenizer, cfg: OPDConfig, run_pr
     if student.config.vocab_size != tok.n_vocab:
         raise ValueError(f"the models have {student.config.vocab_size} tokens, the tokenizer "
                          f"{tok.n_vocab}: retrain them with this tokenizer")
+    if cfg.lmbda < 1 and (teacher is student or teacher_score is not None):
+        raise ConfigError("lmbda", "< 1 has the teacher sample rows, but this run's teacher "
+                          + ("is the student itself" if teacher is student else "scores through a hook (privileged "
+                             "information or hidden tokens) that changes how it scores, not how it would sample")
+                          + ": there is no teacher to sample from; use --lmbda 1")
     rank, world = distributed.rank_and_world()
     distributed.check_shardable(cfg.opd_batch, world, "an OPD batch", "prompts", "--opd_batch")
+    rows = TeacherRows(cfg.teacher_rows, teacher_pool, cfg.seed) if cfg.lmbda < 1 else None
     name = name or cfg.loss
     device = next(student.parameters()).device
     if teacher is not student:
         freeze(teacher)
     optimizer = adamw(student, cfg.opd_lr)
     problems = sample_problems(cfg.opd_steps * cfg.opd_batch, "train", cfg.seed, cfg.digits, cfg.ops)
+    S, p = student_share(cfg.lmbda, cfg.opd_batch), [len(encode_example(tok, q)[0]) for q in problems[:cfg.opd_batch]]
+    check_budget(cfg.opd_flops, "opd_flops", sum(opd_step_flops(  # the first step, were every response one token
+        student.config, teacher.config, (p[:S], [1] * S), (p[S:], [1] * (len(p) - S)), scored=SPECS[cfg.loss].uses_teacher)))
     generator = torch.Generator(device=device).manual_seed(distributed.rank_seed(cfg.seed))
     if rank == 0:
         os.makedirs(os.path.dirname(os.path.abspath(run_prefix)), exist_ok=True)
@@ -243,12 +234,14 @@ def train_opd(student: GPT, teacher: GPT, tok: Tokenizer, cfg: OPDConfig, run_pr
     if can_resume(resume, ckpt_path):
         first, state = resume_run_state(ckpt_path, student, optimizer, generator, "opd", run_settings)
         records, summary, elapsed = state["records"], dict(state["summary"], error=None), state["elapsed"]
+        count = FlopCount(sum(r["flops"] for r in records), sum(r["flops_given"] for r in records))
         log(f"opd {name}: resuming from '{ckpt_path}' at step {first}/{cfg.opd_steps}")
     else:
         if start_acc is None:
             start_acc = held_out()
-        summary = {"name": name, "config": asdict(cfg), "start_acc": start_acc, "evals": [[0, start_acc]],
+        summary = {"name": name, "config": asdict(cfg), "start_acc": start_acc, "evals": [[0, start_acc, 0.0, 0.0]],
                    "error": None, "last_good_checkpoint": None}
+        count = FlopCount()
     log(f"opd {name}: {cfg.opd_steps} steps of {cfg.loss} {cfg.options or ''} | lr {cfg.opd_lr} | "
         f"batch {cfg.opd_batch}{f' over {world} processes' if world > 1 else ''} | T={cfg.temperature} "
         f"top_p={cfg.top_p} top_k={cfg.top_k} | held-out greedy accuracy at start {summary['start_acc']:.1%} "
@@ -257,6 +250,9 @@ def train_opd(student: GPT, teacher: GPT, tok: Tokenizer, cfg: OPDConfig, run_pr
         log(f"opd {name}: note: rollouts are sampled at T={cfg.temperature} top_p={cfg.top_p} top_k={cfg.top_k}, not "
             f"from pi itself: sampled-token OPD and g_gamma then estimate the gradient under that sampling "
             f"distribution, not grad KL(pi || q); every objective sees that sampler's prefixes")
+    if cfg.lmbda < 1 and SPECS[cfg.loss].on_policy:
+        log(f"opd {name}: note: {cfg.loss} assumes y ~ pi; on the teacher's rows (1 - lmbda = {1 - cfg.lmbda:g} of "
+            f"each batch) it estimates another gradient; the full-distribution objectives are exact there")
     ddp_student = distributed.wrap(student, device, compile)  # the student itself in one process, uncompiled
     t_start = time.time()
 
@@ -266,29 +262,33 @@ def train_opd(student: GPT, teacher: GPT, tok: Tokenizer, cfg: OPDConfig, run_pr
                        {"records": records, "summary": summary, "elapsed": elapsed + time.time() - t_start})
 
     with JsonlLog(run_prefix + ".jsonl", kept=records) as jsonl:  # a resumed run rewrites the steps it keeps
-        for step in range(first, cfg.opd_steps):
+        for step in range(first, cfg.opd_steps if not 0 < cfg.opd_flops <= count.charged else first):
             batch = distributed.shard(problems[step * cfg.opd_batch:(step + 1) * cfg.opd_batch])
             set_lr(optimizer, lr_at(step, cfg.opd_steps, cfg.opd_lr, cfg.opd_warmup))
             try:
                 rec = opd_step(ddp_student, teacher, optimizer, tok, batch, cfg, generator, step, teacher_score,
-                               extra_stats)
+                               extra_stats, rows)
             except FloatingPointError as e:
                 summary["error"] = str(e)
                 log(f"opd {name}: stopped: {e}; last good checkpoint: {summary['last_good_checkpoint']}")
                 break
-            last = step == cfg.opd_steps - 1
+            count.add(rec["flops_given"], rec["flops"] - rec["flops_given"])
+            last = step == cfg.opd_steps - 1 or 0 < cfg.opd_flops <= count.charged
             evaluate_now = last or (cfg.opd_eval_every and (step + 1) % cfg.opd_eval_every == 0)
             if evaluate_now:
                 rec["eval_acc"] = held_out()
-                summary["evals"].append([step + 1, rec["eval_acc"]])
+                summary["evals"].append([step + 1, rec["eval_acc"], count.charged, count.given])
             records.append(rec)
             jsonl.write(rec)
             if evaluate_now or (save_every and (step + 1) % save_every == 0):
                 save(step + 1)
             if print_every and (step % print_every == 0 or last or "eval_acc" in rec):
                 log(format_record(name, rec))
+            if last:
+                break
 
     summary.update(steps_done=len(records), seconds=round(elapsed + time.time() - t_start, 1),
+                   flops=count.charged, flops_given=count.given,
                    final_acc=summary["evals"][-1][1] if len(summary["evals"]) > 1 else None)
     summarize_records(summary, records)
     if rank == 0:
@@ -297,3 +297,4 @@ def train_opd(student: GPT, teacher: GPT, tok: Tokenizer, cfg: OPDConfig, run_pr
     if summary["error"]:
         raise FloatingPointError(summary["error"])
     return summary
+

@@ -18,10 +18,12 @@ import os
 
 
 def format_record(name: str, rec: dict) -> str:
-    """`step | loss | kl | acc | tok/s | overlap | length` (+ held-out accuracy when evaluated)."""
-    line = (f"opd {name} step {rec['step']:4d} | loss {rec['loss']:+.4f} | kl {rec['kl']:.4f} | "
-            f"acc {rec['acc']:6.1%} | tok/s {rec['tok_s']:7,.0f} | overlap {rec['overlap_ratio']:6.1%} | "
-            f"len {rec['response_length']:5.1f}")
+    """`step | loss | kl | acc | tok/s | overlap | length | GFLOP` (+ held-out accuracy when
+    evaluated); the figures of the student's rows, or of the teacher's (marked) when it has none."""
+    s = "" if "kl" in rec else "_teacher_rows"  # lmbda = 0: only teacher rows (nanoopd/step_record.py)
+    line = (f"opd {name} step {rec['step']:4d} | loss {rec['loss']:+.4f} | kl{s and '(t)'} {rec['kl' + s]:.4f} | "
+            f"acc{s and '(t)'} {rec['acc' + s]:6.1%} | tok/s {rec['tok_s']:7,.0f} | overlap {rec['overlap_ratio' + s]:6.1%} | "
+            f"len {rec['response_length' + s]:5.1f} | {rec.get('flops', 0) / 1e9:6.1f} GFLOP")
     return line + (f" | held-out {rec['eval_acc']:.1%}" if "eval_acc" in rec else "")
 
 
@@ -53,6 +55,10 @@ def degradation(summary: dict, budget_share_limit: float = 0.5, collapse_drop: f
 def summarize_records(summary: dict, records: list[dict]) -> dict:
     """Add a run's end-of-run figures (final_*: tail means), its first step and its degradation
     verdict to `summary` (which holds start_acc, final_acc and error), in place."""
+    if records and "kl" not in records[0]:  # lmbda = 0: no student rows; the teacher rows' figures stand in
+        records = [{**r, **{k[:-len("_teacher_rows")]: v for k, v in r.items() if k.endswith("_teacher_rows")}}
+                   for r in records]
+        summary["figures_of"] = "teacher rows"
     if records:
         for key in ("kl", "response_length", "overlap_ratio", "overlap_mass_student", "budget_share",
                     "grad_norm", "logratio_max_abs", "track_logratio_mean", "track_rows", "track_other_kl",

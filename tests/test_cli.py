@@ -45,6 +45,15 @@ def run(*args, timeout=120):
     (["--opd_batch", "0"], "--opd_batch"),
     (["--opd_warmup", "-1"], "--opd_warmup"),
     (["--run_name", "../x"], "--run_name"),
+    # the distillation spectrum (docs/m6.md)
+    (["--lmbda", "1.5"], "--lmbda"),
+    (["--lmbda", "-0.1"], "--lmbda"),
+    (["--lmbda", "0.5", "--mode", "opsd"], "no teacher to sample from"),
+    (["--lmbda", "0.5", "--hide_from_teacher", "<|fmt|>"], "no teacher to sample from"),
+    (["--teacher_rows", "cache"], "--teacher_rows"),
+    (["--loss", "forward_kl", "--k", "4"], "unknown option"),
+    (["--opd_flops", "-1"], "--opd_flops"),
+    (["--rlvr_flops", "-1"], "--rlvr_flops"),
     # OPSD and RLVR flags
     (["--pi", "answer"], "--mode opsd"),
     (["--live_teacher"], "--mode opsd"),

@@ -26,7 +26,7 @@ STEP_KEYS = {"step", "loss", "kl", "acc", "tok_s", "overlap_ratio", "overlap_mas
              "overlap_mass_teacher", "entropy_student", "entropy_teacher", "entropy_gap",
              "logratio_max_abs", "logratio_pos_share", "response_length", "budget_share",
              "grad_norm", "n_loss_tokens", "track_logratio_mean", "track_share", "track_rows", "track_other_kl",
-             "t_rollout", "t_teacher", "t_student"}
+             "flops", "flops_given", "t_rollout", "t_teacher", "t_student"}
 
 
 def tiny(seed: int, n_embd: int = 32, vocab: int | None = None) -> GPT:
@@ -118,7 +118,9 @@ def test_jsonl_has_one_line_per_step_with_the_documented_keys(tmp_path):
         assert STEP_KEYS <= set(r), STEP_KEYS - set(r)
         assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in r.values())
     assert ["eval_acc" in r for r in records] == [False, True, True]  # after step 2, and at the end
-    assert [s for s, _ in summary["evals"]] == [0, 2, 3]
+    assert [s for s, *_ in summary["evals"]] == [0, 2, 3]
+    flops = [f for *_, f, _ in summary["evals"]]  # the running FLOPs (teacher sampling charged) at each
+    assert flops == [0.0, records[0]["flops"] + records[1]["flops"], summary["flops"]] and flops[1] < flops[2]
     assert summary["final_acc"] == records[-1]["eval_acc"]  # the held-out accuracy, not the rollouts'
     assert json.loads((tmp_path / "run.json").read_text())["steps_done"] == 3
     assert (tmp_path / "run.pt").exists()

@@ -1,13 +1,10 @@
 """
-toy/audit.py: the estimator audit. Every registered objective that reads the teacher (sft reads none:
-left out, with a printed line), with its default options and the variants that matter, is put through
-one exact test on the tabular toy (toy/exact.py): which divergence does it really follow, and is it the
-one it claims (SPECS[name].claim)? docs/design.md#the-estimator-audit; the reading: docs/audit.md.
-
+toy/audit.py: the estimator audit. Every registered objective that reads the teacher (not sft), with
+its defaults and the variants that matter, through one exact test on the tabular toy (toy/exact.py):
+which divergence does it follow, the one it claims (SPECS[name].claim)? The reading: docs/audit.md.
     python -m toy.audit                   # the table, out/audit/audit.csv and audit.png, a few seconds
     python -m toy.audit --out docs        # the CSV and figure that docs/audit.md shows
-    python -m toy.audit --coupling 0      # no coupling: J and K_tok have the same gradient, a tie
-    python -m toy.audit --help            # every flag
+    python -m toy.audit --coupling 0      # no coupling: J and K_tok have the same gradient, a tie; --help: every flag
 
 Every sequence y in {0..V-1}^T is enumerated, so every expectation below is a weighted sum, in
 float64, with no sampling. Each objective is called as the registry calls it, loss, stats =
@@ -28,8 +25,8 @@ targets are a tie, "J = K exactly"), all undefined (n/a) where g_L is at roundin
 pi = q (the teacher replaced by the student: 0 for a proper objective), tr Cov, and the change of J
 after a step of --step along -g_L. Flags: constant in theta (every grad L(y) is 0), zero expected
 gradient, wrong divergence (it follows targets other than the one it claims), points away from its
-claimed target (cosine <= 0), drains S / fills S (at pi = q its step lowers / raises the student's
-mass on the teacher's top-K), not stationary at pi = q, raises J. toy/audit_report.py prints them.
+claimed target (cosine <= 0), drains S / fills S (at pi = q its step lowers / raises the student's mass
+on the teacher's top-K), not stationary at pi = q, raises J (toy/audit_report.py prints them).
 """
 
 import math
