@@ -200,3 +200,26 @@ def test_a_non_finite_rlvr_loss_names_the_step_and_keeps_the_last_checkpoint(tmp
         train_rlvr(model, TOK, cfg, log=lambda _: None, ckpt_path=path, save_every=1)
     saved = torch.load(path, weights_only=True)
     assert saved["step"] == 2 and all(torch.isfinite(v).all() for v in saved["model"].values())
+
+
+def test_rlvr_counts_its_flops_evaluates_along_the_way_and_stops_at_its_budget(monkeypatch):
+    import nanoopd.rlvr as rlvr
+    from nanoopd.config import ConfigError
+    from nanoopd.flops import pass_flops
+    # every sample is rewarded by parity of its first token: the groups carry signal, every step updates
+    monkeypatch.setattr(rlvr, "math_reward", lambda tok, batch, done: lambda i, resp: float(bool(resp) and resp[0] % 2 == 0))
+    cfg = RLVRConfig(rlvr_steps=6, rlvr_prompts=2, rlvr_group=4, max_new_tokens=6, digits=1, rlvr_eval_every=2)
+    seen = []
+    real = rlvr.rlvr_step
+    monkeypatch.setattr(rlvr, "rlvr_step", lambda model, opt, contexts, *a: seen.append(contexts) or real(model, opt, contexts, *a))
+    model = tiny_lm(0)
+    records = train_rlvr(model, TOK, cfg, log=lambda _: None, eval_problems=sample_problems(4, "test", 0, 1))
+    assert [r["step"] for r in records if "eval_acc" in r] == [1, 3, 5]
+    first = records[0]
+    lengths = [len(c) for c in seen[0] for _ in range(cfg.rlvr_group)]
+    assert first["flops"] > 4 * pass_flops(model.config, lengths, [1] * len(lengths))  # sampled, forward, backward
+    budget = records[0]["flops"] + records[1]["flops"] / 2
+    stopped = train_rlvr(tiny_lm(0), TOK, RLVRConfig(**{**cfg.__dict__, "rlvr_flops": budget}), log=lambda _: None)
+    assert len(stopped) == 2 and [r["flops"] for r in stopped] == [r["flops"] for r in records[:2]]
+    with pytest.raises(ConfigError, match="rlvr_flops"):
+        train_rlvr(tiny_lm(0), TOK, RLVRConfig(**{**cfg.__dict__, "rlvr_flops": 1.0}), log=lambda _: None)
