@@ -62,8 +62,8 @@ def run_cells(cfg, work, calls: list[tuple], log) -> list[dict]:
 
 def run_key(pcfg, cell: dict) -> str:
     """What defines a run's result: the pair's config but for how the grid is run (jobs, pairs,
-    seeds; the thread count is kept: it changes the bits), and the cell (functions by name)."""
-    settings = {k: v for k, v in asdict(pcfg).items() if k not in ("jobs", "pairs", "seeds")}
+    seeds, M6's arms; the thread count is kept: it changes the bits), and the cell (functions by name)."""
+    settings = {k: v for k, v in asdict(pcfg).items() if k not in ("jobs", "pairs", "seeds", "arms")}
     # a script's own functions live in __main__ in the parent and in __mp_main__ in a spawned worker
     module = lambda v: "__main__" if v.__module__ == "__mp_main__" else v.__module__
     name = lambda v: f"{module(v)}.{v.__qualname__}" if callable(v) else v
