@@ -1,4 +1,4 @@
-"""The experiments M1-M5 (docs/design.md#the-math-experiments-m1-to-m5), one script each (python experiments/<name>.py --help):
+"""The experiments M1-M6 (docs/design.md#the-math-experiments), one script each (python experiments/<name>.py --help):
 
   m1_objectives.py       M1: every objective side by side from the same teacher and student
   m2_special_tokens.py   M2: a format token the teacher never saw, masked and hidden or not

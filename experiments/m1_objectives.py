@@ -1,6 +1,6 @@
 """
 M1: every OPD objective side by side, from the same teacher and cold-start student
-(docs/design.md#the-math-experiments-m1-to-m5), one run per pair and seed. Trains the pairs first
+(docs/design.md#the-math-experiments), one run per pair and seed. Trains the pairs first
 where <out_dir> has none.
 
   python experiments/m1_objectives.py                   # one pair, two seeds: a first look

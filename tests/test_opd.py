@@ -187,13 +187,32 @@ def test_opd_stage_loads_the_pair_and_writes_its_outputs(tmp_path):
     assert len((tmp_path / "opd_g05.jsonl").read_text().splitlines()) == 2
 
 
-def test_m1_and_m2_write_their_tables(tmp_path):
-    from experiments import m1_objectives, m2_special_tokens
+def eos_teacher() -> GPT:
+    """A tiny teacher that answers <|eos|> at once: its greedy traces all finish."""
     teacher = tiny(0, 48)
-    with torch.no_grad():  # a teacher that answers <|eos|> at once, so M2 has traces to fine-tune on
+    with torch.no_grad():
         teacher.ln_f.weight.zero_()
         teacher.ln_f.bias.copy_(10 * teacher.wte.weight[TOK.eos_id] / teacher.wte.weight[TOK.eos_id].norm())
-    save_checkpoint(str(tmp_path / "teacher.pt"), teacher, 0)
+    return teacher
+
+
+def test_opd_stage_with_half_the_rows_from_the_cold_start_pool(tmp_path):
+    from train_math import main
+    save_checkpoint(str(tmp_path / "teacher.pt"), eos_teacher(), 0)
+    save_checkpoint(str(tmp_path / "student.pt"), tiny(1), 0)
+    summary = main(["--out_dir", str(tmp_path), "--stages", "opd", "--loss", "forward_kl", "--lmbda", "0.5",
+                    "--teacher_rows", "pool", "--s_pool", "6", "--opd_steps", "2", "--opd_batch", "4",
+                    "--max_new_tokens", "8", "--digits", "1", "--eval_n", "4"])["opd_forward_kl"]
+    records = [json.loads(line) for line in (tmp_path / "opd_forward_kl.jsonl").read_text().splitlines()]
+    assert all("acc" in r and "acc_teacher_rows" in r for r in records)
+    assert all(r["response_length_teacher_rows"] == 1.0 for r in records)  # the pool's traces: <|eos|> alone
+    # 2 steps x 2 teacher rows from a pool of 6: every trace is new, so its sampling is charged
+    assert summary["flops"] > summary["flops_given"] > 0
+
+
+def test_m1_and_m2_write_their_tables(tmp_path):
+    from experiments import m1_objectives, m2_special_tokens
+    save_checkpoint(str(tmp_path / "teacher.pt"), eos_teacher(), 0)  # so that M2 has traces to fine-tune on
     save_checkpoint(str(tmp_path / "student.pt"), tiny(1), 0)
     tiny_flags = ["--out_dir", str(tmp_path), "--seeds", "3", "--opd_steps", "1", "--opd_batch", "2",
                   "--max_new_tokens", "8", "--digits", "1", "--eval_n", "2", "--s_pool", "4", "--batch_size", "2",
