@@ -29,6 +29,8 @@ import sys
 import time
 from dataclasses import dataclass, replace
 
+import torch
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 from experiments.common import (OPD_RUN_FIELDS, OPSD_FIELDS, ExperimentConfig, final_eval, pairs,
@@ -69,7 +71,7 @@ M6_FIXED = ("teacher", "rlvr_init", "rlvr_steps", "rlvr_cut", "lmbda", "teacher_
 @dataclass
 class M6Config(ExperimentConfig):
     # --- M6
-    m6_flops: float = 0.0            # the common FLOP budget of every arm, teacher sampling charged (0 = what opd_steps on-policy steps cost at the pair's mean trace)
+    m6_flops: float = 0.0            # the common FLOP budget of every arm, teacher sampling charged (0 = what opd_steps on-policy steps cost at the pair's mean lengths)
     m6_evals: int = 8                # held-out evaluations of each arm along its budget (eval_n problems each)
     probe_n: int = 600               # held-out problems of the exposure-bias and teacher-advantage probes (about half long)
     arms: str = ""                   # comma-separated labels of the arms to run (empty = every arm of ARMS; the report needs opd_rkl)
@@ -97,22 +99,26 @@ class M6Config(ExperimentConfig):
 # the budget: one step's FLOPs at the pair's mean trace, per arm
 
 
-def mean_trace(pcfg: M6Config, teacher, tok) -> tuple[int, int]:
-    """The mean prompt and response length (tokens) of the teacher's greedy answers on the held-out set."""
-    problems = test_problems(pcfg)
-    prompts = [encode_example(tok, p)[0] for p in problems]
-    ro = generate(teacher, prompts, pcfg.max_new_tokens, tok.eos_id, tok.pad_id, temperature=0.0)
-    return round(sum(map(len, prompts)) / len(prompts)), round(ro.lengths.float().mean().item())
+def mean_lengths(pcfg: M6Config, student, teacher, tok) -> tuple[int, int, int]:
+    """The mean prompt length, and the mean response length (tokens, EOS included) of the student's
+    samples (T = 1, seeded) and of the teacher's, on the held-out set: a step's rows, on average."""
+    prompts = [encode_example(tok, p)[0] for p in test_problems(pcfg)]
+    n = [generate(model, prompts, pcfg.max_new_tokens, tok.eos_id, tok.pad_id, temperature=pcfg.temperature,
+                  generator=torch.Generator().manual_seed(pcfg.seed)).lengths.float().mean().item()
+         for model in (student, teacher)]
+    return round(sum(map(len, prompts)) / len(prompts)), round(n[0]), round(n[1])
 
 
-def step_cost(pcfg: M6Config, arm: tuple, student, teacher, p: int, n: int) -> float:
-    """The FLOPs (teacher sampling charged) of one step of `arm` on rows of p prompt and n response tokens."""
+def step_cost(pcfg: M6Config, arm: tuple, student, teacher, lengths: tuple[int, int, int]) -> float:
+    """The FLOPs (teacher sampling charged) of one step of `arm` on rows of the mean lengths (p, n_student, n_teacher)."""
     label, loss, _, lmbda = arm
+    p, ns, nt = lengths
     if loss == "rlvr":  # sampling, forward and backward of every row of the groups
-        return 4 * pass_flops(student.config, [p] * (pcfg.rlvr_prompts * pcfg.rlvr_group), [n] * (pcfg.rlvr_prompts * pcfg.rlvr_group))
+        rows = pcfg.rlvr_prompts * pcfg.rlvr_group
+        return 4 * pass_flops(student.config, [p] * rows, [ns] * rows)
     S = round(lmbda * pcfg.opd_batch)
     T = pcfg.opd_batch - S
-    return sum(opd_step_flops(student.config, teacher.config, ([p] * S, [n] * S), ([p] * T, [n] * T), ([p] * T, [n] * T),
+    return sum(opd_step_flops(student.config, teacher.config, ([p] * S, [ns] * S), ([p] * T, [nt] * T), ([p] * T, [nt] * T),
                               scored=SPECS[loss].uses_teacher))
 
 
@@ -186,15 +192,15 @@ def pair_cell(pcfg: M6Config, cell: dict) -> dict:
     tok, device = get_tokenizer(), pick_device(pcfg.device)
     teacher = load_checkpoint(os.path.join(pcfg.out_dir, "teacher.pt"), device, tok.n_vocab)[0]
     student = load_checkpoint(os.path.join(pcfg.out_dir, "student.pt"), device, tok.n_vocab)[0]
-    p, n = mean_trace(pcfg, teacher, tok)
+    lengths = mean_lengths(pcfg, student, teacher, tok)
     on_policy = next(a for a in ARMS if a[0] == "opd_rkl")
-    budget = pcfg.m6_flops or pcfg.opd_steps * step_cost(pcfg, on_policy, student, teacher, p, n)
+    budget = pcfg.m6_flops or pcfg.opd_steps * step_cost(pcfg, on_policy, student, teacher, lengths)
     problems = probe_problems(pcfg)
     advantage = {b: {str(f): v for f, v in continuation_acc(teacher, student, tok, subset, list(FRACS), pcfg.max_new_tokens,
                                                             cell["seed"]).items()}
                  for b, subset in buckets(problems, pcfg.digits).items()}
-    return {"label": "pair", "pair": pcfg.seed, "seed": cell["seed"], "prefix_len": p, "response_len": n,
-            "budget": budget, "steps": {a[0]: math.ceil(budget / step_cost(pcfg, a, student, teacher, p, n)) for a in ARMS},
+    return {"label": "pair", "pair": pcfg.seed, "seed": cell["seed"], "mean_lengths": lengths, "budget": budget,
+            "steps": {a[0]: math.ceil(budget / step_cost(pcfg, a, student, teacher, lengths)) for a in ARMS},
             "teacher_acc_train": evaluate(teacher, tok, test_problems(pcfg), 0.0, pcfg.max_new_tokens),
             "teacher_acc": final_eval(pcfg, teacher, tok), "teacher_from_student_prefix": advantage,
             "start_probe": probe(student, teacher, tok, problems, cell["seed"], pcfg)}

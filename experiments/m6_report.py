@@ -6,7 +6,9 @@ M6's tables, verdicts and figure, from the rows of experiments/m6_on_policy.py (
   SeqKD match   the FLOPs at which on-policy (reverse KL) reaches SeqKD's accuracy at the budget,
                 against SeqKD's own: their ratio, in both accounting columns (Thinking Machines)
   exposure gap  gap(f) = acc(finishing the teacher's prefix) - acc(finishing its own), prefixes cut
-                at a fraction f of the sampled response; its growth gap(3/4) - gap(1/4) (MiniLLM)
+                at a fraction f of the sampled response; a run's excess = its gap minus the start
+                student's (the same pair), averaged over f: how much more training widened the gap
+                between the prefixes it trained on and its own (MiniLLM's exposure bias)
   advantage     adv(f) = acc(the teacher finishing the start student's prefix) - acc(the student
                 finishing it), on the same samples (Rethinking OPD)
 Every verdict is the rule of docs/scorecard.md (experiments/stats.py) over the pairs.
@@ -19,7 +21,8 @@ from experiments.common import cell_text, cells, interval, verdict, verdict_text
 from nanoopd.report import by_label, mean, write_results
 
 CSV = ["label", "pair", "seed", "start_acc", "final_acc", "final_acc_train", "flops", "flops_given", "steps",
-       "steps_done", "half_gap_flops", "half_gap_flops_given", "growth_long", "growth_short", "error", "seconds"]
+       "steps_done", "half_gap_flops", "half_gap_flops_given", "quarter_gap_flops", "excess_long", "excess_short",
+       "error", "seconds"]
 FR = ("0.25", "0.5", "0.75")
 REF = "opd_rkl"  # the on-policy arm the ratios are taken to
 
@@ -41,14 +44,16 @@ def gap(probe: dict, bucket: str, f: str) -> float:
 
 
 def annotate(rows: list[dict], pair_rows: dict) -> None:
-    """Add each run's half-gap FLOPs and exposure-gap growth, in place."""
+    """Add each run's FLOPs to close a half and a quarter of the gap, and its exposure excess, in place."""
     for r in rows:
         pr = pair_rows[r["pair"]]
-        target = r["start_acc_train"] + 0.5 * (pr["teacher_acc_train"] - r["start_acc_train"])
-        r["half_gap_flops"] = reach(r["evals"], target, 2) if r["evals"] else None
-        r["half_gap_flops_given"] = reach(r["evals"], target, 3) if r["evals"] else None
+        for name, share in (("half", 0.5), ("quarter", 0.25)):
+            target = r["start_acc_train"] + share * (pr["teacher_acc_train"] - r["start_acc_train"])
+            r[f"{name}_gap_flops"] = reach(r["evals"], target, 2) if r["evals"] else None
+            r[f"{name}_gap_flops_given"] = reach(r["evals"], target, 3) if r["evals"] else None
         for b in ("long", "short"):
-            r[f"growth_{b}"] = gap(r["probe"], b, FR[-1]) - gap(r["probe"], b, FR[0])
+            excess = [gap(r["probe"], b, f) - gap(pr["start_probe"], b, f) for f in FR]
+            r.update({f"excess_{b}_{f}": e for f, e in zip(FR, excess)}, **{f"excess_{b}": sum(excess) / len(excess)})
 
 
 def geo(values) -> float | None:
@@ -73,31 +78,31 @@ def report(cfg, pcfgs, pair_rows: list[dict], rows: list[dict], seconds: float, 
     annotate(rows, prs)
     arms = by_label(rows)
     teacher, start = mean(pr["teacher_acc"] for pr in pair_rows), mean(r["start_acc"] for r in rows)
-    ref = {k: geo(r[k] for r in arms[REF]) for k in ("half_gap_flops", "half_gap_flops_given")}
+    ref = {k: geo(r[k] for r in arms[REF]) for k in ("half_gap_flops", "half_gap_flops_given", "quarter_gap_flops")}
     lines = [f"M6: the distillation spectrum at equal compute | {cfg.pairs} pair(s) | seeds {cfg.seeds} | budget "
              f"{mean(pr['budget'] for pr in pair_rows) / 1e12:.2f} TFLOP per run (teacher sampling charged) | "
              f"batch {cfg.opd_batch} | lr {cfg.opd_lr} (RLVR {cfg.rlvr_lr}, {cfg.rlvr_prompts} x {cfg.rlvr_group}) | "
              f"teacher {teacher:.1%}, student at start {start:.1%} (greedy, n={cfg.final_eval_n}) | wall {seconds / 60:.1f} min",
              f"{'arm':12s} | {'held-out acc at the budget: mean [95% CI] (per pair)':52s} | {'TFLOP chg/given':15s} | "
-             f"{'steps':5s} | {'half gap, charged (runs) x on-policy':36s} | half gap, traces given"]
+             f"{'steps':5s} | {'half gap, charged (runs) x on-policy':36s} | {'half gap, traces given':36s} | "
+             f"quarter gap, charged"]
     for label, rs in arms.items():
         lines.append(f"{label:12s} | {cell_text(rs):52s} | {mean(r['flops'] for r in rs) / 1e12:6.2f} / "
                      f"{mean(r['flops_given'] for r in rs) / 1e12:5.2f} | {mean(r['steps_done'] for r in rs):5.0f} | "
                      f"{flop_cell(rs, 'half_gap_flops', ref['half_gap_flops']):36s} | "
-                     f"{flop_cell(rs, 'half_gap_flops_given', ref['half_gap_flops_given'])}")
+                     f"{flop_cell(rs, 'half_gap_flops_given', ref['half_gap_flops_given']):36s} | "
+                     f"{flop_cell(rs, 'quarter_gap_flops', ref['quarter_gap_flops'])}")
     # --- exposure bias
-    lines.append(f"exposure gap = acc(finishing the teacher's prefix) - acc(finishing its own), prefix at f = {', '.join(FR)} "
-                 f"of the response; growth = gap(3/4) - gap(1/4), mean [95% CI] (per pair)")
-    start_rows = [{"label": "start", "pair": p, **{f"g_{b}_{f}": gap(pr["start_probe"], b, f) for b in ("long", "short")
-                                                   for f in FR}} for p, pr in prs.items()]
-    for label, rs in [("start", start_rows)] + list(arms.items()):
-        if label != "start":
-            rs = [{**r, **{f"g_{b}_{f}": gap(r["probe"], b, f) for b in ("long", "short") for f in FR}} for r in rs]
-        for r in rs:
-            r.update({f"growth_{b}": r[f"g_{b}_{FR[-1]}"] - r[f"g_{b}_{FR[0]}"] for b in ("long", "short")})
+    lines.append(f"exposure gap = acc(finishing the teacher's prefix) - acc(finishing its own), prefixes at f = "
+                 f"{', '.join(FR)} of the response; start: the student before; each arm: its gap minus the start's "
+                 f"(excess), by f, and its mean over f: mean [95% CI] (per pair), in points")
+    lines.append(f"{'start':12s} | " + " | ".join(
+        f"{b}: " + " ".join(f"{100 * mean(gap(pr['start_probe'], b, f) for pr in pair_rows):+5.1f}" for f in FR)
+        for b in ("long", "short")))
+    for label, rs in arms.items():
         lines.append(f"{label:12s} | " + " | ".join(
-            f"{b}: " + " ".join(f"{100 * mean(r[f'g_{b}_{f}'] for r in rs):+5.1f}" for f in FR)
-            + f" growth {cell_text(rs, f'growth_{b}').replace('%', '')}" for b in ("long", "short")))
+            f"{b}: " + " ".join(f"{100 * mean(r[f'excess_{b}_{f}'] for r in rs):+5.1f}" for f in FR)
+            + f" mean {cell_text(rs, f'excess_{b}').replace('%', '')}" for b in ("long", "short")))
     # --- the teacher's advantage from the start student's prefixes
     adv = {p: {b: {f: pr["teacher_from_student_prefix"][b][f] - pr["start_probe"][b]["own"][f] for f in FR}
                for b in ("long", "short")} for p, pr in prs.items()}
@@ -117,7 +122,6 @@ def report(cfg, pcfgs, pair_rows: list[dict], rows: list[dict], seconds: float, 
                     reached += [at is not None] if col == 2 else []
                     ratios.append(math.log(sk[key] / at) if at else math.log(sk[key] / on[key]) - 1e-9)
             tm.setdefault(key, {})[p] = (sum(ratios) / len(ratios), 0.0) if ratios else None
-    grow = lambda label, b: {p: mean(r[f"growth_{b}"] for r in arms.get(label, []) if r["pair"] == p) for p in prs}
     have = lambda *labels: all(label in arms for label in labels)
     checks = {}
     for key, a, b in (("gkd_rkl", REF, "kd_rkl"), ("gkd_fkl", "opd_fkl", "kd_fkl"), ("gkd_seqkd", REF, "seqkd"),
@@ -127,10 +131,12 @@ def report(cfg, pcfgs, pair_rows: list[dict], rows: list[dict], seconds: float, 
     if have("seqkd"):
         for key, col in (("tm_charged", "flops"), ("tm_given", "flops_given")):
             checks[key] = verdict(synthetic({p: v for p, v in tm[col].items() if v}, "opd", "seqkd"), "opd", "seqkd", "v")
-    if have("kd_rkl"):
-        for b in ("long", "short"):
-            checks[f"exposure_{b}"] = verdict(synthetic({p: (grow("kd_rkl", b)[p], grow(REF, b)[p]) for p in prs},
-                                                        "kd_rkl", REF), "kd_rkl", REF, "v")
+    for off in ("seqkd", "kd_rkl"):  # an off-policy arm widens the gap more than on-policy (the long problems)
+        if have(off):
+            checks[f"exposure_{off}"] = verdict(rows, off, REF, "excess_long")
+    if have("seqkd"):  # and more on the long problems than on the short ones
+        checks["exposure_length"] = verdict([{**r, "label": b, "v": r[f"excess_{b}"]} for r in arms["seqkd"]
+                                             for b in ("long", "short")], "long", "short", "v")
     checks["advantage_falls"] = verdict(synthetic({p: (sum(a[b][FR[0]] for b in a) / 2, sum(a[b][FR[-1]] for b in a) / 2)
                                                    for p, a in adv.items()}, "early", "late"), "early", "late", "v")
     ratio = {k: math.exp(mean(v[0] for v in tm[k].values() if v)) for k in tm if any(tm[k].values())}
@@ -143,8 +149,9 @@ def report(cfg, pcfgs, pair_rows: list[dict], rows: list[dict], seconds: float, 
                      f"({checks['tm_charged']['verdict']}), x{ratio['flops_given']:.2f} traces given "
                      f"({checks['tm_given']['verdict']}); reached in {sum(reached)}/{len(reached)} runs (ratio < 1: more FLOPs, "
                      f"or not reached within the budget, counted as the whole budget)")
-    lines.append(f"exposure-gap growth, supervised KD (reverse KL) minus on-policy: long {said('exposure_long')}, short "
-                 f"{said('exposure_short')}; teacher's advantage at f=1/4 minus at f=3/4 {said('advantage_falls')}")
+    lines.append(f"exposure excess on long problems, off-policy minus on-policy: SeqKD {said('exposure_seqkd')}, "
+                 f"supervised KD {said('exposure_kd_rkl')}; SeqKD's excess, long minus short {said('exposure_length')}; "
+                 f"teacher's advantage at f=1/4 minus at f=3/4 {said('advantage_falls')}")
     table = "\n".join(lines)
     log(table)
     folder = os.path.join(cfg.out_dir, "m6")

@@ -58,10 +58,10 @@ def test_every_arm_runs_once_per_pair_to_the_common_budget(m6_run):
 def test_the_report_has_its_verdicts_table_and_files(m6_run):
     root, out = m6_run
     assert set(out["verdicts"]) >= {"gkd_rkl", "gkd_fkl", "tm_charged", "tm_given", "dense_vs_sparse",
-                                    "exposure_long", "advantage_falls"}
+                                    "exposure_seqkd", "exposure_kd_rkl", "exposure_length", "advantage_falls"}
     assert all(v["pairs"] == 3 and v["verdict"] != "pending" for v in out["verdicts"].values())
     text = (root / "m6" / "m6.txt").read_text()
-    assert "exposure gap" in text and "half gap" in text and "opd_rkl" in text
+    assert "exposure gap" in text and "half gap" in text and "quarter gap" in text and "opd_rkl" in text
     assert (root / "m6" / "m6.csv").exists()
 
 
