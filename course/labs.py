@@ -135,6 +135,23 @@ LABS = (
         Task("mystery", "the three together: an unknown estimator, k2 and k3 identified",
              (G + "test_audit_finds_what_an_unknown_estimator_follows",)),
     )),
+    Lab("on_policy", "Why on-policy: the lambda-mixed batch and the FLOP count", "course/labs/08_on_policy.md", (
+        Task("count", "forward_flops: F(T, h) = 24 L C^2 T + 2 L C T(T+1) + 2 C V h, causal, the head at h positions",
+             (G + "test_forward_flops_counts_each_term",
+              "tests/test_flops.py::test_forward_flops_equals_a_hand_count_on_a_tiny_config",
+              "tests/test_flops.py::test_the_projections_and_the_head_match_torchs_flop_counter",
+              "tests/test_flops.py::test_scoring_a_rollout_counts_the_head_only_where_it_is_read")),
+        Task("step", "opd_step_flops and FlopCount.add: sampling, scoring, 3 F to train; charged vs given",
+             (G + "test_opd_step_flops_charges_every_pass_once",
+              G + "test_flop_count_given_leaves_out_the_teachers_sampling",
+              "tests/test_flops.py::test_an_opd_step_is_sampling_scoring_and_three_student_passes",
+              "tests/test_flops.py::test_flop_count_keeps_both_columns")),
+        Task("share", "student_share: S = round(lmbda B), the nearest whole row, halves to even",
+             ("tests/test_mixed_batch.py::test_student_share_rounds_lmbda_times_the_batch",
+              "tests/test_mixed_batch.py::test_student_share_rounds_to_the_nearest_row_halves_to_even")),
+        Task("merge", "merge: one batch, prompts left-padded to P, responses right-padded to N, rows in order",
+             ("tests/test_mixed_batch.py::test_merge_left_pads_the_prompts_and_right_pads_the_responses",)),
+    )),
 )
 
 

@@ -38,8 +38,10 @@ from nanoopd.model import GPTConfig
 
 def forward_flops(c: GPTConfig, tokens: int, head: int) -> float:
     """F(T, h) of the module docstring: one causal forward over `tokens` tokens, head at `head` positions."""
+    # lab:on_policy begin
     L, C, V = c.n_layer, c.n_embd, c.vocab_size
     return 2.0 * tokens * 12 * L * C * C + 2.0 * L * C * tokens * (tokens + 1) + 2.0 * head * C * V
+    # lab:on_policy end
 
 
 def row_lengths(rollout) -> tuple[list[int], list[int]]:
@@ -65,9 +67,11 @@ class FlopCount:
     given: float = 0.0    # the same without the teacher's sampling of training sequences
 
     def add(self, compute: float, teacher_sampling: float = 0.0) -> "FlopCount":
+        # lab:on_policy begin
         self.charged += compute + teacher_sampling
         self.given += compute
         return self
+        # lab:on_policy end
 
 
 def opd_step_flops(student: GPTConfig, teacher: GPTConfig, student_rows: tuple, teacher_rows: tuple = ((), ()),
@@ -76,11 +80,13 @@ def opd_step_flops(student: GPTConfig, teacher: GPTConfig, student_rows: tuple, 
     every row (when the objective reads it: `scored`), the student trains on every row. Each
     *_rows is (prompt_lens, response_lens); teacher_sampled: the teacher rows whose sampling this
     step pays for (all of them when sampled fresh; a pool's traces at their first use)."""
+    # lab:on_policy begin
     rows = (list(student_rows[0]) + list(teacher_rows[0]), list(student_rows[1]) + list(teacher_rows[1]))
     compute = pass_flops(student, *student_rows) + 3 * pass_flops(student, *rows)
     if scored:
         compute += pass_flops(teacher, *rows)
     return compute, pass_flops(teacher, *teacher_sampled)
+    # lab:on_policy end
 
 
 def check_budget(budget: float, flag: str, least: float) -> None:

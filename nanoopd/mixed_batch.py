@@ -27,7 +27,9 @@ TEACHER_ROWS = ("fresh", "pool")
 
 def student_share(lmbda: float, batch: int) -> int:
     """S, the rows the student samples: round(lmbda * batch), halves rounded to even (Python's round)."""
+    # lab:on_policy begin
     return round(lmbda * batch)
+    # lab:on_policy end
 
 
 def _pad(x: torch.Tensor, before: int, after: int, value) -> torch.Tensor:
@@ -43,6 +45,7 @@ def merge(parts: list[Rollout], pad_id: int) -> Rollout:
     parts = [p for p in parts if p is not None and p.tokens.shape[0] > 0]
     if len(parts) == 1:
         return parts[0]
+    # lab:on_policy begin
     P = max(p.prompt_len for p in parts)
     N = max(p.response.shape[1] for p in parts)
 
@@ -56,6 +59,7 @@ def merge(parts: list[Rollout], pad_id: int) -> Rollout:
                 "logprobs": _pad(p.logprobs, 0, dn, 0.0), "sampler_logprobs": _pad(p.sampler_logprobs, 0, dn, 0.0)}
     rows = [one(p) for p in parts]
     return Rollout(prompt_len=P, **{k: torch.cat([r[k] for r in rows]) for k in rows[0]})
+    # lab:on_policy end
 
 
 def pool_rollout(pairs: list[tuple[list[int], list[int]]], pad_id: int, device) -> Rollout:

@@ -69,8 +69,9 @@ def train_sft(model, next_examples, steps: int, lr: float, pad_id: int, warmup: 
     if can_resume(resume, ckpt_path):
         start = int(restore_training_state(ckpt_path, model, opt)["step"])
         log(f"{desc}: resuming from '{ckpt_path}' at step {start}/{steps}")
+    counting = count is not None or bool(log_every)  # the FLOPs are read by the caller or the log lines only
     count = FlopCount() if count is None else count
-    for step in range(start):  # the steps an earlier process ran: their batches are functions of the step
+    for step in range(start if counting else 0):  # the steps an earlier process ran (pure functions of the step)
         count.add(sft_flops(model.config, next_examples(step)))
     ddp_model = distributed.wrap(model, device, compile)  # the model itself unless distributed or compiled
     world = distributed.rank_and_world()[1]
@@ -82,7 +83,8 @@ def train_sft(model, next_examples, steps: int, lr: float, pad_id: int, warmup: 
     for step in bar:
         set_lr(opt, lr_at(step, steps, lr, warmup))
         examples = next_examples(step)
-        count.add(sft_flops(model.config, examples))  # the global batch's
+        if counting:
+            count.add(sft_flops(model.config, examples))  # the global batch's
         check_shardable(len(examples), world, f"{desc}: a batch")  # on every rank alike, before any collective
         x, y = make_batch(distributed.shard(examples), pad_id, device)
         n_global = distributed.all_reduce_sum((y != -1).sum().float())  # loss tokens on all ranks

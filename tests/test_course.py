@@ -222,7 +222,7 @@ def test_mutants_are_caught(index, tmp_path):
 
 
 def test_the_demos_show_what_the_handouts_say(one_thread, capsys):
-    from course.demos import geometric_mean, kv_speed, rlvr_easy, special_token, topk_drain
+    from course.demos import geometric_mean, kv_speed, on_policy, rlvr_easy, special_token, topk_drain
     kv = kv_speed.main(batch=4, new_tokens=16)
     assert kv["same"] and kv["gap"] < 1e-4
     table = topk_drain.main(steps=(0, 200))["table"]
@@ -238,6 +238,10 @@ def test_the_demos_show_what_the_handouts_say(one_thread, capsys):
     demo = rlvr_easy.main()
     before, after = demo["sft"]
     assert after < 0.6 * before and demo["rlvr"][-1][2] > 0.9
+    flops = on_policy.main()  # {(lmbda, teacher_rows, step): (charged, given)}
+    assert all((charged == given) == (lmbda == 1 or step == 1) for (lmbda, _, step), (charged, given) in flops.items())
+    assert flops[(0.0, "fresh", 0)][1] < flops[(0.5, "fresh", 0)][1] < flops[(1.0, "fresh", 0)][1]  # the student samples less
+    assert flops[(0.0, "pool", 0)][1] == flops[(0.0, "pool", 1)][1]  # the same traces: the same compute
     assert "speed-up" in capsys.readouterr().out
 
 
@@ -249,7 +253,8 @@ def handout_listing(handout: str, command: str) -> list[str]:
 
 
 @pytest.mark.parametrize("lab,demo", [("topk", "topk_drain"), ("masking", "special_token"),
-                                      ("opsd", "geometric_mean"), ("rlvr", "rlvr_easy")])
+                                      ("opsd", "geometric_mean"), ("rlvr", "rlvr_easy"),
+                                      ("on_policy", "on_policy")])
 def test_the_handouts_print_what_a_fresh_run_of_their_demo_prints(lab, demo, one_thread, capsys):
     """Every deterministic demo's listing is its whole printout, digit for digit (kv_speed prints
     timings, checked above)."""

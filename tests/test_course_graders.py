@@ -759,3 +759,81 @@ def test_audit_finds_what_an_unknown_estimator_follows():
     assert follows(g3, goals)[0] == "F exactly", "kl_k3 follows the forward KL exactly: your audit says otherwise"
     g2, _ = expectation(per_sample_grads(pb, OBJECTIVES["kl_k2"], {}), pb.weight)
     assert follows(g2, goals)[0] == "K exactly", "kl_k2 follows the token-level reverse KL exactly"
+
+
+# ----------------------------------------------------------------------------------------------
+# lab on_policy: flops.forward_flops, FlopCount.add, opd_step_flops (mixed_batch: tests/test_mixed_batch.py)
+
+
+def test_forward_flops_counts_each_term():
+    """F(T, h) term by term on L = 2, C = 4, V = 7: the head from h, the attention as F's part
+    quadratic in T, the projections as the rest."""
+    from nanoopd.flops import forward_flops
+    c = GPTConfig(vocab_size=7, block_size=16, n_layer=2, n_head=1, n_embd=4)
+    L, C, V = 2, 4, 7
+    F = lambda T, h: forward_flops(c, T, h)
+    head = F(5, 2) - F(5, 0)
+    assert head == 2 * 2 * C * V, (
+        f"F(5, 2) - F(5, 0) = {head}, expected 2 positions x 2 C V = {4 * C * V}: the tied LM head costs 2 C V "
+        f"per position where its logits are read, h positions only (the response's), not every token")
+    quadratic = (F(3, 0) - 2 * F(2, 0) + F(1, 0)) / 2  # the coefficient of T^2
+    assert quadratic != 4 * L * C, (
+        f"the attention grows as {quadratic:g} T^2 = 4 L C T^2: every token attends to all T keys; attention is "
+        f"causal, token i attends to its i keys, sum_i i = T (T + 1) / 2 pairs, 4 C FLOPs a layer and pair: 2 L C T (T + 1)")
+    assert quadratic == 2 * L * C, (
+        f"the attention's T^2 coefficient is {quadratic:g}, expected 2 L C = {2 * L * C}: 4 C FLOPs per layer and "
+        f"attended key (q.k and the weighted sum of v, 2 C each), token i attending to its i keys: 2 L C T (T + 1)")
+    linear = F(1, 0) - quadratic  # the coefficient of T: the projections and the attention's own 2 L C
+    assert linear == 24 * L * C * C + 2 * L * C, (
+        f"F(1, 0) = {F(1, 0)}, expected 24 L C^2 + 4 L C = {24 * L * C * C + 4 * L * C}: per token and layer the "
+        f"projections q, k, v, out (4 C^2 multiply-adds) and the MLP (8 C^2), 2 FLOPs a multiply-add, and a token "
+        f"attending to itself")
+    assert F(0, 0) == 0 and F(6, 3) == 6 * 24 * L * C * C + 2 * L * C * 6 * 7 + 3 * 2 * C * V
+
+
+def test_opd_step_flops_charges_every_pass_once(monkeypatch):
+    """The step's passes, each F replaced by a stand-in that tells the passes apart: this task's verdict
+    does not hang on task count's F."""
+    from nanoopd import flops
+    from nanoopd.flops import opd_step_flops, pass_flops
+    monkeypatch.setattr(flops, "forward_flops", lambda c, T, h: 1000.0 * c.n_embd + 10.0 * T + h)
+    s = GPTConfig(vocab_size=7, block_size=32, n_layer=1, n_head=1, n_embd=4)
+    t = GPTConfig(vocab_size=7, block_size=32, n_layer=2, n_head=1, n_embd=8)
+    own, theirs = ([3, 4], [2, 5]), ([4], [3])  # (prompt lengths, response lengths) of the student's and teacher's rows
+    every = ([3, 4, 4], [2, 5, 3])
+    sample, score, train = pass_flops(s, *own), pass_flops(t, *every), 3 * pass_flops(s, *every)
+    teacher_sampling = pass_flops(t, *theirs)
+    compute, sampling = opd_step_flops(s, t, own, theirs, theirs)
+    assert compute != sample + score + pass_flops(s, *every), (
+        "training was counted as one pass: the backward costs two forwards (the gradients of the activations and "
+        "of the weights), so training on a row is 3 F, a forward and a backward")
+    assert compute != pass_flops(s, *every) + score + train, (
+        "the student was charged for sampling the teacher's rows: it samples its own rows only (student_rows); "
+        "the teacher's rows were sampled by the teacher, the step's second value")
+    assert compute != sample + score + train + teacher_sampling, (
+        "the teacher's sampling was counted in compute: it is the second value, teacher_sampling, so that the "
+        "`given` column can leave it out (traces handed over)")
+    assert compute == sample + score + train, (
+        f"compute = {compute:g}, expected {sample + score + train:g}: the student samples its rows "
+        f"({sample:g}), the teacher scores every row ({score:g}), the student trains on every row (3 F: {train:g})")
+    assert sampling == teacher_sampling, (
+        f"teacher_sampling = {sampling:g}, expected the teacher's pass over teacher_sampled ({teacher_sampling:g})")
+    assert opd_step_flops(s, t, own, theirs, ((), ())) == (compute, 0.0), (
+        "a pool's trace used again (teacher_sampled empty) costs no sampling, and the step's compute stays the same")
+    assert opd_step_flops(s, t, own, theirs, theirs, scored=False) == (compute - score, sampling), (
+        "scored=False (an objective that never reads the teacher, like sft): no teacher scoring, all else the same")
+    assert opd_step_flops(s, t, every) == (pass_flops(s, *every) + score + train, 0.0), (
+        "lmbda = 1: every row is the student's (teacher_rows and teacher_sampled empty by default)")
+
+
+def test_flop_count_given_leaves_out_the_teachers_sampling():
+    from nanoopd.flops import FlopCount
+    count = FlopCount()
+    assert count.add(10.0, 5.0) is count, "FlopCount.add returns the count itself (count.add(a).add(b))"
+    count.add(1.0)
+    assert count.given != count.charged, (
+        f"given = charged = {count.given:g}: the `given` column counted the teacher's sampling; it leaves it out "
+        f"(as if the teacher's traces had been handed over), `charged` counts it")
+    assert (count.charged, count.given) == (16.0, 11.0), (
+        f"after add(10, 5) and add(1): charged {count.charged:g}, given {count.given:g}; expected 16 (compute and "
+        f"the teacher's sampling) and 11 (compute only)")

@@ -40,6 +40,70 @@ def test_student_share_rounds_lmbda_times_the_batch():
     assert [student_share(x, 8) for x in (0.0, 0.25, 0.5, 0.9, 1.0)] == [0, 2, 4, 7, 8]
 
 
+def test_student_share_rounds_to_the_nearest_row_halves_to_even():
+    """lmbda * B below and above a half, and on halves: Python's round, whose halves go to the even number."""
+    for lmbda, expected in ((0.95, 8), (0.0625, 0), (0.1875, 2), (0.3125, 2), (0.5625, 4)):  # x8: 7.6, .5, 1.5, 2.5, 4.5
+        S = student_share(lmbda, 8)
+        assert type(S) is int, f"student_share must return a Python int (a row count for slicing), got {type(S)}"
+        how = ("on a half, round goes to the even number (round(2.5) = 2, round(1.5) = 2), as Python's round does; "
+               "int(x + 0.5) takes every half up" if (lmbda * 8) % 1 == 0.5 else
+               "S is the nearest whole row: round, not a floor (int() and math.floor cut 7.6 down to 7)")
+        assert S == expected, f"student_share({lmbda}, 8) = {S}, expected {expected}: lmbda * B = {lmbda * 8}; {how}"
+
+
+def test_merge_left_pads_the_prompts_and_right_pads_the_responses():
+    """Two rollouts of other paddings (P 2 and 4, N 3 and 2) merged: every field by hand, then every row
+    scored as it is scored alone (no sampling here: the rollouts are built from token lists)."""
+    from dataclasses import replace
+    pad = 9
+    a_pairs, b_pairs = [([1, 2], [3, 4, 5]), ([1], [6])], [([1, 2, 3, 4], [7]), ([1, 8, 2], [5, 6])]
+    a, b = pool_rollout(a_pairs, pad, "cpu"), pool_rollout(b_pairs, pad, "cpu")
+    a = replace(a, logprobs=torch.where(a.response_mask, -0.5, 0.0))  # log-probs to pad with 0 where masked
+    b = replace(b, sampler_logprobs=torch.where(b.response_mask, -0.25, 0.0))
+    m = merge([a, b], pad)
+    ref = pool_rollout(a_pairs + b_pairs, pad, "cpu")  # P = 4, N = 3: the layout merge must give
+    assert m.prompt_len == 4 and tuple(m.tokens.shape) == (4, 7), (
+        f"merge gave prompt_len {m.prompt_len} and tokens {tuple(m.tokens.shape)}: expected P = 4 (the longest "
+        f"padded prompt) and (4 rows, P + N = 4 + 3) (N = 3, the longest response budget)")
+    for i, (p, _) in enumerate(a_pairs + b_pairs):
+        got = m.tokens[i].tolist()
+        if got[:4] == p + [pad] * (4 - len(p)) and got != ref.tokens[i].tolist():
+            raise AssertionError(f"row {i}: the prompt {p} was padded on the right ({got[:4]}): prompts are left-padded, "
+                                 f"the pads before the prompt, so that every prompt ends at column P - 1 and its response "
+                                 f"starts at column P (response_logits reads the logits there)")
+    blocks = torch.cat([ref.tokens[2:], ref.tokens[:2]])
+    assert not torch.equal(m.tokens, blocks), (
+        "the rows came out in the wrong order: the rows of parts[0] first, then those of parts[1] (in opd_step the "
+        "student's rows are 0 .. S-1 and the teacher's the last)")
+    assert torch.equal(m.tokens, ref.tokens), (
+        f"merge's tokens are {m.tokens.tolist()}, expected {ref.tokens.tolist()}: prompts left-padded to P, "
+        f"responses right-padded to N, with pad_id")
+    assert torch.equal(m.valid, ref.valid), (
+        f"merge's valid is {m.valid.int().tolist()}, expected {ref.valid.int().tolist()}: False on every pad "
+        f"(left of the prompt, right of the response), True on the real tokens")
+    assert torch.equal(m.response, ref.response), (
+        f"merge's response is {m.response.tolist()}, expected {ref.response.tolist()}: right-padded with pad_id")
+    assert torch.equal(m.response_mask, ref.response_mask), (
+        f"merge's response_mask is {m.response_mask.int().tolist()}, expected {ref.response_mask.int().tolist()}: "
+        f"it must be False on the padding, where the objectives' loss never looks (True there puts pad tokens into "
+        f"the loss)")
+    logprobs, sampler_logprobs = torch.zeros(4, 3), torch.zeros(4, 3)
+    logprobs[:2] = a.logprobs  # a's budget is already N = 3
+    sampler_logprobs[2:, :2] = b.sampler_logprobs
+    for name, want in (("logprobs", logprobs), ("sampler_logprobs", sampler_logprobs)):
+        assert torch.equal(getattr(m, name), want), (
+            f"merge's {name} is {getattr(m, name).tolist()}, expected {want.tolist()}: each part's values, "
+            f"right-padded with 0.0")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=11, block_size=16, n_layer=1, n_head=2, n_embd=8))
+    with torch.no_grad():
+        whole = response_logits(model, m)  # (4, 3, V)
+        for part, rows in ((a, slice(0, 2)), (b, slice(2, 4))):
+            n, mask = part.response.shape[1], part.response_mask
+            torch.testing.assert_close(whole[rows, :n][mask], response_logits(model, part)[mask], atol=1e-5, rtol=1e-5)
+    assert merge([None, b], pad) is b and merge([a, None], pad) is a
+
+
 def test_lmbda_1_is_the_plain_on_policy_step_bit_for_bit():
     """opd_step at lmbda = 1 against the five steps written out by hand: the same weights, exactly."""
     teacher = freeze(tiny(0, 48))
