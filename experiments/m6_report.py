@@ -21,7 +21,7 @@ from experiments.common import cell_text, cells, interval, verdict, verdict_text
 from nanoopd.report import by_label, mean, write_results
 
 CSV = ["label", "pair", "seed", "start_acc", "final_acc", "final_acc_train", "flops", "flops_given", "steps",
-       "steps_done", "half_gap_flops", "half_gap_flops_given", "quarter_gap_flops", "excess_long", "excess_short",
+       "steps_done", "half_gap_flops", "half_gap_flops_given", "to_on_policy_flops", "excess_long", "excess_short",
        "error", "seconds"]
 FR = ("0.25", "0.5", "0.75")
 REF = "opd_rkl"  # the on-policy arm the ratios are taken to
@@ -44,13 +44,16 @@ def gap(probe: dict, bucket: str, f: str) -> float:
 
 
 def annotate(rows: list[dict], pair_rows: dict) -> None:
-    """Add each run's FLOPs to close a half and a quarter of the gap, and its exposure excess, in place."""
+    """Add each run's FLOPs to close half of the gap and to reach the on-policy run's final accuracy
+    (same pair and seed, eval_n set), and its exposure excess, in place."""
+    on = {(r["pair"], r["seed"]): r for r in rows if r["label"] == REF}
     for r in rows:
         pr = pair_rows[r["pair"]]
-        for name, share in (("half", 0.5), ("quarter", 0.25)):
-            target = r["start_acc_train"] + share * (pr["teacher_acc_train"] - r["start_acc_train"])
-            r[f"{name}_gap_flops"] = reach(r["evals"], target, 2) if r["evals"] else None
-            r[f"{name}_gap_flops_given"] = reach(r["evals"], target, 3) if r["evals"] else None
+        target = r["start_acc_train"] + 0.5 * (pr["teacher_acc_train"] - r["start_acc_train"])
+        r["half_gap_flops"] = reach(r["evals"], target, 2) if r["evals"] else None
+        r["half_gap_flops_given"] = reach(r["evals"], target, 3) if r["evals"] else None
+        ref = on.get((r["pair"], r["seed"]))
+        r["to_on_policy_flops"] = reach(r["evals"], ref["final_acc_train"], 2) if r["evals"] and ref else None
         for b in ("long", "short"):
             excess = [gap(r["probe"], b, f) - gap(pr["start_probe"], b, f) for f in FR]
             r.update({f"excess_{b}_{f}": e for f, e in zip(FR, excess)}, **{f"excess_{b}": sum(excess) / len(excess)})
@@ -78,20 +81,21 @@ def report(cfg, pcfgs, pair_rows: list[dict], rows: list[dict], seconds: float, 
     annotate(rows, prs)
     arms = by_label(rows)
     teacher, start = mean(pr["teacher_acc"] for pr in pair_rows), mean(r["start_acc"] for r in rows)
-    ref = {k: geo(r[k] for r in arms[REF]) for k in ("half_gap_flops", "half_gap_flops_given", "quarter_gap_flops")}
+    ref = {k: geo(r[k] for r in arms[REF]) for k in ("half_gap_flops", "half_gap_flops_given", "to_on_policy_flops")}
     lines = [f"M6: the distillation spectrum at equal compute | {cfg.pairs} pair(s) | seeds {cfg.seeds} | budget "
              f"{mean(pr['budget'] for pr in pair_rows) / 1e12:.2f} TFLOP per run (teacher sampling charged) | "
              f"batch {cfg.opd_batch} | lr {cfg.opd_lr} (RLVR {cfg.rlvr_lr}, {cfg.rlvr_prompts} x {cfg.rlvr_group}) | "
-             f"teacher {teacher:.1%}, student at start {start:.1%} (greedy, n={cfg.final_eval_n}) | wall {seconds / 60:.1f} min",
+             f"teacher {teacher:.1%}, student at start {start:.1%} (greedy, n={cfg.final_eval_n}) | wall {seconds / 60:.1f} min (this invocation: runs read back "
+             f"from an earlier one are not timed again)",
              f"{'arm':12s} | {'held-out acc at the budget: mean [95% CI] (per pair)':52s} | {'TFLOP chg/given':15s} | "
              f"{'steps':5s} | {'half gap, charged (runs) x on-policy':36s} | {'half gap, traces given':36s} | "
-             f"quarter gap, charged"]
+             f"on-policy's accuracy, charged"]
     for label, rs in arms.items():
         lines.append(f"{label:12s} | {cell_text(rs):52s} | {mean(r['flops'] for r in rs) / 1e12:6.2f} / "
                      f"{mean(r['flops_given'] for r in rs) / 1e12:5.2f} | {mean(r['steps_done'] for r in rs):5.0f} | "
                      f"{flop_cell(rs, 'half_gap_flops', ref['half_gap_flops']):36s} | "
                      f"{flop_cell(rs, 'half_gap_flops_given', ref['half_gap_flops_given']):36s} | "
-                     f"{flop_cell(rs, 'quarter_gap_flops', ref['quarter_gap_flops'])}")
+                     f"{flop_cell(rs, 'to_on_policy_flops', ref['to_on_policy_flops'])}")
     # --- exposure bias
     lines.append(f"exposure gap = acc(finishing the teacher's prefix) - acc(finishing its own), prefixes at f = "
                  f"{', '.join(FR)} of the response; start: the student before; each arm: its gap minus the start's "
@@ -164,8 +168,9 @@ def report(cfg, pcfgs, pair_rows: list[dict], rows: list[dict], seconds: float, 
 
 
 def figure(path: str, arms: dict, start: float, teacher: float, log) -> None:
-    """Held-out accuracy against FLOPs (log axis), one curve per arm: the mean over runs at each
-    evaluation, and the 95 % interval over pairs as a band; charged (left) and traces given (right)."""
+    """Held-out accuracy gained over the start against FLOPs (log axis), one curve per arm: the mean
+    over runs at each evaluation, and the 95 % interval over the pairs' means as a band (the gain
+    removes each pair's own level); charged (left) and traces given (right)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -179,19 +184,19 @@ def figure(path: str, arms: dict, start: float, teacher: float, log) -> None:
             rs = [r for r in rs if r["evals"]]
             n = min(len(r["evals"]) for r in rs)
             xs = [mean(r["evals"][j][col] for r in rs) for j in range(1, n)]
-            stats = [interval([{"pair": r["pair"], "a": r["evals"][j][1]} for r in rs], "a") for j in range(1, n)]
+            stats = [interval([{"pair": r["pair"], "a": r["evals"][j][1] - r["evals"][0][1]} for r in rs], "a")
+                     for j in range(1, n)]
             color = f"C{i}"
             ax.plot(xs, [100 * s["mean"] for s in stats], marker="o", ms=3, color=color, label=label,
                     ls="--" if label in ("seqkd", "kd_fkl", "kd_rkl") else "-")
             if all(s["low"] is not None for s in stats):
-                ax.fill_between(xs, [100 * s["low"] for s in stats], [100 * s["high"] for s in stats], color=color, alpha=0.12)
-        for y, name, style in ((start, "student at start", ":"), (teacher, "teacher", "--")):
-            ax.axhline(100 * y, color="gray", ls=style, lw=1)
+                ax.fill_between(xs, [100 * s["low"] for s in stats], [100 * s["high"] for s in stats], color=color, alpha=0.08)
+        ax.axhline(0, color="gray", ls=":", lw=1)
         ax.set_xscale("log")
         ax.set_xlabel(f"matmul FLOPs ({title})")
-        ax.set_title(f"M6: held-out accuracy against compute, {title}", fontsize=9)
-    axes[0].set_ylabel("held-out greedy accuracy (%, eval_n)")
-    axes[1].legend(fontsize=7, loc="lower right")
+        ax.set_title(f"M6: held-out accuracy gained against compute, {title}", fontsize=9)
+    axes[0].set_ylabel(f"points over the start ({100 * start:.1f} %; teacher {100 * teacher:.1f} %), eval_n")
+    axes[1].legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
