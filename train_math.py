@@ -24,8 +24,9 @@ Commands
   sampled-token OPD, vOPD baseline, r_t clamped:      python train_math.py --stages opd --baseline --clamp 5 --run_name vopd
   OPSD with the shared rule as PI:                    python train_math.py --stages pibase,opd --mode opsd --pi rule --loss full_reverse_kl --opd_lr 1e-3 --opd_steps 120 --opd_batch 32
   OPD from an RLVR-adapted teacher:                   python train_math.py --stages rlvr,opd --teacher rlvr
+  GKD's mix, half of each batch the teacher's:        python train_math.py --stages opd --lmbda 0.5 --loss forward_kl
   every flag, explained, with its default:            python train_math.py --help
-The experiments M1-M5 are their own scripts in experiments/ (python experiments/m1_objectives.py, ...).
+The experiments M1-M6 are their own scripts in experiments/ (python experiments/m1_objectives.py, ...).
 """
 
 import copy

@@ -5,4 +5,5 @@
   m3_opsd.py             M3: self-distillation with instance-specific PI vs a shared rule
   m4_rlvr_teacher.py     M4: the SFT teacher vs an RLVR-adapted teacher
   m5_cold_start.py       M5: OPD with and without the SFT cold start
+  m6_on_policy.py        M6: teacher sequences, the student's own and a sparse reward at equal FLOPs (m6_report.py: its tables)
 """
