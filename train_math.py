@@ -374,9 +374,10 @@ def train_rlvr_teacher(cfg: TrainConfig, tok, teacher: GPT, student: GPT, seed: 
     log(f"rlvr: from the {cfg.rlvr_init}, {rcfg.rlvr_steps} steps x {rcfg.rlvr_prompts} problems x {rcfg.rlvr_group} "
         f"samples, lr {rcfg.rlvr_lr}, contexts "
         f"{'prompts' if rcfg.rlvr_cut == 0 else f'student samples cut at U[0, {rcfg.rlvr_cut}]'}")
-    train_rlvr(model, tok, rcfg, student=student, log=log, jsonl_path=path[:-3] + ".jsonl", ckpt_path=path,
-               save_every=cfg.save_every, resume=resume, extra={"role": "teacher_rlvr", "train": asdict(cfg)},
-               settings={"init": cfg.rlvr_init}, compile=cfg.compile)
+    records = train_rlvr(model, tok, rcfg, student=student, log=log, jsonl_path=path[:-3] + ".jsonl", ckpt_path=path,
+                         save_every=cfg.save_every, resume=resume, extra={"role": "teacher_rlvr", "train": asdict(cfg)},
+                         settings={"init": cfg.rlvr_init}, compile=cfg.compile)
+    FLOPS["rlvr"] = FlopCount().add(sum(r["flops"] for r in records))
     return model
 
 # -----------------------------------------------------------------------------

@@ -110,6 +110,8 @@ def pair(tmp_path_factory):
     summary = run(out, "--stages", "student,eval")
     assert (out / "student.pt").exists()
     assert all(0 <= summary[f"{r}_acc_{k}"] <= 1 for r in ("teacher", "student") for k in ("greedy", "sampled"))
+    # the cold start's FLOPs: its SFT steps, and (charged only) the teacher's sampling of its pool
+    assert summary["student_flops"] > summary["student_flops_given"] > 0
     return out
 
 

@@ -79,6 +79,9 @@ def test_stage_rlvr_then_opd_from_the_rlvr_teacher_and_an_opsd_stage(pair):
     summary = main(["--out_dir", str(pair), "--stages", "rlvr,opd", "--teacher", "rlvr", "--run_name", "from_rlvr",
                     "--rlvr_cut", "0.5", *TINY, *RLVR])
     assert (pair / "teacher_rlvr.pt").exists() and summary["opd_from_rlvr"]["final_acc"] is not None
+    # every stage says what it spent: RLVR's steps, OPD's (teacher sampling charged and given)
+    assert summary["rlvr_flops"] == summary["rlvr_flops_given"] > 0
+    assert summary["opd_from_rlvr"]["flops"] == summary["opd_from_rlvr"]["flops_given"] > 0
     summary = main(["--out_dir", str(pair), "--stages", "opd", "--mode", "opsd", "--pi", "answer", "--live_teacher",
                     *TINY, *RLVR])
     assert set(summary["opd_opsd_answer"]) >= {"start_acc", "final_acc", "start_rule", "final_rule"}
