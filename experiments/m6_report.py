@@ -124,7 +124,8 @@ def report(cfg, pcfgs, pair_rows: list[dict], rows: list[dict], seconds: float, 
                 if sk and on and sk["final_acc_train"] is not None:
                     at = reach(on["evals"], sk["final_acc_train"], col)
                     reached += [at is not None] if col == 2 else []
-                    ratios.append(math.log(sk[key] / at) if at else math.log(sk[key] / on[key]) - 1e-9)
+                    # not reached: on-policy needs more than its whole budget, so the ratio is below sk / on
+                    ratios.append(math.log(sk[key] / at) if at else min(math.log(sk[key] / on[key]), 0.0) - 1e-9)
             tm.setdefault(key, {})[p] = (sum(ratios) / len(ratios), 0.0) if ratios else None
     have = lambda *labels: all(label in arms for label in labels)
     checks = {}
