@@ -14,6 +14,7 @@ import torch
 
 from nanoopd import distributed
 from nanoopd.checkpoint import CheckpointError
+from nanoopd.config import ConfigError
 from nanoopd.tokenizer import get_tokenizer
 
 
@@ -80,5 +81,6 @@ def cli(main) -> None:
         if not isinstance(e, EXPECTED):
             raise
         disk = isinstance(e, OSError) and not isinstance(e, FileNotFoundError)
-        print(f"error: {e}" + (f"\n{DISK_HINT}" if disk else ""), file=sys.stderr)
+        said = f"--{e.field} {e.message}" if isinstance(e, ConfigError) else str(e)  # a setting: named by its flag
+        print(f"error: {said}" + (f"\n{DISK_HINT}" if disk else ""), file=sys.stderr)
         sys.exit(1)

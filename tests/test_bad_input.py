@@ -141,3 +141,13 @@ def test_a_read_only_out_dir_stops_with_a_message(tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(os, "makedirs", read_only)
     err = run_cli(["--stages", "teacher", "--out_dir", str(tmp_path / "out"), "--t_steps", "1", *TINY], capsys)
     assert "Read-only file system" in err and DISK_HINT in err
+
+
+def test_a_flop_budget_below_one_step_exits_1_naming_the_flag_and_writes_nothing(tmp_path, capsys):
+    for role in ("teacher", "student"):
+        save_checkpoint(str(tmp_path / f"{role}.pt"), tiny_model(), 0)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    err = run_cli(["--out_dir", str(tmp_path), "--stages", "opd", "--opd_flops", "1000", *TINY], capsys)
+    assert "--opd_flops" in err and "below one step" in err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name in before} == before
+    assert not list(tmp_path.glob("opd_*"))  # no run files were started
