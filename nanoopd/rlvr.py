@@ -184,9 +184,10 @@ def train_rlvr(model: GPT, tok: Tokenizer, cfg: RLVRConfig, student: GPT | None 
         records, saved = state["records"], first
         log(f"{name}: resuming from '{ckpt_path}' at step {first}/{cfg.rlvr_steps}")
     ddp_model = distributed.wrap(model, device, compile)  # the model itself in one process, uncompiled
+    spent = sum(r["flops"] for r in records)  # the running FLOPs (a resumed run's earlier steps included)
     with JsonlLog(jsonl_path, kept=records) as jsonl:  # a resumed run rewrites the steps it keeps
         for step in range(first, cfg.rlvr_steps):
-            if 0 < cfg.rlvr_flops <= sum(r["flops"] for r in records):  # a resumed run that had spent its budget
+            if 0 < cfg.rlvr_flops <= spent:  # a resumed run that had spent its budget
                 break
             set_lr(optimizer, lr_at(step, cfg.rlvr_steps, cfg.rlvr_lr, cfg.rlvr_warmup))
             batch = distributed.shard(problems[step * cfg.rlvr_prompts:(step + 1) * cfg.rlvr_prompts])
@@ -202,7 +203,7 @@ def train_rlvr(model: GPT, tok: Tokenizer, cfg: RLVRConfig, student: GPT | None 
                 kept = (f"the checkpoint of step {saved} ('{ckpt_path}') is intact" if saved is not None
                         else "no checkpoint of this run was written yet")
                 raise FloatingPointError(f"{name} step {step}: {e}; {kept}") from None
-            spent = sum(r["flops"] for r in records) + rec["flops"]
+            spent += rec["flops"]
             last = step == cfg.rlvr_steps - 1 or 0 < cfg.rlvr_flops <= spent
             if eval_problems and (last or (cfg.rlvr_eval_every and (step + 1) % cfg.rlvr_eval_every == 0)):
                 rec["eval_acc"] = distributed.from_main(lambda: evaluate(model, tok, eval_problems, 0.0, cfg.max_new_tokens))
