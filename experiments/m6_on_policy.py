@@ -37,19 +37,19 @@ from experiments.common import (OPD_RUN_FIELDS, OPSD_FIELDS, ExperimentConfig, f
                                 parse, run_experiment, start_accs)
 from experiments.jobs import run_cells
 from experiments.m6_report import report
-from nanoopd.checkpoint import load_checkpoint
 from nanoopd.config import ConfigError
 from nanoopd.device import pick_device
 from nanoopd.evaluate import continuation_acc, evaluate
 from nanoopd.flops import opd_step_flops, pass_flops
 from nanoopd.objectives import SPECS
 from nanoopd.opd import train_opd
+from nanoopd.report import mean
 from nanoopd.rlvr import train_rlvr
 from nanoopd.rollout import generate
 from nanoopd.script import cli
 from nanoopd.tasks import encode_example, sample_problems
 from nanoopd.tokenizer import get_tokenizer
-from train_math import opd_config, rlvr_config, test_problems
+from train_math import load_role, opd_config, rlvr_config, test_problems
 
 # (label, objective or "rlvr", its options, lmbda: the student's share of each batch)
 ARMS = (
@@ -151,8 +151,7 @@ def probe_problems(pcfg: M6Config) -> list:
 def m6_cell(pcfg: M6Config, cell: dict) -> dict:
     """One arm's run from a fresh copy of the pair's student, then its probes."""
     tok, device = get_tokenizer(), pick_device(pcfg.device)
-    teacher = load_checkpoint(os.path.join(pcfg.out_dir, "teacher.pt"), device, tok.n_vocab)[0]
-    model = load_checkpoint(os.path.join(pcfg.out_dir, "student.pt"), device, tok.n_vocab)[0]
+    teacher, model = (load_role(pcfg, role, tok, device) for role in ("teacher", "student"))
     label, loss, options, lmbda = cell["arm"]
     seed, steps, evals = cell["seed"], cell["steps"], max(1, cell["steps"] // pcfg.m6_evals)
     name = f"{label} s{seed} pair {pcfg.seed}"
@@ -190,8 +189,7 @@ def pair_cell(pcfg: M6Config, cell: dict) -> dict:
     the teacher's advantage from the student's prefixes (the teacher and the student finishing the
     same student samples)."""
     tok, device = get_tokenizer(), pick_device(pcfg.device)
-    teacher = load_checkpoint(os.path.join(pcfg.out_dir, "teacher.pt"), device, tok.n_vocab)[0]
-    student = load_checkpoint(os.path.join(pcfg.out_dir, "student.pt"), device, tok.n_vocab)[0]
+    teacher, student = (load_role(pcfg, role, tok, device) for role in ("teacher", "student"))
     lengths = mean_lengths(pcfg, student, teacher, tok)
     on_policy = next(a for a in ARMS if a[0] == "opd_rkl")
     budget = pcfg.m6_flops or pcfg.opd_steps * step_cost(pcfg, on_policy, student, teacher, lengths)
@@ -219,15 +217,10 @@ def m6(cfg: M6Config, tok, device, log) -> dict:
             for arm in cfg.arm_list():
                 calls.append((pcfg, {"prefix": os.path.join(pcfg.out_dir, "m6", f"{arm[0]}_s{seed}"), "seed": seed,
                                      "arm": arm, "steps": pr["steps"][arm[0]], "budget": pr["budget"], **start}))
-    log(f"m6: {len(calls)} runs, budget {mean_of(pr['budget'] for pr in pair_rows) / 1e12:.2f} TFLOP per run "
+    log(f"m6: {len(calls)} runs, budget {mean(pr['budget'] for pr in pair_rows) / 1e12:.2f} TFLOP per run "
         f"(teacher sampling charged)")
     rows = run_cells(cfg, m6_cell, calls, log)
     return report(cfg, pcfgs, pair_rows, rows, time.time() - t0, log)
-
-
-def mean_of(values) -> float:
-    values = list(values)
-    return sum(values) / len(values)
 
 
 def main(argv=None) -> dict:
