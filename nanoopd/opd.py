@@ -172,11 +172,12 @@ def train_opd(student: GPT, teacher: GPT, tok: Tokenizer, cfg: OPDConfig, run_pr
               eval_problems: list[Problem], log=print, name: str | None = None,
               start_acc: float | None = None, print_every: int = 1, teacher_score=None, extra_stats=None,
               save_every: int = 0, resume: bool = False, settings: dict | None = None,
-              compile: bool = False, teacher_pool: list | None = None) -> dict:
+              compile: bool = False, teacher_pool: list | None = None, train_problems: list | None = None) -> dict:
     """Distil `teacher` into `student` (in place) for cfg.opd_steps steps. teacher may be `student`
     itself (live self-distillation: it scores without gradient, unfrozen); teacher_score and
     extra_stats go to opd_step; compile=True compiles the student's training forward passes;
-    teacher_pool: the (problem, prompt ids, response ids) traces of cfg.teacher_rows = 'pool'.
+    teacher_pool: the (problem, prompt ids, response ids) traces of cfg.teacher_rows = 'pool';
+    train_problems: the steps' prompts in order, opd_steps x opd_batch (default: fresh, drawn with cfg.seed).
 
     Writes <run_prefix>.jsonl (one record per step), <run_prefix>.pt and <run_prefix>.json (the
     summary, also returned). Held-out greedy accuracy is measured on `eval_problems` at the start
@@ -213,12 +214,13 @@ def train_opd(student: GPT, teacher: GPT, tok: Tokenizer, cfg: OPDConfig, run_pr
     rank, world = distributed.rank_and_world()
     distributed.check_shardable(cfg.opd_batch, world, "an OPD batch", "prompts", "--opd_batch")
     rows = TeacherRows(cfg.teacher_rows, teacher_pool, cfg.seed) if cfg.lmbda < 1 else None
-    name = name or cfg.loss
-    device = next(student.parameters()).device
+    name, device = name or cfg.loss, next(student.parameters()).device
     if teacher is not student:
         freeze(teacher)
     optimizer = adamw(student, cfg.opd_lr)
-    problems = sample_problems(cfg.opd_steps * cfg.opd_batch, "train", cfg.seed, cfg.digits, cfg.ops)
+    problems = train_problems or sample_problems(cfg.opd_steps * cfg.opd_batch, "train", cfg.seed, cfg.digits, cfg.ops)
+    if len(problems) < cfg.opd_steps * cfg.opd_batch:
+        raise ValueError(f"{len(problems)} training prompts for {cfg.opd_steps} steps x {cfg.opd_batch}: pass them all")
     S, p = student_share(cfg.lmbda, cfg.opd_batch), [len(encode_example(tok, q)[0]) for q in problems[:cfg.opd_batch]]
     check_budget(cfg.opd_flops, "opd_flops", sum(opd_step_flops(  # the first step, were every response one token
         student.config, teacher.config, (p[:S], [1] * S), (p[S:], [1] * (len(p) - S)), scored=SPECS[cfg.loss].uses_teacher)))
@@ -227,9 +229,7 @@ def train_opd(student: GPT, teacher: GPT, tok: Tokenizer, cfg: OPDConfig, run_pr
         os.makedirs(os.path.dirname(os.path.abspath(run_prefix)), exist_ok=True)
     ckpt_path = run_prefix + ".pt"
     run_settings = {**asdict(cfg), **(settings or {})}  # what a resume must match
-
     held_out = lambda: distributed.from_main(lambda: evaluate(student, tok, eval_problems, 0.0, cfg.max_new_tokens))
-
     records, first, elapsed = [], 0, 0.0
     if can_resume(resume, ckpt_path):
         first, state = resume_run_state(ckpt_path, student, optimizer, generator, "opd", run_settings)
