@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from experiments.jobs import job_threads, run_cells, run_jobs
-from experiments.stats import cell_text, cells, interval, verdict, verdict_text  # noqa: F401 (the scripts')
+from experiments.stats import cell_text, cells, equivalence, interval, verdict, verdict_text  # noqa: F401 (the scripts')
 from nanoopd.checkpoint import load_checkpoint, read_checkpoint
 from nanoopd.config import ConfigError, parse_config
 from nanoopd.device import pick_device
@@ -115,17 +115,21 @@ def role_finished(path: str, steps: int) -> bool:
 
 
 def check_pair(pcfg: ExperimentConfig) -> None:
-    """Refuse to reuse a pair trained with other flags: each checkpoint train_math.py wrote records
-    its config, and the PAIR_FIELDS of its role must equal this run's (a checkpoint without that
-    record, saved by other code, is taken as it is)."""
+    """Refuse to reuse a pair trained with other flags (check_trained, for each role)."""
     for role, fields in PAIR_FIELDS.items():
-        path = os.path.join(pcfg.out_dir, f"{role}.pt")
-        trained = read_checkpoint(path).get("extra", {}).get("train") if os.path.exists(path) else None
-        diff = [f"--{f} {trained[f]} (asked: {getattr(pcfg, f)})" for f in fields
-                if trained and f in trained and trained[f] != getattr(pcfg, f)]
-        if diff:
-            raise ConfigError("out_dir", f"{path} was trained with {', '.join(diff)}: pass those flags to reuse "
-                                         f"it, or give another --out_dir to train new pairs there")
+        check_trained(os.path.join(pcfg.out_dir, f"{role}.pt"), fields, pcfg)
+
+
+def check_trained(path: str, fields, cfg: ExperimentConfig) -> None:
+    """Refuse to reuse a checkpoint trained with other flags: each checkpoint train_math.py wrote
+    records its config, and `fields` of it must equal cfg's (a checkpoint without that record,
+    saved by other code, is taken as it is)."""
+    trained = read_checkpoint(path).get("extra", {}).get("train") if os.path.exists(path) else None
+    diff = [f"--{f} {trained[f]} (asked: {getattr(cfg, f)})" for f in fields
+            if trained and f in trained and trained[f] != getattr(cfg, f)]
+    if diff:
+        raise ConfigError("out_dir", f"{path} was trained with {', '.join(diff)}: pass those flags to reuse "
+                                     f"it, or give another --out_dir to train new pairs there")
 
 
 def train_pair(pcfg: ExperimentConfig, _cell=None) -> dict:

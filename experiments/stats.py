@@ -5,7 +5,8 @@ The 95 % interval of a cell is a Student-t interval over the per-pair means,
   mean_p +- t_{0.975, P-1} * sd(mean_1 .. mean_P) / sqrt(P),
 the pair being the unit a reader redraws (a new machine gives a new pair); with one pair, the
 same interval over that pair's runs (the OPD seeds) instead, and with one run none. The verdict
-rule (docs/scorecard.md) reads the same interval over the pairs' differences of two arms.
+rule (docs/scorecard.md) reads the same interval over the pairs' differences of two arms; a claim
+that two arms are the same is read by the equivalence rule, the same interval against a margin.
 """
 
 import math
@@ -81,6 +82,20 @@ def verdict(rows: list[dict], a: str, b: str, key: str = "final_acc", group: str
         word = "not reproduced"
     return {"claim": f"{a} > {b} on {key}", "per_pair": d, "mean": c["mean"], "low": c["low"], "high": c["high"],
             "pairs_in_direction": holds, "pairs": len(d), "verdict": word}
+
+
+def equivalence(rows: list[dict], a: str, b: str, margin: float, key: str = "final_acc", group: str = "label") -> dict:
+    """The equivalence rule of docs/scorecard.md for the claim "a and b give the same": the interval
+    of verdict(), d +- t_{0.975, P-1} sd(d_p) / sqrt(P), against the margin m (a fraction):
+      reproduced      the interval lies within [-m, +m],
+      partly          it includes 0 but reaches past the margin,
+      not reproduced  it excludes 0.
+    With fewer than 3 pairs the verdict is 'pending'."""
+    v = verdict(rows, a, b, key, group)
+    if v["pairs"] >= 3:
+        inside = -margin <= v["low"] and v["high"] <= margin
+        v["verdict"] = "reproduced" if inside else "partly" if v["low"] <= 0 <= v["high"] else "not reproduced"
+    return {**v, "claim": f"{a} = {b} on {key} within +-{margin:g}", "margin": margin}
 
 
 def verdict_text(v: dict, scale: float = 100) -> str:

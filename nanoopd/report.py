@@ -60,9 +60,9 @@ def summarize_records(summary: dict, records: list[dict]) -> dict:
                    for r in records]
         summary["figures_of"] = "teacher rows"
     if records:
-        for key in ("kl", "response_length", "overlap_ratio", "overlap_mass_student", "budget_share",
-                    "grad_norm", "logratio_max_abs", "track_logratio_mean", "track_rows", "track_other_kl",
-                    "tail_mass"):
+        for key in ("kl", "response_length", "overlap_ratio", "overlap_mass_student", "overlap_mass_teacher",
+                    "budget_share", "grad_norm", "logratio_max_abs", "track_logratio_mean", "track_rows",
+                    "track_other_kl", "tail_mass"):
             if key in records[-1]:
                 summary[f"final_{key}"] = tail_mean(records, key)
         summary["final_rollout_acc"] = tail_mean(records, "acc")  # final_acc is the held-out one
