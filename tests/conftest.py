@@ -18,3 +18,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def tiny_pairs(root) -> None:
+    """Three tiny teacher/student pairs where an experiment's --pairs 3 looks for them (pipeline
+    seeds 1337, 2337, 3337 under root), each with its own random weights."""
+    from nanoopd.checkpoint import save_checkpoint
+    from nanoopd.model import GPT, GPTConfig
+    from nanoopd.tokenizer import get_tokenizer
+
+    def tiny(seed: int, n_embd: int) -> GPT:
+        torch.manual_seed(seed)
+        return GPT(GPTConfig(vocab_size=get_tokenizer().n_vocab, block_size=64, n_layer=1, n_head=2, n_embd=n_embd))
+
+    for i, folder in enumerate((root, root / "pair2337", root / "pair3337")):
+        folder.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(str(folder / "teacher.pt"), tiny(10 + i, 48), 0)
+        save_checkpoint(str(folder / "student.pt"), tiny(20 + i, 16), 0)

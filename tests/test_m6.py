@@ -6,31 +6,19 @@ import json
 import math
 
 import pytest
-import torch
 
-from nanoopd.checkpoint import save_checkpoint
-from nanoopd.model import GPT, GPTConfig
-from nanoopd.tokenizer import get_tokenizer
+from conftest import tiny_pairs
 
-TOK = get_tokenizer()
 FLAGS = ["--pairs", "3", "--seeds", "1", "--opd_steps", "2", "--opd_batch", "4", "--max_new_tokens", "8",
          "--digits", "2", "--eval_n", "4", "--final_eval_n", "8", "--probe_n", "12", "--m6_evals", "2",
          "--rlvr_prompts", "2", "--rlvr_group", "2", "--threads", "1"]
-
-
-def tiny(seed: int, n_embd: int) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(vocab_size=TOK.n_vocab, block_size=64, n_layer=1, n_head=2, n_embd=n_embd))
 
 
 @pytest.fixture(scope="module")
 def m6_run(tmp_path_factory):
     from experiments import m6_on_policy
     root = tmp_path_factory.mktemp("m6")
-    for i, folder in enumerate((root, root / "pair2337", root / "pair3337")):
-        folder.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(str(folder / "teacher.pt"), tiny(10 + i, 48), 0)
-        save_checkpoint(str(folder / "student.pt"), tiny(20 + i, 16), 0)
+    tiny_pairs(root)
     m6_on_policy.main(["--out_dir", str(root)] + FLAGS)
     return root, json.loads((root / "m6" / "m6.json").read_text())
 
