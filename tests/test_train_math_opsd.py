@@ -58,13 +58,31 @@ def test_m3_runs_every_kind_of_pi_and_writes_its_table(pair, capsys):
     assert sorted(r["pi"] for r in rows(pair / "m3" / "m3.csv")) == ["answer", "rule", "solution"]
 
 
-def test_m4_compares_the_sft_and_the_rlvr_teacher(pair):
+def test_m4_compares_the_sft_and_the_rlvr_teachers(pair, capsys):
     from experiments.m4_rlvr_teacher import main
-    main(["--out_dir", str(pair), "--seeds", "1", *TINY, *RLVR])
+    from nanoopd.checkpoint import read_checkpoint
+    main(["--out_dir", str(pair), "--seeds", "1", *TINY, *RLVR, "--prefix_steps", "3", "--long_steps", "4"])
     got = rows(pair / "m4" / "m4.csv")
-    assert [r["label"] for r in got] == ["sft", "rlvr"]
+    assert [r["label"] for r in got] == ["sft", "rlvr", "rlvr_prefix", "rlvr_long"]
     assert all(0 <= float(r["continuation_acc"]) <= 1 and 0 <= float(r["first_overlap_ratio"]) <= 1 for r in got)
-    assert (pair / "m4" / "teacher_rlvr_s1.pt").exists() and (pair / "m4" / "teacher_rlvr_s1.jsonl").exists()
+    for label, init, steps, cut in (("rlvr", "student", 2, 0.0), ("rlvr_prefix", "teacher", 3, 0.9),
+                                    ("rlvr_long", "student", 4, 0.0)):
+        ck = read_checkpoint(str(pair / "m4" / f"teacher_{label}_s1.pt"))
+        train = ck["extra"]["train"]
+        assert (train["rlvr_init"], train["rlvr_steps"], train["rlvr_cut"], ck["step"]) == (init, steps, cut, steps)
+        assert (pair / "m4" / f"teacher_{label}_s1.jsonl").exists()
+    assert ck["config"]["n_embd"] == 32 and read_checkpoint(str(pair / "m4" / "teacher_rlvr_prefix_s1.pt"))["config"]["n_embd"] == 48
+    assert "rlvr_prefix above sft: distils" in capsys.readouterr().out
+
+
+def test_m4_names_a_bad_rlvr_setting_by_its_own_flag(capsys):
+    from experiments.m4_rlvr_teacher import main
+    for flags, says in ((["--prefix_cut", "1.5"], "--prefix_cut"), (["--long_steps", "0"], "--long_steps"),
+                        (["--m4_teachers", "rlvr"], "--m4_teachers must be names of")):
+        with pytest.raises(SystemExit) as e:
+            main(flags)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and says in err, err
 
 
 def test_m5_distils_the_cold_started_and_the_random_student(pair):
