@@ -36,9 +36,11 @@ import re
 import torch
 
 from nanoopd.evaluate import evaluate
+from nanoopd.metrics import masked_average
 from nanoopd.model import GPT
 from nanoopd.opd import freeze
-from nanoopd.rollout import Rollout, left_pad, response_logits
+from nanoopd.rollout import Rollout, generate, left_pad, response_logits
+from nanoopd.sequence_kl import token_kl
 from nanoopd.tasks import Problem, encode_example, trace_text
 from nanoopd.tokenizer import Tokenizer
 
@@ -167,6 +169,20 @@ def pi_scores(model: GPT, tok: Tokenizer, problems: list[Problem], max_new_token
     prefix = "" if kind is None else (lambda p: pi_text(p, kind))
     acc, texts = evaluate(model, tok, problems, 0.0, max_new_tokens, prefix=prefix, return_texts=True)
     return acc, sum(verify_rule(t, p) for t, p in zip(texts, problems)) / len(problems)
+
+
+@torch.no_grad()
+def pi_kl(student: GPT, teacher: GPT, tok: Tokenizer, problems: list[Problem], kind: str, max_new_tokens: int,
+          seed: int) -> float:
+    """How far the PI-free student is from the teacher with PI `kind`, at the student's own states:
+    mean over response tokens of KL(pi(.|x, y_<t) || q(.|I, x, y_<t)), y ~ pi(.|x) at T = 1 (seeded),
+    on `problems`. The floor the student can reach is the KL to the aggregate of the module docstring."""
+    prompts = [encode_example(tok, p)[0] for p in problems]
+    ro = generate(student, prompts, max_new_tokens, tok.eos_id, tok.pad_id, temperature=1.0,
+                  generator=torch.Generator(device=next(student.parameters()).device).manual_seed(seed))
+    logp = torch.log_softmax(response_logits(student, ro).float(), dim=-1)  # (B, N, V)
+    logq = torch.log_softmax(PrivilegedTeacher(tok, kind)(teacher, ro, problems).float(), dim=-1)  # (B, N, V)
+    return masked_average(token_kl(logp, logq), ro.response_mask).item()
 
 
 def rule_visible(problem: Problem) -> bool:

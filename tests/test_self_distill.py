@@ -165,3 +165,26 @@ def test_opsd_with_live_weights_trains_the_student_without_freezing_it(tmp_path)
     assert s["steps_done"] == 2 and s["first_kl"] > 0
     assert all(p.requires_grad for p in student.parameters())
     assert not all(torch.equal(v, start[k]) for k, v in student.state_dict().items())
+
+
+@pytest.mark.parametrize("kind", PI_KINDS)
+def test_pi_kl_is_the_token_kl_to_the_pi_teacher_at_the_students_own_states(kind):
+    """The aggregation measure by hand: each sample scored alone, the student on [bos] x y_<t, the
+    teacher on [bos] PI x y_<t, the KL summed over the real response tokens of every row."""
+    from nanoopd.self_distill import pi_kl
+    student, teacher = tiny(0), tiny(1)
+    problems = sample_problems(5, "test", 0, 2)
+    got = pi_kl(student, teacher, TOK, problems, kind, 10, seed=4)
+    ro = student_rollout(student, problems, n=10, seed=4)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i, p in enumerate(problems):
+            prompt = encode_example(TOK, p)[0]
+            y = ro.response[i][ro.response_mask[i]].tolist()
+            pi = TOK.encode(pi_text(p, kind), allow_special=True)
+            s = torch.log_softmax(student(torch.tensor([prompt + y]))[0, len(prompt) - 1:-1], -1)  # (n, V)
+            q = torch.log_softmax(teacher(torch.tensor([prompt[:1] + pi + prompt[1:] + y]))[0, len(pi) + len(prompt) - 1:-1], -1)
+            total += (s.exp() * (s - q)).sum().item()
+            count += len(y)
+    assert got == pytest.approx(total / count, rel=1e-5)
+    assert pi_kl(student, student, TOK, problems, kind, 10, seed=4) > 0  # PI moves the teacher, even on its own weights
