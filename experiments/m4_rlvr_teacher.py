@@ -53,7 +53,7 @@ class M4Config(ExperimentConfig):
     # --- experiment
     cont_frac: float = 0.5           # teacher-continuation accuracy: cut the student's samples at this fraction, in [0, 1]
     m4_teachers: str = "sft,rlvr,rlvr_prefix,rlvr_long"  # comma-separated teachers of TEACHERS to run (sft among them)
-    prefix_steps: int = 300          # rlvr_prefix: RLVR steps of the SFT teacher on the student's prefixes
+    prefix_steps: int = 200          # rlvr_prefix: RLVR steps of the SFT teacher on the student's prefixes
     prefix_lr: float = 1e-4          # rlvr_prefix: its peak learning rate
     prefix_cut: float = 0.9          # rlvr_prefix: its contexts are student samples cut at a fraction drawn from U[0, prefix_cut]
     long_steps: int = 1000           # rlvr_long: RLVR steps of the student from its prompts

@@ -25,6 +25,7 @@ CSV = ["part", "label", "pair", "seed", "params", "teacher_acc", "continuation_a
        "pool_alignment", "kept_minus_share", "degraded", "seconds"]
 EQUAL = 0.02  # the equivalence margin: 2 points, the 95 % half-width of one accuracy on 2,000 problems
 PUBLISHED_MASS = 0.97  # "a small shared token set holds 97-99 % of the mass" (Rethinking OPD)
+NOT_OPD = ("m3",)  # OPSD's runs: the teacher is the student itself with PI, their accuracy is read without it
 
 
 def report(cfg, pcfgs: list, rows: list[dict], seconds: float, log) -> dict:
@@ -99,8 +100,9 @@ def fate(summary: dict) -> str:
 
 
 def run_masses(out_dir: str, seed: int) -> list[dict]:
-    """One row per on-policy OPD run found under out_dir (<run>.json beside its <run>.jsonl): its
-    experiment (the folder), pair, fate, and overlap ratio and masses at the first step and the end."""
+    """One row per on-policy OPD run found under out_dir (<run>.json beside its <run>.jsonl; not
+    OPSD's): its experiment (the folder), pair, fate, and overlap ratio and masses at the first
+    step and at the end."""
     out = []
     for path in sorted(glob.glob(os.path.join(out_dir, "**", "*.json"), recursive=True)):
         if path.endswith(".row.json") or not os.path.exists(path[:-5] + ".jsonl"):
@@ -113,6 +115,8 @@ def run_masses(out_dir: str, seed: int) -> list[dict]:
         with open(path[:-5] + ".jsonl") as f:
             records = [json.loads(line) for line in f if line.strip()]
         parts = os.path.relpath(path, out_dir).split(os.sep)
+        if len(parts) < 2 or parts[-2] in NOT_OPD:
+            continue
         pair = int(parts[0][4:]) if parts[0].startswith("pair") and parts[0][4:].isdigit() else seed
         row = {"experiment": parts[-2], "run": parts[-1][:-5], "pair": pair, "fate": fate(s)}
         for key, short in (("overlap_ratio", "ratio"), ("overlap_mass_student", "mass_pi"), ("overlap_mass_teacher", "mass_q")):

@@ -222,7 +222,7 @@ def m9(cfg: M9Config, tok, device, log) -> dict:
     calls = []
     for p in pcfgs:
         start = start_accs(p, "student")
-        start_by_op = held_out(p, load_role(p, "student", tok, device), tok)[1]
+        start_by_op = held_out(p, load_role(p, "student", tok, device), tok)[1] if "teachers" in parts else None
         for seed in cfg.seed_list():
             base = lambda label: {"prefix": os.path.join(p.out_dir, "m9", f"{label}_s{seed}"), "seed": seed, "label": label}
             if "teachers" in parts:
