@@ -1,4 +1,5 @@
-"""Tokenizer round-trip and special-token refusal; task splits and the verifier."""
+"""Tokenizer round-trip and special-token refusal, and the second tokenizer ("digits") of the same
+texts; task splits and the verifier."""
 
 import pytest
 
@@ -16,6 +17,27 @@ def test_digits_are_single_tokens():
     tok = get_tokenizer()
     ids = tok.encode("1234567890")
     assert len(ids) == 10
+
+
+def test_the_digits_tokenizer_reads_numbers_in_pieces_of_up_to_three():
+    from nanoopd.cross_tokenizer import align
+    from nanoopd.tokenizer import Tokenizer
+    b, d = get_tokenizer(), get_tokenizer("digits")
+    assert (b.n_vocab, b.eos_id) == (261, 257)  # the project's tokenizer is what it was
+    assert d.n_vocab == 256 + 100 + 1000 + len(SPECIAL_TOKENS) and d.special_ids["<|eos|>"] == d.eos_id == 1357
+    assert [d.encode(str(n).zfill(3)) for n in (0, 347, 999)] == [[356], [356 + 347], [356 + 999]]
+    assert [d.encode(str(n).zfill(2)) for n in (0, 47)] == [[256], [256 + 47]]
+    piece = lambda tok, text: [tok.enc.decode_single_token_bytes(i) for i in tok.encode(text)]
+    assert piece(d, "3471+28=") == [b"347", b"1", b"+", b"28", b"="]
+    for text in ["347+285=\n7+5+0=12\nA:632", "héllo wörld ✓ 12 345", "", "0000001"]:
+        assert d.decode(d.encode(text)) == text
+    assert d.encode("<|eos|>", allow_special=True) == [d.eos_id]
+    with pytest.raises(ValueError, match="unknown tokenizer 'wordpiece'; the known ones: bytes, digits"):
+        Tokenizer("wordpiece")
+    # the two read one trace alike but for its numbers: the groups are the numbers' digit runs
+    text = "347+285=\n7+5+0=12\nA:632"
+    groups = align(piece(b, text), piece(d, text))
+    assert [b"".join(piece(b, text)[i0:i1]) for i0, i1, j0, j1 in groups if i1 - i0 > 1] == [b"347", b"285", b"12", b"632"]
 
 
 def test_special_tokens_are_refused_in_plain_text_unless_allowed():
