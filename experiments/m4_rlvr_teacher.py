@@ -39,10 +39,11 @@ from train_math import objective_options, opd_config, test_problems, train_rlvr_
 
 CSV = ["label", "pair", "seed", "teacher_acc", "continuation_acc", "student_acc", "frac", "start_acc", "final_acc",
        "first_overlap_ratio", "final_overlap_ratio", "first_kl", "final_kl", "degraded", "seconds"]
-# (label, the model RLVR starts from, {RLVR field: the M4 flag that sets it}); sft: the SFT teacher as it is
+# (label, the model RLVR starts from (None: --rlvr_init's), {RLVR field: the M4 flag that sets it});
+# sft: the SFT teacher as it is; rlvr: the --rlvr_* flags as given
 TEACHERS = (
     ("sft", None, {}),
-    ("rlvr", "student", {}),
+    ("rlvr", None, {}),
     ("rlvr_prefix", "teacher", {"rlvr_steps": "prefix_steps", "rlvr_lr": "prefix_lr", "rlvr_cut": "prefix_cut"}),
     ("rlvr_long", "student", {"rlvr_steps": "long_steps", "rlvr_lr": "long_lr"}),
 )
@@ -83,7 +84,7 @@ class M4Config(ExperimentConfig):
     def rlvr_of(self, label: str) -> "M4Config":
         """This config with the RLVR settings of teacher `label`: where it starts, its steps, lr and cut."""
         _, init, flags = next(t for t in TEACHERS if t[0] == label)
-        return replace(self, rlvr_init=init, **self.overrides(flags))
+        return replace(self, rlvr_init=init or self.rlvr_init, **self.overrides(flags))
 
 
 def m4_cell(pcfg: M4Config, cell: dict) -> dict:
