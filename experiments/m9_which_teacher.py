@@ -41,7 +41,7 @@ from nanoopd.config import ConfigError
 from nanoopd.device import pick_device, seed_everything
 from nanoopd.evaluate import accuracy_by_op, continuation_acc, evaluate
 from nanoopd.opd import train_opd
-from nanoopd.prompt_select import alignment, prompt_stream, select
+from nanoopd.prompt_select import alignment, prompt_stream, select_indices
 from nanoopd.script import cli
 from nanoopd.tasks import sample_problems
 from nanoopd.tokenizer import get_tokenizer
@@ -199,9 +199,8 @@ def prompt_cell(pcfg: M9Config, cell: dict) -> dict:
     candidates = sample_problems(pcfg.select_pool, "train", pcfg.seed + 9 + seed, pcfg.digits, pcfg.ops)
     scores = alignment(teacher, student, tok, candidates, pcfg.max_new_tokens, seed, pcfg.diag_k)
     ranks = scores if cell["rule"] == "aligned" else torch.rand(len(candidates), generator=torch.Generator().manual_seed(seed)).tolist()
-    kept = select(candidates, ranks, pcfg.select_keep)
-    kept_set = set(kept)
-    keep_score = [a for c, a in zip(candidates, scores) if c in kept_set]
+    index = select_indices(candidates, ranks, pcfg.select_keep)
+    kept, keep_score = [candidates[i] for i in index], [scores[i] for i in index]
     run = opd_run(pcfg, cell, teacher, student, tok, start_acc_train=start["start_acc_train"],
                   train_problems=prompt_stream(kept, pcfg.opd_steps * pcfg.opd_batch, seed))
     return {"part": "prompts", "label": cell["label"], "pair": pcfg.seed, "seed": seed, "start_acc": start["start_acc"],

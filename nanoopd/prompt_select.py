@@ -39,6 +39,11 @@ def alignment(teacher, student, tok, problems: list[Problem], max_new_tokens: in
 
 def select(problems: list[Problem], scores: list[float], keep: float) -> list[Problem]:
     """The round(keep * n) problems of highest score, in their original order."""
+    return [problems[i] for i in select_indices(problems, scores, keep)]
+
+
+def select_indices(problems: list[Problem], scores: list[float], keep: float) -> list[int]:
+    """The indices `select` keeps, in increasing order (a problem drawn twice is two candidates)."""
     if len(scores) != len(problems):
         raise ValueError(f"one score per problem: {len(scores)} scores for {len(problems)} problems")
     if not 0 < keep <= 1:
@@ -47,8 +52,7 @@ def select(problems: list[Problem], scores: list[float], keep: float) -> list[Pr
     if n < 1:
         raise ValueError(f"keeping {keep} of {len(problems)} candidate prompts leaves none: score more candidates "
                          f"or keep a larger share")
-    best = sorted(range(len(problems)), key=lambda i: (-scores[i], i))[:n]
-    return [problems[i] for i in sorted(best)]
+    return sorted(sorted(range(len(problems)), key=lambda i: (-scores[i], i))[:n])
 
 
 def prompt_stream(pool: list[Problem], n: int, seed: int) -> list[Problem]:
