@@ -25,8 +25,9 @@ Commands
   OPSD with the shared rule as PI:                    python train_math.py --stages pibase,opd --mode opsd --pi rule --loss full_reverse_kl --opd_lr 1e-3 --opd_steps 120 --opd_batch 32
   OPD from an RLVR-adapted teacher:                   python train_math.py --stages rlvr,opd --teacher rlvr
   GKD's mix, half of each batch the teacher's:        python train_math.py --stages opd --lmbda 0.5 --loss forward_kl
+  a teacher reading 3-digit tokens, chunk-level OPD:  python train_math.py --teacher_tokenizer digits --stages teacher,student,eval,opd --loss xt_chunk --out_dir out/digits
   every flag, explained, with its default:            python train_math.py --help
-The experiments M1-M6 are their own scripts in experiments/ (python experiments/m1_objectives.py, ...).
+The experiments M1-M9 are their own scripts in experiments/ (python experiments/m1_objectives.py, ...).
 """
 
 import copy
@@ -38,6 +39,8 @@ import torch
 
 from nanoopd import distributed
 from nanoopd.checkpoint import load_checkpoint, save_checkpoint
+from nanoopd.cross_teacher import check_cross_flags, teacher_scorer
+from nanoopd.cross_tokenizer import retokenize
 from nanoopd.config import ConfigError, parse_config, sub_config
 from nanoopd.device import seed_everything
 from nanoopd.evaluate import accuracy_by_op, evaluate
@@ -52,7 +55,7 @@ from nanoopd.self_distill import PI_KINDS, PrivilegedTeacher, mixture_kinds, pi_
 from nanoopd.sft import train_sft
 from nanoopd.special_tokens import HiddenTokens, TrackedTokens, token_ids
 from nanoopd.tasks import encode_example, sample_problems, weighted_ops
-from nanoopd.tokenizer import get_tokenizer
+from nanoopd.tokenizer import TOKENIZERS, get_tokenizer
 
 STAGES = ("teacher", "student", "eval", "opd", "pibase", "rlvr")
 PI_MIX = {"none": 0.3, "answer": 0.3, "solution": 0.1, "rule": 0.3}  # the OPSD base's SFT mixture (kind -> weight)
@@ -84,6 +87,8 @@ class TrainConfig(OPDConfig, RLVRConfig):
     t_head: int = 4                  # teacher heads
     t_steps: int = 2000              # teacher SFT steps
     t_lr: float = 3e-3               # teacher peak learning rate (warm-up, then cosine to 10 %)
+    teacher_tokenizer: str = field(default="bytes", metadata={"choices": tuple(TOKENIZERS)})  # the teacher's tokenizer (recorded in teacher.pt): 'digits' reads 2- and 3-digit numbers as one token, and OPD then takes an xt_ objective
+    naive_ids: bool = False          # stage opd with a teacher of another tokenizer: hand it the student's ids as its own (the mistake, to see it; never for real use)
     # --- student
     s_layer: int = 2                 # student depth
     s_embd: int = 64                 # student width
@@ -155,6 +160,7 @@ class TrainConfig(OPDConfig, RLVRConfig):
             raise ConfigError("pi" if self.pi != "rule" else "live_teacher", "configures self-distillation: add --mode opsd")
         if self.mode == "opsd" and self.teacher != "sft":
             raise ConfigError("teacher", "picks the OPD teacher model; with --mode opsd the teacher is the model itself with PI")
+        check_cross_flags(self)  # the teacher's tokenizer against the other flags
         if self.mode == "opsd" and self.hide_from_teacher:
             raise ConfigError("hide_from_teacher", "works with --mode opd; with --mode opsd the teacher's context is the PI")
         if self.lmbda < 1 and (self.mode == "opsd" or self.hide_from_teacher):
@@ -206,29 +212,25 @@ def opd_config(cfg: TrainConfig, loss: str, options: dict, seed: int) -> OPDConf
     return sub_config(OPDConfig, cfg, loss=loss, options=options, seed=seed)
 
 
-def rlvr_config(cfg: TrainConfig, seed: int) -> RLVRConfig:
-    return sub_config(RLVRConfig, cfg, seed=seed)
-
-
 def test_problems(cfg: TrainConfig, final: bool = False) -> list:
-    """The held-out problems the accuracies of a run are measured on: eval_n of them during training,
-    final_eval_n for the final accuracies (final=True). The smaller set is the start of the larger."""
+    """The held-out problems: eval_n during training, final_eval_n for final accuracies (final=True; its start is the other)."""
     return sample_problems(cfg.final_eval_n if final else cfg.eval_n, "test", cfg.seed, cfg.digits, cfg.ops)
 
 
 def new_model(cfg: TrainConfig, who: str, tok, device) -> GPT:
     """A fresh GPT of the teacher's (who='t') or the student's ('s') shape."""
-    return GPT(GPTConfig(vocab_size=tok.n_vocab, n_layer=getattr(cfg, f"{who}_layer"), n_embd=getattr(cfg, f"{who}_embd"),
-                         n_head=getattr(cfg, f"{who}_head"))).to(device)
+    return GPT(GPTConfig(vocab_size=tok.n_vocab, tokenizer=tok.name, n_layer=getattr(cfg, f"{who}_layer"),
+                         n_embd=getattr(cfg, f"{who}_embd"), n_head=getattr(cfg, f"{who}_head"))).to(device)
 
 
 def load_role(cfg: TrainConfig, role: str, tok, device, log=None, train=None) -> GPT:
-    """<out_dir>/<role>.pt; when it is missing and train() is given, trained first."""
-    path = os.path.join(cfg.out_dir, f"{role}.pt")
+    """<out_dir>/<role>.pt; when it is missing and train() is given, trained first. The teacher
+    reads --teacher_tokenizer, every other role the tokenizer `tok`."""
+    path, name = os.path.join(cfg.out_dir, f"{role}.pt"), cfg.teacher_tokenizer if role == "teacher" else tok.name
     if train is not None and not os.path.exists(path):
         log(f"no {role}.pt in out_dir: training it first")
         return train()
-    return load_checkpoint(path, device, expect_vocab=tok.n_vocab)[0]
+    return load_checkpoint(path, device, get_tokenizer(name).n_vocab, expect_tokenizer=name)[0]
 
 # -----------------------------------------------------------------------------
 # the stages
@@ -240,15 +242,16 @@ FLOPS = {}  # role -> the FlopCount of its stage (summary.json: <stage>_flops, <
 def sft(cfg: TrainConfig, model: GPT, role: str, batch, steps: int, lr: float, log, **kw) -> GPT:
     """SFT of `model` on batch(step), checkpointed to <out_dir>/<role>.pt (resumable), FLOPs counted in FLOPS[role]."""
     FLOPS[role] = FlopCount()
-    train_sft(model, batch, steps, lr, get_tokenizer().pad_id, log_every=cfg.log_every, desc=role, log=log,
+    train_sft(model, batch, steps, lr, get_tokenizer(model.config.tokenizer).pad_id, log_every=cfg.log_every, desc=role, log=log,
               ckpt_path=os.path.join(cfg.out_dir, f"{role}.pt"), save_every=cfg.save_every, resume=cfg.resume,
               extra={"role": role, "train": asdict(cfg)}, compile=cfg.compile, count=FLOPS[role], **kw)
     return model
 
 
 def train_teacher(cfg: TrainConfig, tok, device, log) -> GPT:
-    """SFT on gold traces of fresh training problems every step."""
+    """SFT on gold traces of fresh training problems every step, read with --teacher_tokenizer."""
     seed_everything(cfg.seed)
+    tok = get_tokenizer(cfg.teacher_tokenizer)
     model = new_model(cfg, "t", tok, device)
     log(f"teacher: {model.num_params():,} parameters, {cfg.t_steps} SFT steps on gold traces")
     problems = sample_problems(cfg.t_steps * cfg.batch_size, "train", cfg.seed, cfg.digits, cfg.ops)
@@ -264,17 +267,17 @@ def teacher_traces(teacher: GPT, tok, cfg: TrainConfig) -> list[tuple[list[int],
 
 @torch.no_grad()
 def teacher_pool(teacher: GPT, tok, cfg: TrainConfig) -> list[tuple]:
-    """(problem, prompt, response) triples: the teacher's greedy answers to s_pool training prompts.
-    Responses that hit the token budget without <|eos|> are dropped."""
+    """(problem, prompt, response) triples in `tok`'s ids: the teacher's greedy answers to s_pool training
+    prompts (re-read from its own tokenizer). Responses that hit the budget without <|eos|> are dropped."""
     problems = sample_problems(cfg.s_pool, "train", cfg.seed + 1, cfg.s_digits or cfg.digits,
                                weighted_ops(cfg.s_ops) or cfg.ops)
-    prompts = [encode_example(tok, p)[0] for p in problems]
-    pairs = []
-    for i in range(0, len(prompts), 256):
-        ro = generate(teacher, prompts[i:i + 256], cfg.max_new_tokens, tok.eos_id, tok.pad_id, temperature=0.0)
-        for problem, prompt, resp in zip(problems[i:i + 256], prompts[i:i + 256], ro.rows()):
-            if resp and resp[-1] == tok.eos_id:
-                pairs.append((problem, prompt, resp))
+    ttok, pairs = get_tokenizer(teacher.config.tokenizer), []
+    for i in range(0, len(problems), 256):
+        ro = generate(teacher, [encode_example(ttok, p)[0] for p in problems[i:i + 256]], cfg.max_new_tokens,
+                      ttok.eos_id, ttok.pad_id, temperature=0.0)
+        for problem, resp in zip(problems[i:i + 256], ro.rows()):
+            if resp and resp[-1] == ttok.eos_id:
+                pairs.append((problem, encode_example(tok, problem)[0], retokenize(resp, ttok, tok)))
     if not pairs:
         raise ValueError(f"the teacher finished none of its {cfg.s_pool} cold-start traces with <|eos|> within "
                          f"--max_new_tokens {cfg.max_new_tokens}: it is undertrained (more --t_steps) or the "
@@ -324,11 +327,13 @@ def run_opd(cfg: TrainConfig, tok, teacher: GPT, student: GPT, log) -> tuple[str
     track = options.get("mask_tokens", hide)
     final = test_problems(cfg, final=True)
     start_acc = evaluate(student, tok, final, 0.0, cfg.max_new_tokens)
+    xt = {"teacher_tokenizer": cfg.teacher_tokenizer, "naive_ids": cfg.naive_ids} if cfg.teacher_tokenizer != tok.name else {}
     s = train_opd(student, teacher, tok, opd_config(cfg, cfg.loss, options, cfg.seed),
                   os.path.join(cfg.out_dir, f"opd_{name}"), test_problems(cfg), log, name,
-                  teacher_score=HiddenTokens(hide) if hide else None, extra_stats=TrackedTokens(track) if track else None,
+                  teacher_score=HiddenTokens(hide) if hide else teacher_scorer(tok, teacher, cfg.naive_ids),
+                  extra_stats=TrackedTokens(track) if track else None,
                   save_every=cfg.save_every, resume=cfg.resume, compile=cfg.compile,
-                  settings={"mode": "opd", "teacher": cfg.teacher, "eval_n": cfg.eval_n, "hide": hide},
+                  settings={"mode": "opd", "teacher": cfg.teacher, "eval_n": cfg.eval_n, "hide": hide, **xt},
                   teacher_pool=teacher_pool(teacher, tok, cfg) if cfg.lmbda < 1 and cfg.teacher_rows == "pool" else None)
     s.update(start_acc_train=s["start_acc"], final_acc_train=s["final_acc"], start_acc=start_acc,
              final_acc=evaluate(student, tok, final, 0.0, cfg.max_new_tokens))  # the final ones on final_eval_n
@@ -370,7 +375,7 @@ def train_rlvr_teacher(cfg: TrainConfig, tok, teacher: GPT, student: GPT, seed: 
     with group-normalised REINFORCE and the verifier as reward; with --rlvr_cut > 0 its contexts
     are the student's samples cut at random fractions. Checkpointed to `path` (resumable)."""
     model = copy.deepcopy(student if cfg.rlvr_init == "student" else teacher).train().requires_grad_(True)
-    rcfg = rlvr_config(cfg, seed)
+    rcfg = sub_config(RLVRConfig, cfg, seed=seed)
     log(f"rlvr: from the {cfg.rlvr_init}, {rcfg.rlvr_steps} steps x {rcfg.rlvr_prompts} problems x {rcfg.rlvr_group} "
         f"samples, lr {rcfg.rlvr_lr}, contexts "
         f"{'prompts' if rcfg.rlvr_cut == 0 else f'student samples cut at U[0, {rcfg.rlvr_cut}]'}")
@@ -399,13 +404,13 @@ def main(argv=None) -> dict:
             test = test_problems(cfg, final=True)
             for role in ("teacher", "student"):
                 model = get(role)
-                greedy, texts = evaluate(model, tok, test, 0.0, cfg.max_new_tokens, return_texts=True)
-                sampled = evaluate(model, tok, test, 1.0, cfg.max_new_tokens, seed=cfg.seed)
+                mtok = get_tokenizer(model.config.tokenizer)  # the teacher may read another tokenizer
+                greedy, texts = evaluate(model, mtok, test, 0.0, cfg.max_new_tokens, return_texts=True)
+                sampled = evaluate(model, mtok, test, 1.0, cfg.max_new_tokens, seed=cfg.seed)
                 summary[f"{role}_acc_greedy"], summary[f"{role}_acc_sampled"] = greedy, sampled
                 log(f"eval {role}: held-out accuracy greedy {greedy:.1%} | sampled (T=1) {sampled:.1%} | n={len(test)}")
                 if len(cfg.ops) > 1:
-                    by_op = accuracy_by_op(test, texts)
-                    summary[f"{role}_acc_greedy_by_op"] = by_op
+                    summary[f"{role}_acc_greedy_by_op"] = by_op = accuracy_by_op(test, texts)
                     log(f"eval {role}: greedy by operator " + " | ".join(f"{o} {a:.1%}" for o, a in by_op.items()))
         elif stage == "pibase":
             models["pibase"] = train_pi_base(cfg, tok, device, log)

@@ -25,6 +25,7 @@ import torch
 
 from nanoopd import distributed
 from nanoopd.model import GPT, GPTConfig
+from nanoopd.tokenizer import TOKENIZERS
 
 FORMAT = "nanoopd-gpt-v1"
 
@@ -91,16 +92,26 @@ def read_checkpoint(path: str) -> dict:
     return payload
 
 
-def load_checkpoint(path: str, device="cpu", expect_vocab: int | None = None) -> tuple[GPT, dict]:
+def load_checkpoint(path: str, device="cpu", expect_vocab: int | None = None,
+                    expect_tokenizer: str | None = None) -> tuple[GPT, dict]:
     """Rebuild the model stored in `path` on `device`. Returns (model, payload).
 
     expect_vocab: if given, the checkpoint's vocabulary must have exactly this size.
+    expect_tokenizer: if given, the model must read this tokenizer (its config records the one it
+    was trained with; checkpoints from before that record read "bytes").
     """
     payload = read_checkpoint(path)
     try:
         config = GPTConfig(**payload["config"])
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint '{path}' holds an invalid model config: {e}") from e
+    if config.tokenizer not in TOKENIZERS:
+        raise CheckpointError(f"checkpoint '{path}' reads the tokenizer {config.tokenizer!r}, which this version "
+                              f"does not know (it knows {', '.join(TOKENIZERS)}): retrain it here")
+    if expect_tokenizer is not None and config.tokenizer != expect_tokenizer:
+        raise CheckpointError(f"checkpoint '{path}' reads the tokenizer {config.tokenizer!r}, but {expect_tokenizer!r} "
+                              f"was asked for: pass the tokenizer it was trained with (train_math.py: "
+                              f"--teacher_tokenizer {config.tokenizer}), or retrain it with {expect_tokenizer!r}")
     if expect_vocab is not None and config.vocab_size != expect_vocab:
         raise CheckpointError(f"checkpoint '{path}' has a vocabulary of {config.vocab_size} tokens but "
                               f"{expect_vocab} are needed; it was trained with another tokenizer: retrain it")

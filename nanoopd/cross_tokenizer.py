@@ -1,7 +1,7 @@
 """
 A teacher that reads with another tokenizer: the alignment of two tokenizations of one text, the
-chunk log-ratios it allows, and the field's approximations beside them. (The building blocks: no
-objective, model or experiment uses them yet.)
+chunk log-ratios it allows, and the field's approximations beside them (the maths; the teacher
+that uses it in OPD is nanoopd/cross_teacher.py, the objectives nanoopd/cross_objectives.py).
 
 Span alignment. The student's pieces a_1..a_n and the teacher's b_1..b_m spell the same bytes. Walk
 both, always advancing the side whose last piece ends first; a group closes where both end at the
@@ -20,7 +20,17 @@ The approximations, as baselines:
          to which token is which (unchanged by any permutation of either vocabulary)
   merge  GOLD's "observed" merge of a span of k positions into one distribution over the first
          position's vocabulary: p(v) = P_1(v) * prod_{j >= 2} P_j(y_j), y_j the observed tokens
+
+Projection. At a chunk's start both tokenizers split, and the teacher's next *byte* has the exact
+distribution sum_{u spells b...} q(u|c): its tokens summed by their first byte (prefix_map(b"")).
+Inside a teacher token ("4" after "3" of "347") one forward pass gives no exact next byte (the
+token could end there and another begin): the projection there sums the tokens that go on past the
+bytes so far, a distribution given that the token goes on.
 """
+
+import functools
+import re
+from typing import NamedTuple
 
 import torch
 
@@ -82,3 +92,94 @@ def merge_observed(probs: torch.Tensor, observed: list[int]) -> torch.Tensor:
         raise ValueError(f"one observed token per position: {len(observed)} for {probs.shape[0]} positions")
     rest = probs[torch.arange(1, probs.shape[0]), torch.tensor(observed[1:], dtype=torch.long)]  # (k-1,)
     return probs[0] * rest.prod()
+
+
+# ----------------------------------------------------------------------------------------------
+# two tokenizers' ids of one text
+
+
+def spelled(tok, ids) -> list[bytes]:
+    """The bytes each id spells; a special token spells its name (b"<|eos|>"), the same in every
+    tokenizer here, so that the alignment pairs specials by name."""
+    names = {i: name.encode() for name, i in tok.special_ids.items()}
+    return [names[i] if i in names else tok.enc.decode_single_token_bytes(i) for i in ids]
+
+
+def retokenize(ids, src, dst) -> list[int]:
+    """dst's ids for the text that src's `ids` spell: special tokens by name, the bytes between them
+    by dst's own split and merges (ASCII runs as text; any other byte a token of its own, so that
+    whatever a sampler wrote is read). A special token dst lacks raises ValueError."""
+    names = {i: name for name, i in src.special_ids.items()}
+    out, run = [], []
+
+    def flush():
+        for part in re.split(rb"([\x80-\xff])", b"".join(run)):
+            if part:
+                out.extend([dst.enc.encode_single_token(part)] if part[0] >= 0x80 else
+                           dst.enc.encode_ordinary(part.decode("ascii")))
+        run.clear()
+    for i in ids:
+        if i not in names:
+            run.append(src.enc.decode_single_token_bytes(i))
+            continue
+        flush()
+        if names[i] not in dst.special_ids:
+            raise ValueError(f"the tokenizer {dst.name!r} has no special token {names[i]}: the text cannot be re-read")
+        out.append(dst.special_ids[names[i]])
+    flush()
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def prefix_map(student, teacher, prefix: bytes) -> torch.Tensor:
+    """(V_t,) long: for each teacher token that spells `prefix` and goes on past it, the student's
+    token of its next byte; -1 for every other. prefix b"" maps each token to its first byte, a
+    special token to the student's of the same name. The student must read every byte as a token
+    (both tokenizers here do)."""
+    byte_id = [student.enc.encode_single_token(bytes([x])) for x in range(256)]
+    out = torch.full((teacher.n_vocab,), -1, dtype=torch.long)
+    for u, word in enumerate(spelled(teacher, range(teacher.n_vocab))):
+        if u in teacher.special_ids.values():
+            name = next(n for n, i in teacher.special_ids.items() if i == u)
+            out[u] = student.special_ids.get(name, -1) if not prefix else -1
+        elif len(word) > len(prefix) and word.startswith(prefix):
+            out[u] = byte_id[word[len(prefix)]]
+    return out
+
+
+def project(teacher_logp: torch.Tensor, index: torch.Tensor, n_vocab: int) -> torch.Tensor:
+    """q's probabilities (..., V_t) summed into the student's tokens by `index` (V_t,) (-1: left out):
+    (..., n_vocab), not renormalised."""
+    spare = torch.where(index < 0, n_vocab, index).to(teacher_logp.device)  # (V_t,) the left-out ones -> a spare column
+    out = torch.zeros(*teacher_logp.shape[:-1], n_vocab + 1, dtype=teacher_logp.dtype, device=teacher_logp.device)
+    return out.index_add_(-1, spare, teacher_logp.exp())[..., :n_vocab]
+
+
+# ----------------------------------------------------------------------------------------------
+# the chunks of a batch, as the objectives read them
+
+
+class Chunks(NamedTuple):
+    """The alignment of a batch of B responses, N student positions and M teacher ones."""
+    seg: torch.Tensor           # (B, N) long: the chunk of each student position (masked ones: n_groups, a spare)
+    size: torch.Tensor          # (B, N) float: n_c, the student tokens of that chunk
+    teacher_lp: torch.Tensor    # (B, N) float: L_T(c), the teacher's log-prob of its own tokens of that chunk
+    teacher_first: torch.Tensor  # (B, N) float: log q of the chunk's first teacher token (GOLD's merge)
+    start: torch.Tensor         # (B, N) bool: the chunk's first student token (a boundary both tokenizers share)
+    one: torch.Tensor           # (B, N) bool: the chunk is one token on both sides
+    at: torch.Tensor            # (B, N) long: the teacher position of the chunk's first teacher token
+    teacher_logp: torch.Tensor  # (B, M, V_t) log q at the teacher's own response positions
+    teacher_mask: torch.Tensor  # (B, M) bool
+    matched: torch.Tensor       # (V_t,) long: the student token of the same spelling, -1 where none
+    n_groups: int
+
+
+def chunk_costs(logp: torch.Tensor, logq: torch.Tensor, mask: torch.Tensor, chunks: Chunks | None) -> torch.Tensor:
+    """The cost of every student token: r_c / n_c of its chunk, so that a chunk's costs sum to
+    r_c = L_S(c) - L_T(c) (detached). logp, logq: (B, N) of the sampled tokens; chunks None (one
+    tokenizer): every chunk is its token, and the cost is r_t = logp - logq. Returns (B, N)."""
+    if chunks is None:
+        return logp.detach() - logq.detach()
+    L_s = torch.zeros(chunks.n_groups + 1, dtype=logp.dtype, device=logp.device).index_add(
+        0, chunks.seg.flatten(), (logp.detach() * mask).flatten())  # (G + 1,)
+    return (L_s[chunks.seg] - chunks.teacher_lp) / chunks.size  # (B, N)

@@ -56,6 +56,7 @@ class GPTConfig:
     n_head: int = 4         # attention heads per block; n_embd must be divisible by it
     n_embd: int = 128       # width of the residual stream
     dropout: float = 0.0    # dropout on attention and residual branches (0 = off, right for tiny data)
+    tokenizer: str = "bytes"  # the tokenizer it reads (nanoopd/tokenizer.py), so that no one pairs it with another
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -66,6 +67,8 @@ class GPTConfig:
             raise ValueError(
                 f"GPTConfig: n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
                 f"pick a width that is a multiple of the number of heads")
+        if not isinstance(self.tokenizer, str):
+            raise ValueError(f"GPTConfig.tokenizer must be a tokenizer's name, got {self.tokenizer!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must lie in [0, 1), got {self.dropout}")
 

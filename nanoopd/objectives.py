@@ -25,7 +25,8 @@ log-softmaxes and losses are computed in float32 at least (float64 inputs stay f
   sft (no teacher)   -log pi(y_t|c_t), SeqKD on teacher samples     -
 
 and what other frameworks ship (registered in field_estimators.py; toy/audit.py says what each follows):
-  kl_k1*, kl_k2*, kl_k3* (r_t, r_t^2 / 2, exp(-r_t) - 1 + r_t), topk_forward_kl, topk_tail, topk_bregman.
+  kl_k1*, kl_k2*, kl_k3* (r_t, r_t^2 / 2, exp(-r_t) - 1 + r_t), topk_forward_kl, topk_tail, topk_bregman;
+  for a teacher of another tokenizer (cross_objectives.py; SPECS[name].cross): xt_chunk*, xt_full, xt_uld, xt_gold.
 
 (top-K: k defaults to 16, or V if the vocabulary is smaller; support is 'teacher', 'student' or
 'intersection'; add_sampled also puts the sampled token y_t in S_t.)
@@ -59,9 +60,8 @@ divergence it claims to follow; build its inputs with resolve_options and prepar
         per_token = ...                                                # (B, T) from b.student_logp, b.teacher_logp
         return finish(token_sum(per_token, b), b)
 
-An option is declared once, in register: it becomes the objective's default, its flag in
-train_math.py (--floor, help from Option.help), and its row in --help. prepare takes the logp of
-the hot path when the caller gives it, so a new objective gets the fast path without asking.
+An option is declared once, in register: it becomes the objective's default, its flag in train_math.py
+(--floor, help from Option.help), its row in --help; prepare takes the hot path's logp unasked.
 """
 
 import importlib.util
@@ -92,29 +92,29 @@ class Spec(NamedTuple):
     options: dict  # its own options, {name: Option}
     on_policy: bool = False  # right only for y ~ pi: it reads the sampled token's log-ratio (register)
     uses_teacher: bool = True  # it reads the teacher's logits at all
+    cross: bool = False  # it reads the alignment of a teacher of another tokenizer (option chunks; cross_objectives.py)
 
 
 OBJECTIVES: dict[str, Callable] = {}  # name -> the objective
 SPECS: dict[str, Spec] = {}  # name -> what it claims and which options it takes
-COMMON_OPTIONS = ("mask_tokens", "logp")  # options of every objective (module docstring)
+COMMON_OPTIONS = ("mask_tokens", "logp", "chunks")  # options of every objective (module docstring; chunks: cross_teacher.py)
 
 
-def register(name: str, claim: str | None = "K", on_policy: bool = False, uses_teacher: bool = True,
-             **options: Option):
+def register(name: str, claim: str | None = "K", on_policy=False, uses_teacher=True, cross=False, **options: Option):
     """Decorator: add an objective to OBJECTIVES under `name` with the divergence it claims to follow
     (checked by toy/audit.py), its options (each an Option) and two flags (module docstring): on_policy,
-    right only for y ~ pi (it reads r_t of the sampled token); uses_teacher, it reads the teacher."""
+    right only for y ~ pi (it reads r_t of the sampled token); uses_teacher, it reads the teacher; cross (Spec)."""
     if claim not in CLAIMS + (None,):
         raise ValueError(f"objective {name!r}: claim must be one of {CLAIMS} or None, got {claim!r}")
-    if not isinstance(on_policy, bool) or not isinstance(uses_teacher, bool):
-        raise ValueError(f"objective {name!r}: on_policy and uses_teacher must be True or False")
+    if not all(isinstance(flag, bool) for flag in (on_policy, uses_teacher, cross)):
+        raise ValueError(f"objective {name!r}: on_policy, uses_teacher and cross must be True or False")
     for option, spec in options.items():
         if not isinstance(spec, Option) or option in COMMON_OPTIONS:
             raise ValueError(f"objective {name!r}: option {option!r} must be an Option(default, help, kind) "
                              f"and not one of {COMMON_OPTIONS}")
 
     def add(fn):
-        OBJECTIVES[name], SPECS[name] = fn, Spec(claim, options, on_policy, uses_teacher)
+        OBJECTIVES[name], SPECS[name] = fn, Spec(claim, options, on_policy, uses_teacher, cross)
         return fn
     return add
 
@@ -297,4 +297,4 @@ def topk_objective(name: str, form: Callable, student_logits, teacher_logits, to
 
 
 # the objectives themselves register on import (they import this module for the plumbing above)
-from nanoopd import builtin_objectives, field_estimators  # noqa: E402,F401
+from nanoopd import builtin_objectives, cross_objectives, field_estimators  # noqa: E402,F401

@@ -31,6 +31,7 @@ import torch
 
 from nanoopd import distributed
 from nanoopd.config import ConfigError
+from nanoopd.cross_teacher import check_teacher
 from nanoopd.device import PhaseClock, autocast
 from nanoopd.evaluate import evaluate, without_eos
 from nanoopd.flops import FlopCount, check_budget, opd_step_flops
@@ -113,7 +114,8 @@ def opd_step(student: GPT, teacher: GPT, optimizer: torch.optim.Optimizer, tok: 
 
     Hooks: teacher_score(teacher, rollout, problems) -> logits (B, N, V) replaces plain_scores, to
     give the teacher another context for the same tokens (self_distill.PrivilegedTeacher,
-    special_tokens.HiddenTokens); extra_stats(student_logits, teacher_logits, rollout) -> dict adds
+    special_tokens.HiddenTokens), or (logits, the objective's extra inputs) for a teacher of
+    another tokenizer (cross_teacher.CrossTokenizerTeacher); extra_stats(student_logits, teacher_logits, rollout) -> dict adds
     figures to the record (special_tokens.TrackedTokens).
 
     Under torchrun `student` is the DDP-wrapped model and `problems` this rank's share of the
@@ -142,7 +144,8 @@ def opd_step(student: GPT, teacher: GPT, optimizer: torch.optim.Optimizer, tok: 
     clock.mark()
     # 2. the teacher scores every response token, without gradient
     with torch.no_grad(), autocast(device):
-        teacher_logits = (teacher_score or plain_scores)(teacher, ro, problems).float()  # (B, N, V)
+        scores = (teacher_score or plain_scores)(teacher, ro, problems)  # (B, N, V), or with the objective's inputs
+        teacher_logits, inputs = (scores[0].float(), scores[1]) if isinstance(scores, tuple) else (scores.float(), {})
         teacher_logp = torch.log_softmax(teacher_logits, dim=-1)  # (B, N, V) the step's one log-softmax of q
     clock.mark()
     # 3. the student scores the same positions, with gradient
@@ -152,7 +155,7 @@ def opd_step(student: GPT, teacher: GPT, optimizer: torch.optim.Optimizer, tok: 
     student_logp = torch.log_softmax(student_logits, dim=-1)  # (B, N, V) the step's one log-softmax of pi
     # 4. the objective, on the shared log-softmaxes (its stats stay on the device)
     loss, stats = objective(student_logits, teacher_logits, ro.response, ro.response_mask,
-                            logp=(student_logp, teacher_logp), **cfg.options)
+                            logp=(student_logp, teacher_logp), **cfg.options, **inputs)
     scale = loss_scale(loss, stats["n_tokens"], f"OPD step {step} ({cfg.loss!r})")  # 1.0 in one process
     # 5. the update
     gnorm = update(student, optimizer, loss * scale, cfg.grad_clip, f"OPD step {step} ({cfg.loss!r})")
@@ -199,10 +202,7 @@ def train_opd(student: GPT, teacher: GPT, tok: Tokenizer, cfg: OPDConfig, run_pr
     (distributed.rank_seed), gradients are averaged by DDP (see opd_step), rank 0 evaluates, logs
     and writes files.
     """
-    if student.config.vocab_size != teacher.config.vocab_size:
-        raise ValueError(f"teacher and student vocabularies differ (teacher {teacher.config.vocab_size}, "
-                         f"student {student.config.vocab_size} tokens): OPD compares their "
-                         f"distributions token by token, so both must use the same tokenizer")
+    check_teacher(student, teacher, teacher_score, cfg.loss)  # one tokenizer, or a cross-tokenizer scorer
     if student.config.vocab_size != tok.n_vocab:
         raise ValueError(f"the models have {student.config.vocab_size} tokens, the tokenizer "
                          f"{tok.n_vocab}: retrain them with this tokenizer")

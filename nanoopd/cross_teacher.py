@@ -1,0 +1,150 @@
+"""
+A teacher that reads with another tokenizer, in the OPD step: the student's rollouts re-read in the
+teacher's tokens, scored by the teacher, aligned, and handed to the objectives in the student's terms.
+
+    text       = what the student's prompt and response ids spell
+    b_1..b_m   = retokenize(text) for the teacher (special tokens by name)         host, per row
+    q(.|b_<j)  = the teacher's forward pass over its own ids, all rows at once      (B, M, V_t)
+    groups     = align(student pieces, teacher pieces)                              host, per row
+    returned   = (q projected on the student's tokens (B, N, V_s), Chunks)          opd.opd_step
+
+The projected q is the teacher's next-byte distribution (cross_tokenizer.py#projection): exact at
+every chunk start, "given that the token goes on" inside a teacher token, mixed there with
+WITHIN_FLOOR of uniform mass so that no byte has zero mass. It is what the step's diagnostics (kl,
+top-K overlap) and xt_full's exact part read; the Chunks carry the rest (cross_objectives.py).
+
+With one tokenizer on both sides nothing is re-read: the teacher scores the rollout itself, every
+chunk is its token, and each xt_ objective equals its same-tokenizer counterpart to the bit.
+
+naive=True is the mistake (TRL #4562), kept to be seen: the teacher is handed the student's ids as
+if they were its own, and its logits are cut to the student's vocabulary, so any objective runs.
+"""
+
+import functools
+
+import torch
+
+from nanoopd.config import ConfigError
+from nanoopd.cross_tokenizer import Chunks, align, prefix_map, project, retokenize, spelled
+from nanoopd.mixed_batch import pool_rollout
+from nanoopd.objectives import SPECS
+from nanoopd.rollout import Rollout, response_logits
+from nanoopd.tokenizer import Tokenizer, get_tokenizer
+
+WITHIN_FLOOR = 1e-6  # inside a teacher token: the share of uniform mass mixed into the projection
+
+
+def one_token_chunks(mask: torch.Tensor, teacher_logp: torch.Tensor, tokens: torch.Tensor) -> Chunks:
+    """The chunks of one tokenizer on both sides: every response position its own chunk, the
+    teacher's positions the student's. mask, tokens: (B, N); teacher_logp: (B, N, V)."""
+    B, N = mask.shape
+    seg = torch.where(mask, torch.arange(B * N, device=mask.device).view(B, N), B * N)  # (B, N)
+    lp = teacher_logp.gather(-1, tokens.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, N)
+    return Chunks(seg, torch.ones(B, N, dtype=teacher_logp.dtype, device=mask.device), lp, lp, mask.clone(), mask.clone(),
+                  torch.arange(N, device=mask.device).expand(B, N), teacher_logp, mask,
+                  torch.arange(teacher_logp.shape[-1], device=mask.device), B * N)
+
+
+class CrossTokenizerTeacher:
+    """opd_step's teacher_score hook for a teacher that reads `teacher_tok` (module docstring)."""
+
+    def __init__(self, student_tok: Tokenizer, teacher_tok: Tokenizer, naive: bool = False):
+        self.s, self.t, self.naive = student_tok, teacher_tok, naive
+
+    def __call__(self, teacher, ro: Rollout, problems=None):
+        V = self.s.n_vocab
+        if self.naive:
+            return response_logits(teacher, ro)[..., :V]  # (B, N, V): the student's ids read as the teacher's own
+        if self.s is self.t:
+            logits = response_logits(teacher, ro)  # (B, N, V)
+            return logits, {"chunks": one_token_chunks(ro.response_mask, torch.log_softmax(logits.float(), -1),
+                                                       ro.response)}
+        device, (B, N), P = ro.response.device, ro.response.shape, ro.prompt_len
+        prompts = [[i for i in row if i >= 0] for row in torch.where(ro.valid[:, :P], ro.tokens[:, :P], -1).tolist()]
+        rows = ro.rows()
+        t_rows = [retokenize(r, self.s, self.t) for r in rows]
+        t_ro = pool_rollout([(retokenize(p, self.s, self.t), r) for p, r in zip(prompts, t_rows)], self.t.pad_id, device)
+        t_logp = torch.log_softmax(response_logits(teacher, t_ro).float(), -1)  # (B, M, V_t)
+        t_lp = t_logp.gather(-1, t_ro.response.unsqueeze(-1)).squeeze(-1) * t_ro.response_mask  # (B, M)
+        # the alignment, row by row on the host
+        G = sum(len(r) for r in rows) + 1  # more than the groups there can be
+        seg, size, start, one, at = [[G] * N for _ in rows], [[1.0] * N for _ in rows], \
+            [[False] * N for _ in rows], [[False] * N for _ in rows], [[0] * N for _ in rows]
+        t_seg, prefix, g = [[G] * t_ro.response.shape[1] for _ in rows], {}, 0
+        for b, (r, tr) in enumerate(zip(rows, t_rows)):
+            pieces = spelled(self.s, r)
+            for i0, i1, j0, j1 in align(pieces, spelled(self.t, tr)):
+                for i in range(i0, i1):
+                    seg[b][i], size[b][i], start[b][i], one[b][i], at[b][i] = g, i1 - i0, i == i0, i1 - i0 == j1 - j0 == 1, j0
+                    prefix.setdefault(b"".join(pieces[i0:i]), []).append(b * N + i)
+                t_seg[b][j0:j1] = [g] * (j1 - j0)
+                g += 1
+        seg, t_seg = torch.tensor(seg, device=device), torch.tensor(t_seg, device=device)  # (B, N), (B, M)
+        L_t = torch.zeros(G + 1, device=device).index_add(0, t_seg.flatten(), t_lp.flatten())  # (G + 1,) L_T(c)
+        at = torch.tensor(at, device=device)  # (B, N)
+        start_logp = t_logp.gather(1, at.unsqueeze(-1).expand(-1, -1, t_logp.shape[-1])).flatten(0, 1)  # (B*N, V_t)
+        proj = torch.full((B * N, V), 1.0 / V, device=device)  # (B*N, V) padding positions: uniform
+        for pre, idx in prefix.items():  # a few distinct prefixes per batch ("", "3", "34", ...)
+            idx = torch.tensor(idx, device=device)
+            p = project(start_logp[idx], prefix_map(self.s, self.t, pre), V)  # (n, V)
+            proj[idx] = p if not pre else (1 - WITHIN_FLOOR) * p / p.sum(-1, keepdim=True) + WITHIN_FLOOR / V
+        chunks = Chunks(seg, torch.tensor(size, device=device), L_t[seg], t_lp.gather(1, at), torch.tensor(start, device=device),
+                        torch.tensor(one, device=device), at, t_logp, t_ro.response_mask,
+                        matched_ids(self.s, self.t).to(device), G)
+        return proj.clamp(min=1e-30).log().view(B, N, V), {"chunks": chunks}
+
+
+@functools.lru_cache(maxsize=None)
+def matched_ids(student: Tokenizer, teacher: Tokenizer) -> torch.Tensor:
+    """(V_t,) long: the student token that spells what each teacher token spells, -1 where none."""
+    own = {w: i for i, w in enumerate(spelled(student, range(student.n_vocab)))}
+    return torch.tensor([own.get(w, -1) for w in spelled(teacher, range(teacher.n_vocab))])
+
+
+def check_teacher(student, teacher, teacher_score, loss: str) -> None:
+    """train_opd's check of a pair: the teacher reads the student's tokenizer, or is scored through
+    a CrossTokenizerTeacher with an objective that reads the alignment (cross=True, the xt_ ones)
+    or naively. Raises ValueError, saying what to do."""
+    s, t = student.config.tokenizer, teacher.config.tokenizer
+    cross = isinstance(teacher_score, CrossTokenizerTeacher)
+    xt = sorted(n for n, spec in SPECS.items() if spec.cross)
+    if s != t and not cross:
+        raise ValueError(f"the teacher reads the tokenizer {t!r} and the student {s!r}: OPD compares their "
+                         f"distributions token by token, so score the teacher through "
+                         f"cross_teacher.CrossTokenizerTeacher with one of {', '.join(xt)}")
+    if cross and s != t and not teacher_score.naive and not SPECS[loss].cross:
+        raise ValueError(f"objective {loss!r} compares the two models over one vocabulary, but the teacher reads "
+                         f"{t!r} and the student {s!r}: choose one of {', '.join(xt)}, which read the alignment "
+                         f"(or --naive_ids, to see what the shared-vocabulary mistake does)")
+    if s == t and student.config.vocab_size != teacher.config.vocab_size:
+        raise ValueError(f"teacher and student vocabularies differ (teacher {teacher.config.vocab_size}, "
+                         f"student {student.config.vocab_size} tokens) though both read {s!r}: retrain one")
+    if cross and (teacher_score.s.name, teacher_score.t.name) != (s, t):
+        raise ValueError(f"the cross-tokenizer scorer reads {teacher_score.s.name!r} -> {teacher_score.t.name!r}, "
+                         f"but the student reads {s!r} and the teacher {t!r}")
+
+
+def teacher_scorer(student_tok: Tokenizer, teacher, naive: bool = False):
+    """The teacher_score hook a teacher model needs: None when it reads the student's tokenizer
+    (plain scoring), else a CrossTokenizerTeacher."""
+    if teacher.config.tokenizer == student_tok.name and not naive:
+        return None
+    return CrossTokenizerTeacher(student_tok, get_tokenizer(teacher.config.tokenizer), naive)
+
+
+def check_cross_flags(cfg) -> None:
+    """train_math.py's flags against the teacher's tokenizer (--teacher_tokenizer): OPD from a
+    teacher of another tokenizer takes an xt_ objective (or --naive_ids, the mistake shown), and
+    the features that have the teacher write or read the student's ids are refused. Raises ConfigError."""
+    if cfg.teacher_tokenizer == "bytes":
+        if cfg.naive_ids:
+            raise ConfigError("naive_ids", "shows a teacher of another tokenizer misread: add --teacher_tokenizer digits")
+        return
+    if cfg.hide_from_teacher or cfg.lmbda < 1 or cfg.rlvr_init == "teacher":
+        raise ConfigError("teacher_tokenizer", f"{cfg.teacher_tokenizer!r}: --hide_from_teacher, --lmbda < 1 and "
+                          f"--rlvr_init teacher need a teacher that reads the student's tokens ('bytes')")
+    if "opd" in cfg.stages.split(",") and cfg.mode == "opd" and not cfg.naive_ids and not SPECS[cfg.loss].cross:
+        xt = ", ".join(sorted(n for n, spec in SPECS.items() if spec.cross))
+        raise ConfigError("loss", f"{cfg.loss} compares the two models over one vocabulary, but --teacher_tokenizer "
+                                  f"{cfg.teacher_tokenizer} reads other tokens: choose one of {xt} (or add --naive_ids "
+                                  f"to see what the shared-vocabulary mistake does)")
