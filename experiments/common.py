@@ -24,6 +24,7 @@ from experiments.jobs import job_threads, run_cells, run_jobs
 from experiments.stats import cell_text, cells, equivalence, interval, verdict, verdict_text  # noqa: F401 (the scripts')
 from nanoopd.checkpoint import load_checkpoint, read_checkpoint
 from nanoopd.config import ConfigError, parse_config
+from nanoopd.cross_teacher import teacher_scorer
 from nanoopd.device import pick_device
 from nanoopd.evaluate import evaluate
 from nanoopd.opd import train_opd
@@ -36,8 +37,8 @@ PAIR_STRIDE = 1000  # pair i's pipeline seed is seed + PAIR_STRIDE * i: the seed
 
 # the flags that configure the single run of stage opd: M1 and M2 run their own list of objectives
 OPD_RUN_FIELDS = ("loss", "options", "objectives", "mask_tokens", "hide_from_teacher", "run_name")
-# what no experiment takes: its stages are its own, and it does not resume
-PIPELINE_FIELDS = ("stages", "resume")
+# what no experiment takes: its stages are its own, it does not resume, and its pairs read one tokenizer (M7 adds its own)
+PIPELINE_FIELDS = ("stages", "resume", "teacher_tokenizer", "naive_ids")
 OPSD_FIELDS = ("mode", "pi", "live_teacher", "pi_steps")
 STUDENT_FIELDS = ("s_layer", "s_embd", "s_head", "s_steps", "s_lr", "s_pool")
 # what a pair's checkpoints must have been trained with to be reused (the task, then each role's own flags)
@@ -189,7 +190,9 @@ def grid_calls(cfg: ExperimentConfig, pcfgs: list[ExperimentConfig], runs, folde
                extra_stats=None, student_role: str = "student") -> list[tuple]:
     """One OPD run per (pair, seed, run), each from a fresh copy of the pair's student (its
     <student_role>.pt); runs = (label, objective, options), where the options mask_tokens and
-    hide_from_teacher (the teacher's contexts) hold token names. A run that hits a non-finite loss
+    hide_from_teacher (the teacher's contexts) hold token names, teacher_dir names the teacher's
+    folder under the pair's (default: the pair's own), naive_ids hands a teacher of another
+    tokenizer the student's ids (cross_teacher.py). A run that hits a non-finite loss
     is kept (as degraded), not fatal. `track`: token ids whose log-ratios are logged
     (special_tokens.TrackedTokens); after(pcfg, label, model) adds numbers; extra_stats(options) ->
     an extra_stats hook for that run, logged besides `track`'s (e.g. TailMass(options.get("k", 16))).
@@ -227,9 +230,10 @@ def start_accs(pcfg: ExperimentConfig, role: str) -> dict:
 def opd_cell(pcfg: ExperimentConfig, cell: dict) -> dict:
     """One OPD run of run_grid (in this process or a worker)."""
     tok, device = get_tokenizer(), pick_device(pcfg.device)
-    teacher = load_checkpoint(os.path.join(pcfg.out_dir, "teacher.pt"), device, tok.n_vocab)[0]
-    model = load_checkpoint(os.path.join(pcfg.out_dir, f"{cell['student_role']}.pt"), device, tok.n_vocab)[0]
     options = dict(cell["options"])
+    teacher = load_checkpoint(os.path.join(pcfg.out_dir, options.pop("teacher_dir", ""), "teacher.pt"), device)[0]
+    model = load_checkpoint(os.path.join(pcfg.out_dir, f"{cell['student_role']}.pt"), device, tok.n_vocab)[0]
+    naive = options.pop("naive_ids", False)
     if "mask_tokens" in options:
         options["mask_tokens"] = token_ids(options["mask_tokens"], tok)
     hide = token_ids(options.pop("hide_from_teacher", ""), tok)
@@ -239,7 +243,7 @@ def opd_cell(pcfg: ExperimentConfig, cell: dict) -> dict:
         s = train_opd(model, teacher, tok, opd_config(pcfg, cell["loss"], options, cell["seed"]), cell["prefix"],
                       test_problems(pcfg), log, f"{cell['label']} s{cell['seed']} pair {pcfg.seed}",
                       start_acc=cell["start_acc_train"], print_every=10,
-                      teacher_score=HiddenTokens(hide) if hide else None,
+                      teacher_score=HiddenTokens(hide) if hide else teacher_scorer(tok, teacher, naive),
                       extra_stats=merged_stats(TrackedTokens(track) if track else None,
                                                extra(options) if extra else None),
                       compile=pcfg.compile)
