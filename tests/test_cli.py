@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import types
+
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -194,19 +196,20 @@ def test_the_cold_start_pool_draws_its_problems_with_s_digits_and_s_ops(monkeypa
 
     monkeypatch.setattr(train_math, "generate", asked)
     tok = get_tokenizer()
+    stand_in = types.SimpleNamespace(config=types.SimpleNamespace(tokenizer="bytes"))  # a teacher reading 'bytes'
     for flags, ops, digits in (({"s_ops": ""}, "+-", 3), ({"s_ops": "+", "s_digits": 2}, "+", 2), ({"s_ops": "-"}, "-", 3)):
         with pytest.raises(Asked) as e:
-            train_math.teacher_traces(None, tok, train_math.TrainConfig(s_pool=200, **flags))
+            train_math.teacher_traces(stand_in, tok, train_math.TrainConfig(s_pool=200, **flags))
         texts = [tok.decode(p[1:]).rstrip("=\n") for p in e.value.args[0]]  # '<|bos|>347+285=\n' -> '347+285'
         assert len(texts) == 200
         assert {o for t in texts for o in t if not o.isdigit()} == set(ops)
         assert max(len(n) for t in texts for n in t.replace("-", "+").split("+")) == digits
     with pytest.raises(Asked) as e:  # a repeated operator is drawn that much more often
-        train_math.teacher_traces(None, tok, train_math.TrainConfig(s_pool=400, s_ops="+++-"))
+        train_math.teacher_traces(stand_in, tok, train_math.TrainConfig(s_pool=400, s_ops="+++-"))
     minus = sum("-" in tok.decode(p) for p in e.value.args[0])
     assert 60 <= minus <= 140  # a quarter of 400 (binomial s.d. 8.7)
     with pytest.raises(Asked) as counted:  # a count after an operator is the same weight, the same pool
-        train_math.teacher_traces(None, tok, train_math.TrainConfig(s_pool=400, s_ops="+3-"))
+        train_math.teacher_traces(stand_in, tok, train_math.TrainConfig(s_pool=400, s_ops="+3-"))
     assert counted.value.args[0] == e.value.args[0]
 
 
