@@ -5,8 +5,9 @@ bench.py: throughput of the pieces that dominate on-policy distillation, so chan
   training  SFT tokens/s (forward + backward + AdamW step) at batch 64
   OPD step  steps/s of one on-policy distillation step (nanoopd/opd.py) for every objective, its
             split: student rollout | teacher scoring | student forward + backward + AdamW | the
-            rest (diagnostics, verifier), and its matmul FLOPs against a matmul peak measured here
-            in the dtype the step's matmuls run in (bf16 under CUDA autocast, else float32)
+            rest (diagnostics, verifier), its matmul FLOPs against a matmul peak measured here in the
+            dtype of the step's matmuls (bf16 under CUDA autocast, else float32); then with a teacher
+            reading 'digits': the share of the step that re-reading, aligning and projecting take
   --vs trl  the same OPD step in nanoopd and in Hugging Face TRL's GKDTrainer, side by side: fully
             on-policy (lmbda 1) with the reverse KL (beta 1, nanoopd's full_reverse_kl), GPT-2 models
             of the same shapes and vocabulary, float32, KV cache on, EOS suppressed on both sides
@@ -32,11 +33,13 @@ import time
 
 import torch
 
+from nanoopd.cross_teacher import CrossTokenizerTeacher
 from nanoopd.device import amp_dtype, pick_device, synchronize
 from nanoopd.flops import opd_step_flops
 from nanoopd.model import GPT, GPTConfig
 from nanoopd.objectives import OBJECTIVES
 from nanoopd.opd import OPDConfig, freeze, opd_step
+from nanoopd.mixed_batch import pool_rollout
 from nanoopd.rollout import generate
 from nanoopd.sft import sft_loss
 from nanoopd.tasks import encode_example, sample_problems
@@ -87,10 +90,8 @@ tok = get_tokenizer()
 no_eos = copy.copy(tok)  # EOS never matches: every row generates the full budget
 no_eos.eos_id = -1
 cfg = TrainConfig()
-ARCH = {
-    "teacher": GPTConfig(vocab_size=tok.n_vocab, n_layer=cfg.t_layer, n_embd=cfg.t_embd, n_head=cfg.t_head),
-    "student": GPTConfig(vocab_size=tok.n_vocab, n_layer=cfg.s_layer, n_embd=cfg.s_embd, n_head=cfg.s_head),
-}
+ARCH = {"teacher": GPTConfig(vocab_size=tok.n_vocab, n_layer=cfg.t_layer, n_embd=cfg.t_embd, n_head=cfg.t_head),
+        "student": GPTConfig(vocab_size=tok.n_vocab, n_layer=cfg.s_layer, n_embd=cfg.s_embd, n_head=cfg.s_head)}
 
 
 def best_time(fn, repeats: int) -> float:
@@ -106,8 +107,7 @@ def best_time(fn, repeats: int) -> float:
 
 
 def step_flops(student: GPTConfig, teacher: GPTConfig, B: int, P: int, N: int) -> float:
-    """Matmul FLOPs of one OPD step of B rows of P prompt and N response tokens (nanoopd/flops.py):
-    the student's rollout, the teacher's scoring, the student's forward and backward."""
+    """Matmul FLOPs of one OPD step, B rows of P prompt and N response tokens (nanoopd/flops.py)."""
     return sum(opd_step_flops(student, teacher, ([P] * B, [N] * B)))
 
 
@@ -144,7 +144,7 @@ def problems_for(B: int, steps: int):
     return sample_problems(B * steps, "train", 0, cfg.digits, cfg.ops)
 
 
-def time_opd(student: GPT, teacher: GPT, loss: str, B: int, N: int, problems) -> tuple[float, dict]:
+def time_opd(student: GPT, teacher: GPT, loss: str, B: int, N: int, problems, score=None) -> tuple[float, dict]:
     """Seconds of the fastest of --repeats OPD steps after a warm-up, and that step's record."""
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
     ocfg = OPDConfig(loss=loss, opd_batch=B, max_new_tokens=N, digits=cfg.digits, ops=cfg.ops)
@@ -153,7 +153,7 @@ def time_opd(student: GPT, teacher: GPT, loss: str, B: int, N: int, problems) ->
     for i in range(args.repeats + 1):
         synchronize(device)
         t0 = time.perf_counter()
-        rec = opd_step(student, teacher, opt, no_eos, problems[i * B:(i + 1) * B], ocfg, gen, i)
+        rec = opd_step(student, teacher, opt, no_eos, problems[i * B:(i + 1) * B], ocfg, gen, i, teacher_score=score)
         synchronize(device)
         timed.append((time.perf_counter() - t0, rec))
     return min(timed[1:], key=lambda x: x[0])  # the first step is the warm-up
@@ -338,3 +338,13 @@ for name in sorted(OBJECTIVES):
     split = " ".join(f"{t:6.3f} ({t / dt:3.0%})" for t in parts)
     print(f"{name:18s} {1 / dt:7.2f} | {split} | {rec['response_length'] * args.batch / dt:11,.0f} | "
           f"{flops / dt / 1e9:7.1f} {flops / dt / peak:7.0%}")
+# a teacher reading 'digits' (nanoopd/cross_teacher.py): what re-reading the rows, aligning and projecting cost in the step
+xt = CrossTokenizerTeacher(tok, get_tokenizer("digits"))
+t_digits = freeze(GPT(GPTConfig(vocab_size=xt.t.n_vocab, tokenizer="digits", n_layer=cfg.t_layer, n_embd=cfg.t_embd,
+                                n_head=cfg.t_head)).to(device))
+gold = pool_rollout([encode_example(tok, q) for q in problems[:args.batch]], tok.pad_id, device)  # rows that write numbers
+for name in ("xt_chunk", "xt_gold"):
+    dt, rec = time_opd(copy.deepcopy(student0), t_digits, name, args.batch, args.new_tokens, problems, xt)
+    on_samples, _, _ = xt.host_seconds, xt(t_digits, gold), xt(t_digits, gold)  # timed: the second (maps cached)
+    print(f"{name + ' (digits)':18s} {1 / dt:7.2f} | teacher {rec['t_teacher']:.3f} s ({rec['t_teacher'] / dt:.0%}), re-reading + "
+          f"aligning + projecting {on_samples:.3f} s ({on_samples / dt:.0%}); on gold traces {xt.host_seconds:.3f} s ({xt.host_seconds / dt:.0%})")

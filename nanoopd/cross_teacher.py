@@ -21,6 +21,7 @@ if they were its own, and its logits are cut to the student's vocabulary, so any
 """
 
 import functools
+import time
 
 import torch
 
@@ -50,6 +51,7 @@ class CrossTokenizerTeacher:
 
     def __init__(self, student_tok: Tokenizer, teacher_tok: Tokenizer, naive: bool = False):
         self.s, self.t, self.naive = student_tok, teacher_tok, naive
+        self.host_seconds = 0.0  # the last call's time outside the teacher's forward pass (on a GPU: host only)
 
     def __call__(self, teacher, ro: Rollout, problems=None):
         V = self.s.n_vocab
@@ -59,12 +61,14 @@ class CrossTokenizerTeacher:
             logits = response_logits(teacher, ro)  # (B, N, V)
             return logits, {"chunks": one_token_chunks(ro.response_mask, torch.log_softmax(logits.float(), -1),
                                                        ro.response)}
-        device, (B, N), P = ro.response.device, ro.response.shape, ro.prompt_len
+        device, (B, N), P, t0 = ro.response.device, ro.response.shape, ro.prompt_len, time.perf_counter()
         prompts = [[i for i in row if i >= 0] for row in torch.where(ro.valid[:, :P], ro.tokens[:, :P], -1).tolist()]
         rows = ro.rows()
         t_rows = [retokenize(r, self.s, self.t) for r in rows]
         t_ro = pool_rollout([(retokenize(p, self.s, self.t), r) for p, r in zip(prompts, t_rows)], self.t.pad_id, device)
+        t1 = time.perf_counter()
         t_logp = torch.log_softmax(response_logits(teacher, t_ro).float(), -1)  # (B, M, V_t)
+        t2 = time.perf_counter()
         t_lp = t_logp.gather(-1, t_ro.response.unsqueeze(-1)).squeeze(-1) * t_ro.response_mask  # (B, M)
         # the alignment, row by row on the host
         G = sum(len(r) for r in rows) + 1  # more than the groups there can be
@@ -91,6 +95,7 @@ class CrossTokenizerTeacher:
         chunks = Chunks(seg, torch.tensor(size, device=device), L_t[seg], t_lp.gather(1, at), torch.tensor(start, device=device),
                         torch.tensor(one, device=device), at, t_logp, t_ro.response_mask,
                         matched_ids(self.s, self.t).to(device), G)
+        self.host_seconds = t1 - t0 + time.perf_counter() - t2  # re-reading, alignment, projection (bench.py)
         return proj.clamp(min=1e-30).log().view(B, N, V), {"chunks": chunks}
 
 
