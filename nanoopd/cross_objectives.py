@@ -7,7 +7,9 @@ Without chunks (one tokenizer) every chunk is its token.
   xt_chunk*  A_t = sg(-r_c / n_c) on each student token t of chunk c, r_c = L_S(c) - L_T(c): the
              sampled-token form on chunks; a chunk's advantages sum to -r_c, and by the chain rule
              sum_c r_c = log pi(a) - log q(b), the two token paths' log-ratio. One tokenizer:
-             sampled_token, to the bit.
+             sampled_token, to the bit. gamma > 0: each r_c on the token after its chunk (where the
+             teacher's split of c is settled) and the discounted return of those; gamma = 1 is
+             REINFORCE on the path log-ratio: the gradient of the path KL (toy/cross_audit.py).
   xt_full    at chunks that are one token on both sides, the full reverse KL(pi || q_proj) with q
              projected by first byte (exact there: both split at the chunk's start); elsewhere the
              xt_chunk term. One tokenizer: full_reverse_kl, to the bit.
@@ -24,25 +26,30 @@ docs/m7.md says what each follows and what it costs.
 import torch
 
 from nanoopd.cross_tokenizer import chunk_costs, uld
-from nanoopd.objectives import finish, prepare, register, resolve_options, sampled, token_sum
+from nanoopd.objectives import Option, finish, prepare, register, resolve_options, sampled, token_sum
 from nanoopd.sampled_token import g_gamma_surrogate
 from nanoopd.sequence_kl import token_kl
 
 
-def chunk_surrogate(b, chunks, mask: torch.Tensor) -> torch.Tensor:
-    """sum over the `mask`ed positions of sg(-r_c / n_c) log pi(y_t|c_t), as one number (the
-    sampled-token surrogate with the chunk costs)."""
+def chunk_surrogate(b, chunks, mask: torch.Tensor, gamma: float = 0.0) -> torch.Tensor:
+    """sum over the `mask`ed positions of sg(-R_t) log pi(y_t|c_t), one number: at gamma = 0 R_t is
+    the token's share r_c / n_c; at gamma > 0 the gamma-discounted return of the chunk costs, each
+    r_c placed after its chunk (nanoopd/sampled_token.py, cross_tokenizer.chunk_costs)."""
     logp, logq = sampled(b)  # (B, N) each
-    r = chunk_costs(logp, logq, b.mask, chunks)  # (B, N)
-    return g_gamma_surrogate(logp, logp.detach() - r, mask, gamma=0.0).sum()
+    r = chunk_costs(logp, logq, b.mask, chunks, at_end=gamma > 0)  # (B, N)
+    return g_gamma_surrogate(logp, logp.detach() - r, mask, gamma=gamma).sum()
 
 
-@register("xt_chunk", on_policy=True, cross=True)
+@register("xt_chunk", on_policy=True, cross=True,
+          gamma=Option(0.0, "xt_chunk: the discount of the chunk costs' return (0: each token its chunk's share; "
+                            "1: REINFORCE on the path log-ratio)", float))
 def xt_chunk_loss(student_logits, teacher_logits, tokens, mask, **options):
-    """Chunk-level sampled-token OPD (module docstring)."""
+    """Chunk-level sampled-token OPD (module docstring); gamma = 1 follows the path KL's gradient."""
     opt = resolve_options("xt_chunk", options)
+    if not 0.0 <= opt["gamma"] <= 1.0:
+        raise ValueError(f"option gamma must lie in [0, 1], got {opt['gamma']}")
     b = prepare(student_logits, teacher_logits, tokens, mask, opt)
-    return finish(chunk_surrogate(b, opt["chunks"], b.mask), b)
+    return finish(chunk_surrogate(b, opt["chunks"], b.mask, opt["gamma"]), b)
 
 
 @register("xt_full", cross=True)
@@ -95,7 +102,7 @@ def xt_gold_loss(student_logits, teacher_logits, tokens, mask, **options):
         p, (q_logp, _) = b.student_logp.exp(), teacher_side(b, None, None)
         q, starts, matched = q_logp.exp(), b.mask, torch.arange(p.shape[-1], device=p.device)
     else:
-        L_s = torch.zeros(chunks.n_groups + 1, device=logp.device).index_add(
+        L_s = torch.zeros(chunks.n_groups + 1, dtype=logp.dtype, device=logp.device).index_add(
             0, chunks.seg.flatten(), (logp * b.mask).flatten())[chunks.seg]  # (B, N) L_S(c), with grad
         q_logp, there = teacher_side(b, chunks, chunks.at)  # (B, N, V_t) the teacher at each chunk's start
         p = b.student_logp.exp() * (L_s - logp).exp().unsqueeze(-1)  # (B, N, V_s) merge_observed, on the student

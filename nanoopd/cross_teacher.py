@@ -9,9 +9,9 @@ teacher's tokens, scored by the teacher, aligned, and handed to the objectives i
     returned   = (q projected on the student's tokens (B, N, V_s), Chunks)          opd.opd_step
 
 The projected q is the teacher's next-byte distribution (cross_tokenizer.py#projection): exact at
-every chunk start, "given that the token goes on" inside a teacher token, mixed there with
-WITHIN_FLOOR of uniform mass so that no byte has zero mass. It is what the step's diagnostics (kl,
-top-K overlap) and xt_full's exact part read; the Chunks carry the rest (cross_objectives.py).
+every chunk start, "given that the token goes on" inside a teacher token (with a 1e-6 floor). It is
+what the step's diagnostics (kl, top-K overlap) and xt_full's exact part read; the Chunks carry the
+rest (cross_objectives.py).
 
 With one tokenizer on both sides nothing is re-read: the teacher scores the rollout itself, every
 chunk is its token, and each xt_ objective equals its same-tokenizer counterpart to the bit.
@@ -31,9 +31,6 @@ from nanoopd.mixed_batch import pool_rollout
 from nanoopd.objectives import SPECS
 from nanoopd.rollout import Rollout, response_logits
 from nanoopd.tokenizer import Tokenizer, get_tokenizer
-
-WITHIN_FLOOR = 1e-6  # inside a teacher token: the share of uniform mass mixed into the projection
-
 
 def one_token_chunks(mask: torch.Tensor, teacher_logp: torch.Tensor, tokens: torch.Tensor) -> Chunks:
     """The chunks of one tokenizer on both sides: every response position its own chunk, the
@@ -90,8 +87,7 @@ class CrossTokenizerTeacher:
         proj = torch.full((B * N, V), 1.0 / V, device=device)  # (B*N, V) padding positions: uniform
         for pre, idx in prefix.items():  # a few distinct prefixes per batch ("", "3", "34", ...)
             idx = torch.tensor(idx, device=device)
-            p = project(start_logp[idx], prefix_map(self.s, self.t, pre), V)  # (n, V)
-            proj[idx] = p if not pre else (1 - WITHIN_FLOOR) * p / p.sum(-1, keepdim=True) + WITHIN_FLOOR / V
+            proj[idx] = project(start_logp[idx], prefix_map(self.s, self.t, pre), V, within=bool(pre))  # (n, V)
         chunks = Chunks(seg, torch.tensor(size, device=device), L_t[seg], t_lp.gather(1, at), torch.tensor(start, device=device),
                         torch.tensor(one, device=device), at, t_logp, t_ro.response_mask,
                         matched_ids(self.s, self.t).to(device), G)

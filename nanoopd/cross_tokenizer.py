@@ -34,6 +34,8 @@ from typing import NamedTuple
 
 import torch
 
+WITHIN_FLOOR = 1e-6  # inside a teacher token: the share of uniform mass mixed into the projection
+
 
 def align(a: list[bytes], b: list[bytes]) -> list[tuple[int, int, int, int]]:
     """The groups (i0, i1, j0, j1) of two tokenizations of one text: a[i0:i1] and b[j0:j1] cover the
@@ -147,12 +149,14 @@ def prefix_map(student, teacher, prefix: bytes) -> torch.Tensor:
     return out
 
 
-def project(teacher_logp: torch.Tensor, index: torch.Tensor, n_vocab: int) -> torch.Tensor:
+def project(teacher_logp: torch.Tensor, index: torch.Tensor, n_vocab: int, within: bool = False) -> torch.Tensor:
     """q's probabilities (..., V_t) summed into the student's tokens by `index` (V_t,) (-1: left out):
-    (..., n_vocab), not renormalised."""
+    (..., n_vocab). At a chunk start (within=False) as they are; inside a teacher token renormalised
+    (given that it goes on) and mixed with WITHIN_FLOOR of uniform mass, so that no token has none."""
     spare = torch.where(index < 0, n_vocab, index).to(teacher_logp.device)  # (V_t,) the left-out ones -> a spare column
     out = torch.zeros(*teacher_logp.shape[:-1], n_vocab + 1, dtype=teacher_logp.dtype, device=teacher_logp.device)
-    return out.index_add_(-1, spare, teacher_logp.exp())[..., :n_vocab]
+    p = out.index_add_(-1, spare, teacher_logp.exp())[..., :n_vocab]  # (..., n_vocab)
+    return (1 - WITHIN_FLOOR) * p / p.sum(-1, keepdim=True) + WITHIN_FLOOR / n_vocab if within else p
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,12 +178,24 @@ class Chunks(NamedTuple):
     n_groups: int
 
 
-def chunk_costs(logp: torch.Tensor, logq: torch.Tensor, mask: torch.Tensor, chunks: Chunks | None) -> torch.Tensor:
-    """The cost of every student token: r_c / n_c of its chunk, so that a chunk's costs sum to
-    r_c = L_S(c) - L_T(c) (detached). logp, logq: (B, N) of the sampled tokens; chunks None (one
-    tokenizer): every chunk is its token, and the cost is r_t = logp - logq. Returns (B, N)."""
+def chunk_costs(logp: torch.Tensor, logq: torch.Tensor, mask: torch.Tensor, chunks: Chunks | None,
+                at_end: bool = False) -> torch.Tensor:
+    """The cost of every student token, so that the costs sum to sum_c r_c, r_c = L_S(c) - L_T(c)
+    (detached): r_c / n_c on each token of c; or (at_end) all of r_c on the token after c (c's last
+    token when none follows): a tokenizer that looks ahead ('34' ends a token only when no digit
+    follows) fixes c only then, and a return-to-go stays unbiased only if no cost depends on later tokens.
+    logp, logq: (B, N) of the sampled tokens; chunks None (one tokenizer): every chunk is its
+    token, and the cost is r_t = logp - logq. Returns (B, N)."""
     if chunks is None:
         return logp.detach() - logq.detach()
     L_s = torch.zeros(chunks.n_groups + 1, dtype=logp.dtype, device=logp.device).index_add(
         0, chunks.seg.flatten(), (logp.detach() * mask).flatten())  # (G + 1,)
-    return (L_s[chunks.seg] - chunks.teacher_lp) / chunks.size  # (B, N)
+    r = L_s[chunks.seg] - chunks.teacher_lp  # (B, N) r_c at each of its tokens
+    if not at_end:
+        return r / chunks.size
+    end = chunks.seg != torch.cat([chunks.seg[:, 1:], torch.full_like(chunks.seg[:, :1], -1)], 1)  # (B, N) a chunk's last
+    placed = torch.where(end, r, 0.0)  # (B, N)
+    # one token later: the token that closes the chunk in the teacher's split (its last if none follows)
+    later = torch.cat([torch.zeros_like(placed[:, :1]), placed[:, :-1]], 1) * mask  # (B, N)
+    last = mask & ~torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], 1)  # (B, N) each row's last token
+    return later + torch.where(last, placed, 0.0)

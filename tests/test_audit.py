@@ -146,3 +146,18 @@ def test_bad_flags_exit_with_a_message_not_a_traceback(flags, message, capsys):
     with pytest.raises(SystemExit) as done:
         main(flags)
     assert done.value.code == 2 and re.search(message, capsys.readouterr().err)
+
+
+def test_the_cross_tokenizer_audit_finds_the_path_kl_exactly_and_the_text_kl_only_for_a_canonical_teacher(tmp_path):
+    """toy/cross_audit.py: chunk costs placed after their chunk, at gamma = 1, follow the path KL
+    exactly; the text KL too only when the teacher gives non-canonical paths no mass; the naive ids
+    and the field's approximations follow neither."""
+    from toy.cross_audit import main as cross_main
+    rows = {(r["teacher"], r["objective"], r["options"]): r for r in cross_main(["--out", str(tmp_path)])}
+    assert rows[("free", "xt_chunk", "gamma=1")]["follows"] == "P exactly"
+    assert rows[("canonical", "xt_chunk", "gamma=1")]["follows"] == "P = X exactly"
+    assert rows[("free", "xt_chunk", "gamma=1")]["err_X"] > 0.05  # other paths carry mass: the text KL differs
+    for teacher in ("free", "canonical"):
+        for name in ("xt_uld", "xt_gold", "naive ids"):
+            assert rows[(teacher, name, "-")]["follows"] in ("none",) or "~" in rows[(teacher, name, "-")]["follows"]
+    assert (tmp_path / "audit_cross.csv").read_text().startswith("teacher,objective,options")
