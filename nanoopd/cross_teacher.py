@@ -77,17 +77,20 @@ class CrossTokenizerTeacher:
             for i0, i1, j0, j1 in align(pieces, spelled(self.t, tr)):
                 for i in range(i0, i1):
                     seg[b][i], size[b][i], start[b][i], one[b][i], at[b][i] = g, i1 - i0, i == i0, i1 - i0 == j1 - j0 == 1, j0
-                    prefix.setdefault(b"".join(pieces[i0:i]), []).append(b * N + i)
+                    if i > i0:  # inside a teacher token: projected given the bytes read so far
+                        prefix.setdefault(b"".join(pieces[i0:i]), []).append(b * N + i)
                 t_seg[b][j0:j1] = [g] * (j1 - j0)
                 g += 1
         seg, t_seg = torch.tensor(seg, device=device), torch.tensor(t_seg, device=device)  # (B, N), (B, M)
         L_t = torch.zeros(G + 1, device=device).index_add(0, t_seg.flatten(), t_lp.flatten())  # (G + 1,) L_T(c)
         at = torch.tensor(at, device=device)  # (B, N)
-        start_logp = t_logp.gather(1, at.unsqueeze(-1).expand(-1, -1, t_logp.shape[-1])).flatten(0, 1)  # (B*N, V_t)
-        proj = torch.full((B * N, V), 1.0 / V, device=device)  # (B*N, V) padding positions: uniform
-        for pre, idx in prefix.items():  # a few distinct prefixes per batch ("", "3", "34", ...)
+        t_prob = t_logp.exp()  # (B, M, V_t)
+        first = project(t_prob, prefix_map(self.s, self.t, b""), V)  # (B, M, V) each teacher position's next byte
+        proj = first.gather(1, at.unsqueeze(-1).expand(-1, -1, V)).flatten(0, 1)  # (B*N, V) its chunk start's
+        for pre, idx in prefix.items():  # a few distinct prefixes inside teacher tokens ("3", "34", ...)
             idx = torch.tensor(idx, device=device)
-            proj[idx] = project(start_logp[idx], prefix_map(self.s, self.t, pre), V, within=bool(pre))  # (n, V)
+            rows = t_prob[idx // N, at.flatten()[idx]]  # (n, V_t) the teacher at those chunks' starts
+            proj[idx] = project(rows, prefix_map(self.s, self.t, pre), V, within=True)  # (n, V)
         chunks = Chunks(seg, torch.tensor(size, device=device), L_t[seg], t_lp.gather(1, at), torch.tensor(start, device=device),
                         torch.tensor(one, device=device), at, t_logp, t_ro.response_mask,
                         matched_ids(self.s, self.t).to(device), G)

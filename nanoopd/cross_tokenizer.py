@@ -149,13 +149,13 @@ def prefix_map(student, teacher, prefix: bytes) -> torch.Tensor:
     return out
 
 
-def project(teacher_logp: torch.Tensor, index: torch.Tensor, n_vocab: int, within: bool = False) -> torch.Tensor:
-    """q's probabilities (..., V_t) summed into the student's tokens by `index` (V_t,) (-1: left out):
-    (..., n_vocab). At a chunk start (within=False) as they are; inside a teacher token renormalised
-    (given that it goes on) and mixed with WITHIN_FLOOR of uniform mass, so that no token has none."""
-    spare = torch.where(index < 0, n_vocab, index).to(teacher_logp.device)  # (V_t,) the left-out ones -> a spare column
-    out = torch.zeros(*teacher_logp.shape[:-1], n_vocab + 1, dtype=teacher_logp.dtype, device=teacher_logp.device)
-    p = out.index_add_(-1, spare, teacher_logp.exp())[..., :n_vocab]  # (..., n_vocab)
+def project(q: torch.Tensor, index: torch.Tensor, n_vocab: int, within: bool = False) -> torch.Tensor:
+    """The teacher's probabilities q (..., V_t) summed into the student's tokens by `index` (V_t,)
+    (-1: left out): (..., n_vocab). At a chunk start (within=False) as they are; inside a teacher
+    token renormalised (given that it goes on) and mixed with WITHIN_FLOOR of uniform mass."""
+    spare = torch.where(index < 0, n_vocab, index).to(q.device)  # (V_t,) the left-out ones -> a spare column
+    out = torch.zeros(*q.shape[:-1], n_vocab + 1, dtype=q.dtype, device=q.device)
+    p = out.index_add_(-1, spare, q)[..., :n_vocab]  # (..., n_vocab)
     return (1 - WITHIN_FLOOR) * p / p.sum(-1, keepdim=True) + WITHIN_FLOOR / n_vocab if within else p
 
 

@@ -82,12 +82,12 @@ def test_chunk_costs_sum_to_the_token_paths_logratio():
 
 def test_the_projection_at_a_chunk_start_is_the_teachers_next_byte():
     logp = torch.log_softmax(torch.randn(T.n_vocab, dtype=torch.float64), -1)
-    proj = project(logp, prefix_map(S, T, b""), S.n_vocab)  # (V_s,)
+    proj = project(logp.exp(), prefix_map(S, T, b""), S.n_vocab)  # (V_s,)
     assert proj.sum().item() == pytest.approx(1.0, abs=1e-12)  # every teacher token lands on one student token
     three = [u for u, w in enumerate(spelled(T, range(T.n_vocab))) if w.startswith(b"3") and u not in T.special_ids.values()]
     assert len(three) == 1 + 10 + 100 and proj[S.encode("3")[0]].item() == pytest.approx(logp[three].exp().sum().item())
     assert proj[S.eos_id].item() == pytest.approx(logp[T.eos_id].exp().item())
-    inside = project(logp, prefix_map(S, T, b"34"), S.n_vocab)  # after "34": only "34d" goes on
+    inside = project(logp.exp(), prefix_map(S, T, b"34"), S.n_vocab)  # after "34": only "34d" goes on
     assert set(inside.nonzero().flatten().tolist()) == set(S.encode("0123456789"))
 
 

@@ -24,7 +24,6 @@ character ids read by the teacher as its own tokens (a path it may never have se
 to the student's three, under sampled_token. Flag: raises X (a small step along -g_L raises the text KL).
 """
 
-import itertools
 import sys
 from dataclasses import dataclass
 
@@ -138,7 +137,7 @@ def chunks_of(texts: list[str], logp: torch.Tensor) -> tuple[Chunks, torch.Tenso
                 lp[n, i] = logp[n, j0, TOKENS.index(toks[j0])]
                 index = first if i == i0 else torch.tensor([CHARS.index(t[1]) if len(t) == 2 and t[0] == text[i0]
                                                             else -1 for t in TOKENS])
-                proj[n, i] = project(logp[n, j0], index, len(CHARS), within=i > i0)
+                proj[n, i] = project(logp[n, j0].exp(), index, len(CHARS), within=i > i0)
             g += 1
     mask = torch.tensor([[j < len(canonical(t)) for j in range(L)] for t in texts])  # (N, L)
     matched = torch.tensor([CHARS.index(t) if t in CHARS else -1 for t in TOKENS])
