@@ -152,6 +152,20 @@ LABS = (
         Task("merge", "merge: one batch, prompts left-padded to P, responses right-padded to N, rows in order",
              ("tests/test_mixed_batch.py::test_merge_left_pads_the_prompts_and_right_pads_the_responses",)),
     )),
+    Lab("cross_tokenizer", "A teacher that reads another tokenizer: the alignment and the chunk log-ratio (M7)",
+        "course/labs/09_cross_tokenizer.md", (
+        Task("align", "align: groups that close where both tokenizations end, a partition of both",
+             (G + "test_align_closes_a_group_only_where_both_tokenizations_end",
+              "tests/test_cross_tokenizer.py::test_groups_partition_both_tokenizations_into_equal_byte_spans",
+              "tests/test_cross_tokenizer.py::test_digits_against_multi_digit_tokens")),
+        Task("chunk", "chunk_logratios: r_c = L_S(c) - L_T(c), summing to the paths' log-ratio, spread over n_c",
+             (G + "test_chunk_logratios_are_the_students_minus_the_teachers_spread_over_the_students_pieces",
+              "tests/test_cross_tokenizer.py::test_one_tokenizer_on_both_sides_gives_the_token_logratios_to_the_bit",
+              "tests/test_cross_tokenizer.py::test_chunk_logratios_sum_to_the_path_logratio_and_spread_exactly")),
+        Task("costs", "chunk_costs: r_c / n_c on each token, or r_c after its chunk; on a real teacher's split",
+             (G + "test_chunk_costs_spread_a_chunk_or_place_it_after_the_chunk",
+              "tests/test_cross_teacher.py::test_chunk_costs_sum_to_the_token_paths_logratio")),
+    )),
 )
 
 

@@ -48,6 +48,7 @@ def align(a: list[bytes], b: list[bytes]) -> list[tuple[int, int, int, int]]:
                          f"({ta[k:k + 8]!r} against {tb[k:k + 8]!r}); no alignment exists")
     if any(len(p) == 0 for p in a + b):
         raise ValueError("an empty piece cannot be aligned: every token must cover at least one byte")
+    # lab:cross_tokenizer begin
     groups, i, j, i0, j0, ea, eb = [], 0, 0, 0, 0, 0, 0
     while i < len(a) or j < len(b):
         if j == len(b) or (i < len(a) and ea <= eb):
@@ -58,6 +59,7 @@ def align(a: list[bytes], b: list[bytes]) -> list[tuple[int, int, int, int]]:
             groups.append((i0, i, j0, j))
             i0, j0 = i, j
     return groups
+    # lab:cross_tokenizer end
 
 
 def chunk_logratios(groups: list[tuple[int, int, int, int]], logp_s: torch.Tensor,
@@ -65,6 +67,7 @@ def chunk_logratios(groups: list[tuple[int, int, int, int]], logp_s: torch.Tenso
     """r_c = L_S(c) - L_T(c) for every group, from the student's log-probs of its own pieces (n,)
     and the teacher's of its own (m,); and r_c spread evenly over the student's pieces of c (n,),
     so that each chunk's share sums to r_c exactly. Returns (r (G,), per-piece (n,))."""
+    # lab:cross_tokenizer begin
     G = len(groups)
     seg_s = torch.zeros(logp_s.shape[0], dtype=torch.long, device=logp_s.device)  # (n,) the group of each piece
     seg_t = torch.zeros(logp_t.shape[0], dtype=torch.long, device=logp_t.device)  # (m,)
@@ -75,6 +78,7 @@ def chunk_logratios(groups: list[tuple[int, int, int, int]], logp_s: torch.Tenso
     r = L_s - L_t  # (G,)
     sizes = torch.tensor([i1 - i0 for i0, i1, _, _ in groups], dtype=logp_s.dtype, device=logp_s.device)  # (G,)
     return r, (r / sizes)[seg_s]
+    # lab:cross_tokenizer end
 
 
 def uld(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -188,6 +192,7 @@ def chunk_costs(logp: torch.Tensor, logq: torch.Tensor, mask: torch.Tensor, chun
     token, and the cost is r_t = logp - logq. Returns (B, N)."""
     if chunks is None:
         return logp.detach() - logq.detach()
+    # lab:cross_tokenizer begin
     L_s = torch.zeros(chunks.n_groups + 1, dtype=logp.dtype, device=logp.device).index_add(
         0, chunks.seg.flatten(), (logp.detach() * mask).flatten())  # (G + 1,)
     r = L_s[chunks.seg] - chunks.teacher_lp  # (B, N) r_c at each of its tokens
@@ -199,3 +204,4 @@ def chunk_costs(logp: torch.Tensor, logq: torch.Tensor, mask: torch.Tensor, chun
     later = torch.cat([torch.zeros_like(placed[:, :1]), placed[:, :-1]], 1) * mask  # (B, N)
     last = mask & ~torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], 1)  # (B, N) each row's last token
     return later + torch.where(last, placed, 0.0)
+    # lab:cross_tokenizer end

@@ -242,6 +242,10 @@ def test_the_demos_show_what_the_handouts_say(one_thread, capsys):
     assert all((charged == given) == (lmbda == 1 or step == 1) for (lmbda, _, step), (charged, given) in flops.items())
     assert flops[(0.0, "fresh", 0)][1] < flops[(0.5, "fresh", 0)][1] < flops[(1.0, "fresh", 0)][1]  # the student samples less
     assert flops[(0.0, "pool", 0)][1] == flops[(0.0, "pool", 1)][1]  # the same traces: the same compute
+    from course.demos import cross_tokenizer
+    xt = cross_tokenizer.main()
+    assert abs(xt["sum"] - xt["path"]) < 1e-12  # the chunk log-ratios sum to the paths' log-ratio
+    assert xt[("free", "gamma=1")] == "P exactly" and xt[("canonical", "gamma=1")] == "P = X exactly"
     assert "speed-up" in capsys.readouterr().out
 
 
@@ -254,7 +258,7 @@ def handout_listing(handout: str, command: str) -> list[str]:
 
 @pytest.mark.parametrize("lab,demo", [("topk", "topk_drain"), ("masking", "special_token"),
                                       ("opsd", "geometric_mean"), ("rlvr", "rlvr_easy"),
-                                      ("on_policy", "on_policy")])
+                                      ("on_policy", "on_policy"), ("cross_tokenizer", "cross_tokenizer")])
 def test_the_handouts_print_what_a_fresh_run_of_their_demo_prints(lab, demo, one_thread, capsys):
     """Every deterministic demo's listing is its whole printout, digit for digit (kv_speed prints
     timings, checked above)."""

@@ -837,3 +837,64 @@ def test_flop_count_given_leaves_out_the_teachers_sampling():
     assert (count.charged, count.given) == (16.0, 11.0), (
         f"after add(10, 5) and add(1): charged {count.charged:g}, given {count.given:g}; expected 16 (compute and "
         f"the teacher's sampling) and 11 (compute only)")
+
+# ----------------------------------------------------------------------------------------------
+# lab cross_tokenizer: cross_tokenizer.align, chunk_logratios, chunk_costs
+
+
+def test_align_closes_a_group_only_where_both_tokenizations_end():
+    from nanoopd.cross_tokenizer import align
+    a, b = [b"3", b"4", b"7", b"1", b"+"], [b"347", b"1", b"+"]  # one digit a token; up to three
+    groups = align(a, b)
+    assert groups[-1][1:4:2] == (len(a), len(b)), (
+        f"align({a}, {b}) = {groups}: the last group must end at both ends, ({len(a)}, {len(b)}); the groups "
+        f"partition both sequences")
+    assert groups == [(0, 3, 0, 1), (3, 4, 1, 2), (4, 5, 2, 3)], (
+        f"align({a}, {b}) = {groups}, expected [(0, 3, 0, 1), (3, 4, 1, 2), (4, 5, 2, 3)]: advance the side whose "
+        f"pieces end first (the student's 3, 4, 7 before the teacher's 347) and close a group each time both end at "
+        f"the same byte, no sooner")
+    a, b = [b"ab", b"c", b"de"], [b"a", b"bcd", b"e"]  # ends 2, 3, 5 against 1, 4, 5: only 5 is shared
+    assert align(a, b) == [(0, 3, 0, 3)], (
+        f"align({a}, {b}) = {align(a, b)}, expected one group [(0, 3, 0, 3)]: the two sides end together only at "
+        f"byte 5; a group closes where both end at the same byte, not where either ends")
+
+
+def test_chunk_logratios_are_the_students_minus_the_teachers_spread_over_the_students_pieces():
+    from nanoopd.cross_tokenizer import chunk_logratios
+    groups = [(0, 3, 0, 1), (3, 4, 1, 2)]  # "347" | "1": three student pieces, then one; one teacher piece each
+    logp_s = torch.tensor([-1.0, -2.0, -3.0, -0.5], dtype=torch.float64)
+    logp_t = torch.tensor([-4.0, -0.25], dtype=torch.float64)
+    r, per = chunk_logratios(groups, logp_s, logp_t)
+    assert r.tolist() != [2.0, 0.25], (
+        "r = [2, 0.25]: the sign is swapped; r_c = L_S(c) - L_T(c), the student's chunk log-prob minus the "
+        "teacher's, a cost like r_t = log pi - log q")
+    assert r.tolist() == [-2.0, -0.25], (
+        f"r = {r.tolist()}, expected [-2, -0.25]: L_S = -1 - 2 - 3 = -6 and L_T = -4 on the first chunk, "
+        f"-0.5 and -0.25 on the second; r_c = L_S(c) - L_T(c)")
+    assert per.tolist() == pytest.approx([-2 / 3] * 3 + [-0.25]), (
+        f"per-piece = {per.tolist()}, expected [-2/3, -2/3, -2/3, -0.25]: r_c spread evenly over the student's "
+        f"n_c pieces of the chunk (r_c / n_c each), so that they sum to r_c")
+
+
+def test_chunk_costs_spread_a_chunk_or_place_it_after_the_chunk():
+    from nanoopd.cross_tokenizer import Chunks, chunk_costs
+    seg = torch.tensor([[0, 0, 1, 2]])  # chunks "34" (two student tokens), "+", "5"
+    size = torch.tensor([[2.0, 2.0, 1.0, 1.0]], dtype=torch.float64)
+    teacher_lp = torch.tensor([[-1.5, -1.5, -1.0, -0.1]], dtype=torch.float64)  # L_T(c) at each token of c
+    chunks = Chunks(seg, size, teacher_lp, teacher_lp, None, None, None, None, None, None, 3)
+    logp = torch.tensor([[-1.0, -2.0, -0.5, -0.25]], dtype=torch.float64)
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    spread = chunk_costs(logp, torch.zeros_like(logp), mask, chunks)  # r_c = -1.5, 0.5, -0.15
+    assert spread.tolist()[0][:2] != [-1.5, -1.5], (
+        "the first chunk's tokens cost -1.5 each: r_c is spread over its n_c tokens, r_c / n_c each, so that the "
+        "chunk's costs sum to r_c")
+    assert spread.tolist()[0] == pytest.approx([-0.75, -0.75, 0.5, -0.15]), (
+        f"spread costs {spread.tolist()[0]}, expected [-0.75, -0.75, 0.5, -0.15]: r_c = L_S(c) - L_T(c) "
+        f"(-3 + 1.5, -0.5 + 1, -0.25 + 0.1), over the n_c tokens of c")
+    placed = chunk_costs(logp, torch.zeros_like(logp), mask, chunks, at_end=True)
+    assert placed.tolist()[0] != pytest.approx([0.0, -1.5, 0.5, -0.15]), (
+        "at_end placed each r_c on its chunk's last token: a split that looks ahead ('34' ends a token only "
+        "when no digit follows) settles c one token later, so r_c goes on the token after c")
+    assert placed.tolist()[0] == pytest.approx([0.0, 0.0, -1.5, 0.35]), (
+        f"at_end costs {placed.tolist()[0]}, expected [0, 0, -1.5, 0.35]: each r_c on the token after its chunk, "
+        f"the last chunk's on the last token (0.5 - 0.15)")
