@@ -151,3 +151,25 @@ def test_a_flop_budget_below_one_step_exits_1_naming_the_flag_and_writes_nothing
     assert "--opd_flops" in err and "below one step" in err
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name in before} == before
     assert not list(tmp_path.glob("opd_*"))  # no run files were started
+
+
+def test_a_teacher_of_another_tokenizer_is_refused_unless_asked_for_and_never_with_a_one_vocabulary_objective(tmp_path, capsys):
+    """A teacher.pt that reads 'digits' loaded as the default 'bytes' one: exit 1 naming the flag;
+    asked for with a shared-vocabulary objective or an unknown tokenizer: exit 2 naming the choices.
+    Nothing is written over the checkpoints."""
+    digits = get_tokenizer("digits")
+    torch.manual_seed(0)
+    save_checkpoint(str(tmp_path / "teacher.pt"), GPT(GPTConfig(vocab_size=digits.n_vocab, tokenizer="digits",
+                                                                n_layer=1, n_head=2, n_embd=16)), 0)
+    save_checkpoint(str(tmp_path / "student.pt"), tiny_model(), 0)
+    before = {p: os.path.getmtime(tmp_path / p) for p in ("teacher.pt", "student.pt")}
+    err = run_cli(["--out_dir", str(tmp_path), "--stages", "opd"] + TINY, capsys)
+    assert "reads the tokenizer 'digits', but 'bytes' was asked for" in err and "--teacher_tokenizer digits" in err
+    for flags, says in ((["--teacher_tokenizer", "digits"], "--loss sampled_token compares the two models over one "
+                                                            "vocabulary"),
+                        (["--teacher_tokenizer", "words"], "invalid choice: 'words' (choose from 'bytes', 'digits')")):
+        with pytest.raises(SystemExit) as done:
+            cli(lambda: train_math.main(["--out_dir", str(tmp_path), "--stages", "opd"] + TINY + flags))
+        err = capsys.readouterr().err
+        assert done.value.code == 2 and says in err and "Traceback" not in err, err
+    assert before == {p: os.path.getmtime(tmp_path / p) for p in ("teacher.pt", "student.pt")}

@@ -121,3 +121,26 @@ def test_mismatches_are_refused_with_what_to_do(tmp_path):
     with pytest.raises(CheckpointError, match="--teacher_tokenizer digits"):
         load_checkpoint(path, expect_tokenizer="bytes")
     assert load_checkpoint(path, expect_tokenizer="digits")[0].config.tokenizer == "digits"
+
+
+def test_train_math_runs_the_whole_pipeline_with_a_teacher_of_another_tokenizer(tmp_path, monkeypatch):
+    """--teacher_tokenizer digits: the teacher is trained reading 'digits' (and says so in its
+    checkpoint), the student's cold-start pool is its traces re-read as bytes, both are evaluated
+    with their own tokenizer, and OPD runs through the alignment. (A 2-step teacher finishes no
+    trace: its greedy answers are replaced by one fixed answer written in its own tokens.)"""
+    import train_math
+    answer = "12+345=\nA:357"
+    monkeypatch.setattr(train_math, "generate", lambda teacher, prompts, n, eos_id, pad_id, **kw: pool_rollout(
+        [(p, T.encode(answer) + [T.eos_id]) for p in prompts], pad_id, "cpu"))
+    cfg = train_math.TrainConfig(s_pool=3)
+    pool = train_math.teacher_traces(model(T), S, cfg)
+    assert [r for _, r in pool] == [S.encode(answer) + [S.eos_id]] * 3  # the teacher's '12', '345', '357' re-read
+    tiny = ["--t_layer", "1", "--t_embd", "16", "--t_head", "2", "--s_layer", "1", "--s_embd", "16", "--s_head", "2",
+            "--batch_size", "4", "--digits", "1", "--log_every", "0", "--eval_n", "2", "--final_eval_n", "4",
+            "--max_new_tokens", "8", "--opd_steps", "2", "--opd_batch", "2", "--device", "cpu", "--t_steps", "2",
+            "--s_steps", "2", "--s_pool", "8"]
+    summary = train_math.main(["--out_dir", str(tmp_path), "--teacher_tokenizer", "digits", "--loss", "xt_chunk",
+                               "--stages", "teacher,student,eval,opd"] + tiny)
+    assert load_checkpoint(str(tmp_path / "teacher.pt"))[0].config.tokenizer == "digits"
+    assert load_checkpoint(str(tmp_path / "student.pt"))[0].config.tokenizer == "bytes"
+    assert summary["opd_xt_chunk"]["first_kl"] >= 0 and "teacher_acc_greedy" in summary
