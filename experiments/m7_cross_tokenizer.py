@@ -6,6 +6,7 @@ beside the pair's own teacher with sampled-token OPD, the same-tokenizer referen
 
   same       the pair's teacher, sampled_token (one tokenizer: the reference)
   xt_chunk   the other teacher, chunk-level sampled-token OPD (r_c spread over the chunk)
+  xt_chunk_g1  the same at gamma = 1: each r_c after its chunk, REINFORCE on the path log-ratio
   xt_full    the full reverse KL at chunks one token on both sides, xt_chunk elsewhere
   xt_uld     ULD, positions matched by index
   xt_gold    GOLD's hybrid: JSD on the tokens spelled alike, ULD on the rest, at chunk starts
@@ -51,7 +52,8 @@ def runs(folder: str) -> tuple:
     other = {"teacher_dir": folder}
     return (("same", "sampled_token", {}), ("xt_chunk", "xt_chunk", other), ("xt_full", "xt_full", other),
             ("xt_uld", "xt_uld", other), ("xt_gold", "xt_gold", other),
-            ("naive_ids", "sampled_token", {**other, "naive_ids": True}))
+            ("naive_ids", "sampled_token", {**other, "naive_ids": True}),
+            ("xt_chunk_g1", "xt_chunk", {**other, "gamma": 1.0}))
 
 
 @dataclass
@@ -111,8 +113,10 @@ def report(cfg: M7Config, rows: list[dict], teacher_acc: dict, seconds: float, l
     start = [{**r, "label": "start", "final_acc": r["start_acc"]} for r in rows if r["label"] == "same"]
     checks = {"mismatch_distorts": verdict(rows, "same", "naive_ids"),
               "chunks_recover": equivalence(rows, "xt_chunk", "same", EQUAL),
+              "path_kl_recovers": equivalence(rows, "xt_chunk_g1", "same", EQUAL),
               "full_recovers": equivalence(rows, "xt_full", "same", EQUAL),
               "uld_fails": verdict(rows, "xt_chunk", "xt_uld"),
+              "uld_teaches": verdict(rows + start, "xt_uld", "start"),
               "gold_below_chunks": verdict(rows, "xt_chunk", "xt_gold"),
               "naive_teaches": verdict(rows + start, "naive_ids", "start")}
     lines = [f"M7: a teacher reading {cfg.xt_tokenizer!r}, a student reading 'bytes' | {cfg.pairs} pair(s) x seeds "
@@ -120,10 +124,10 @@ def report(cfg: M7Config, rows: list[dict], teacher_acc: dict, seconds: float, l
              f"n={cfg.final_eval_n} | wall {seconds / 60:.1f} min",
              "teachers (greedy, held-out): " + ", ".join(f"{k} {100 * mean(v):.1f}%" for k, v in teacher_acc.items())
              + f" | the student at start {100 * mean(r['start_acc'] for r in start):.1f}%",
-             f"{'run':9s} | {'teacher':7s} | {'held-out acc: mean [95% CI] (per pair)':40s} | {'gain':5s} | "
+             f"{'run':11s} | {'teacher':7s} | {'held-out acc: mean [95% CI] (per pair)':40s} | {'gain':5s} | "
              f"{'KL start -> end':15s} | {'length':6s} | degraded"]
     for label, rs in by_label(rows).items():
-        lines.append(f"{label:9s} | {'bytes' if label == 'same' else cfg.xt_tokenizer:7s} | {cell_text(rs):40s} | "
+        lines.append(f"{label:11s} | {'bytes' if label == 'same' else cfg.xt_tokenizer:7s} | {cell_text(rs):40s} | "
                      f"{100 * mean(r['final_acc'] - r['start_acc'] for r in rs):+5.1f} | "
                      f"{mean(r['first_kl'] for r in rs):6.3f} -> {mean(r.get('final_kl') for r in rs):6.3f} | "
                      f"{mean(r.get('final_response_length') for r in rs):6.1f} | {degraded_cell(rs)}")
@@ -133,8 +137,10 @@ def report(cfg: M7Config, rows: list[dict], teacher_acc: dict, seconds: float, l
               f"the mismatch distorts OPD (same above naive_ids) {verdict_text(checks['mismatch_distorts'])}; "
               f"naive_ids above the start {verdict_text(checks['naive_teaches'])}",
               f"aligned chunks recover the one-tokenizer result (xt_chunk = same within {100 * EQUAL:.0f} points) "
-              f"{verdict_text(checks['chunks_recover'])}; xt_full = same {verdict_text(checks['full_recovers'])}",
-              f"ULD fails on digit splits (xt_chunk above xt_uld) {verdict_text(checks['uld_fails'])}; "
+              f"{verdict_text(checks['chunks_recover'])}; xt_chunk_g1 = same {verdict_text(checks['path_kl_recovers'])}; "
+              f"xt_full = same {verdict_text(checks['full_recovers'])}",
+              f"ULD fails on digit splits (xt_chunk above xt_uld) {verdict_text(checks['uld_fails'])}; xt_uld above the "
+              f"start {verdict_text(checks['uld_teaches'])}; "
               f"xt_chunk above xt_gold {verdict_text(checks['gold_below_chunks'])}"]
     table = "\n".join(lines)
     log(table)

@@ -30,8 +30,8 @@ def test_every_run_is_reported_with_its_verdicts(m7_run):
     assert sorted({r["label"] for r in out["runs"]}) == sorted(labels) and len(out["runs"]) == 3 * len(labels)
     ck = read_checkpoint(str(root / "pair3337" / "m7" / "digits" / "teacher.pt"))
     assert ck["config"]["tokenizer"] == "digits" and ck["extra"]["train"]["seed"] == 3337
-    assert set(out["verdicts"]) == {"mismatch_distorts", "chunks_recover", "full_recovers", "uld_fails",
-                                    "gold_below_chunks", "naive_teaches"}
+    assert set(out["verdicts"]) == {"mismatch_distorts", "chunks_recover", "path_kl_recovers", "full_recovers",
+                                    "uld_fails", "uld_teaches", "gold_below_chunks", "naive_teaches"}
     assert all(v["verdict"] != "pending" for v in out["verdicts"].values())  # three pairs: every rule applies
     full = [r for r in out["runs"] if r["label"] == "xt_full"]
     assert all(0 < r["first_step"]["one_token_share"] <= 1 for r in full)
@@ -43,7 +43,7 @@ def test_a_restarted_m7_reuses_its_teachers_and_reads_its_runs_back(m7_run, caps
     root, _ = m7_run
     monkeypatch.setattr(m7, "train_teacher", lambda *a: pytest.fail("a finished teacher was trained again"))
     m7.main(["--out_dir", str(root)] + FLAGS)
-    assert "18 of 18 runs finished earlier, read back" in capsys.readouterr().out
+    assert "21 of 21 runs finished earlier, read back" in capsys.readouterr().out
 
 
 def test_a_teacher_trained_otherwise_is_refused_by_name(m7_run, capsys):
