@@ -5,7 +5,7 @@ teacher's tokens, scored by the teacher, aligned, and handed to the objectives i
     text       = what the student's prompt and response ids spell
     b_1..b_m   = retokenize(text) for the teacher (special tokens by name)         host, per row
     q(.|b_<j)  = the teacher's forward pass over its own ids, all rows at once      (B, M, V_t)
-    groups     = align(student pieces, teacher pieces)                              host, per row
+    groups     = align(student pieces, teacher pieces), for the batch at once        batch_groups
     returned   = (q projected on the student's tokens (B, N, V_s), Chunks)          opd.opd_step
 
 The projected q is the teacher's next-byte distribution (cross_tokenizer.py#projection): exact at
@@ -26,7 +26,7 @@ import time
 import torch
 
 from nanoopd.config import ConfigError
-from nanoopd.cross_tokenizer import Chunks, align, prefix_map, project, retokenize, spelled
+from nanoopd.cross_tokenizer import Chunks, prefix_map, project, retokenize, spelled
 from nanoopd.mixed_batch import pool_rollout
 from nanoopd.objectives import SPECS
 from nanoopd.rollout import Rollout, response_logits
@@ -48,7 +48,7 @@ class CrossTokenizerTeacher:
 
     def __init__(self, student_tok: Tokenizer, teacher_tok: Tokenizer, naive: bool = False):
         self.s, self.t, self.naive = student_tok, teacher_tok, naive
-        self.host_seconds = 0.0  # the last call's time outside the teacher's forward pass (on a GPU: host only)
+        self.seconds = (0.0, 0.0)  # the last call's re-reading + alignment, and projection (bench.py; on a GPU: host time)
 
     def __call__(self, teacher, ro: Rollout, problems=None):
         V = self.s.n_vocab
@@ -67,35 +67,59 @@ class CrossTokenizerTeacher:
         t_logp = torch.log_softmax(response_logits(teacher, t_ro).float(), -1)  # (B, M, V_t)
         t2 = time.perf_counter()
         t_lp = t_logp.gather(-1, t_ro.response.unsqueeze(-1)).squeeze(-1) * t_ro.response_mask  # (B, M)
-        # the alignment, row by row on the host
-        G = sum(len(r) for r in rows) + 1  # more than the groups there can be
-        seg, size, start, one, at = [[G] * N for _ in rows], [[1.0] * N for _ in rows], \
-            [[False] * N for _ in rows], [[False] * N for _ in rows], [[0] * N for _ in rows]
-        t_seg, prefix, g = [[G] * t_ro.response.shape[1] for _ in rows], {}, 0
-        for b, (r, tr) in enumerate(zip(rows, t_rows)):
-            pieces = spelled(self.s, r)
-            for i0, i1, j0, j1 in align(pieces, spelled(self.t, tr)):
-                for i in range(i0, i1):
-                    seg[b][i], size[b][i], start[b][i], one[b][i], at[b][i] = g, i1 - i0, i == i0, i1 - i0 == j1 - j0 == 1, j0
-                    if i > i0:  # inside a teacher token: projected given the bytes read so far
-                        prefix.setdefault(b"".join(pieces[i0:i]), []).append(b * N + i)
-                t_seg[b][j0:j1] = [g] * (j1 - j0)
-                g += 1
-        seg, t_seg = torch.tensor(seg, device=device), torch.tensor(t_seg, device=device)  # (B, N), (B, M)
+        # the alignment, the whole batch at once
+        mask, t_mask, M = ro.response_mask, t_ro.response_mask, t_ro.response.shape[1]
+        seg, t_seg, G = batch_groups(ro.response, mask, t_ro.response, t_mask, piece_lengths(self.s).to(device),
+                                     piece_lengths(self.t).to(device))  # (B, N), (B, M)
+        n_s, n_t = torch.bincount(seg.flatten(), minlength=G + 1), torch.bincount(t_seg.flatten(), minlength=G + 1)
+        pos, t_pos = torch.arange(N, device=device).expand(B, N), torch.arange(M, device=device).expand(B, M)
+        first_i = torch.full((G + 1,), N, device=device).scatter_reduce(0, seg.flatten(), pos.flatten(), "amin")
+        first_j = torch.full((G + 1,), M, device=device).scatter_reduce(0, t_seg.flatten(), t_pos.flatten(), "amin")
+        start, at = mask & (pos == first_i[seg]), torch.where(mask, first_j[seg], 0)  # (B, N) each
         L_t = torch.zeros(G + 1, device=device).index_add(0, t_seg.flatten(), t_lp.flatten())  # (G + 1,) L_T(c)
-        at = torch.tensor(at, device=device)  # (B, N)
+        prefix = {}  # inside a teacher token: projected given the bytes read so far ("3", "34", ...)
+        for b, i, i0 in torch.stack([*(mask & ~start).nonzero().T, first_i[seg[mask & ~start]]], 1).tolist():
+            prefix.setdefault(b"".join(spelled(self.s, rows[b][i0:i])), []).append(b * N + i)
+        t3 = time.perf_counter()
         t_prob = t_logp.exp()  # (B, M, V_t)
         first = project(t_prob, prefix_map(self.s, self.t, b""), V)  # (B, M, V) each teacher position's next byte
         proj = first.gather(1, at.unsqueeze(-1).expand(-1, -1, V)).flatten(0, 1)  # (B*N, V) its chunk start's
         for pre, idx in prefix.items():  # a few distinct prefixes inside teacher tokens ("3", "34", ...)
             idx = torch.tensor(idx, device=device)
-            rows = t_prob[idx // N, at.flatten()[idx]]  # (n, V_t) the teacher at those chunks' starts
-            proj[idx] = project(rows, prefix_map(self.s, self.t, pre), V, within=True)  # (n, V)
-        chunks = Chunks(seg, torch.tensor(size, device=device), L_t[seg], t_lp.gather(1, at), torch.tensor(start, device=device),
-                        torch.tensor(one, device=device), at, t_logp, t_ro.response_mask,
-                        matched_ids(self.s, self.t).to(device), G)
-        self.host_seconds = t1 - t0 + time.perf_counter() - t2  # re-reading, alignment, projection (bench.py)
-        return proj.clamp(min=1e-30).log().view(B, N, V), {"chunks": chunks}
+            q_rows = t_prob[idx // N, at.flatten()[idx]]  # (n, V_t) the teacher at those chunks' starts
+            proj[idx] = project(q_rows, prefix_map(self.s, self.t, pre), V, within=True)  # (n, V)
+        chunks = Chunks(seg, torch.where(mask, n_s[seg], 1).float(), L_t[seg], t_lp.gather(1, at), start,
+                        mask & (n_s[seg] == 1) & (n_t[seg] == 1), at, t_logp, t_mask, matched_ids(self.s, self.t).to(device), G)
+        proj = proj.clamp(min=1e-30).log().view(B, N, V)  # (B, N, V)
+        self.seconds = (t1 - t0 + t3 - t2, time.perf_counter() - t3)
+        return proj, {"chunks": chunks}
+
+
+@functools.lru_cache(maxsize=None)
+def piece_lengths(tok: Tokenizer) -> torch.Tensor:
+    """(V,) long: how many bytes each id spells (a special token: its name's, as spelled() has it)."""
+    return torch.tensor([len(w) for w in spelled(tok, range(tok.n_vocab))])
+
+
+def batch_groups(s_ids, s_mask, t_ids, t_mask, s_len, t_len) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """cross_tokenizer.align for a whole batch, from the byte ends of both sides' pieces: a chunk
+    closes at every byte where a student piece and a teacher piece of the row both end. s_ids,
+    s_mask (B, N) and t_ids, t_mask (B, M), real tokens first; s_len, t_len: piece_lengths. Returns
+    the chunk of every position, seg (B, N) and t_seg (B, M), numbered row after row (padding:
+    the spare id G), and G, the number of chunks. Rows that spell different texts raise ValueError."""
+    es = torch.where(s_mask, s_len[s_ids], 0).cumsum(1)  # (B, N) the byte where each student piece ends
+    et = torch.where(t_mask, t_len[t_ids], 0).cumsum(1)  # (B, M)
+    if not torch.equal(es[:, -1], et[:, -1]):
+        b = int((es[:, -1] != et[:, -1]).nonzero()[0])
+        raise ValueError(f"row {b}: the student's tokens spell {int(es[b, -1])} bytes and the teacher's {int(et[b, -1])}: "
+                         f"they read different texts, and no alignment exists")
+    row = torch.arange(s_ids.shape[0], device=s_ids.device)[:, None] * (int(es.max()) + 1)  # (B, 1) keeps rows apart
+    close_s = torch.isin(es + row, (et + row)[t_mask]) & s_mask  # (B, N) a chunk ends with this piece
+    close_t = torch.isin(et + row, (es + row)[s_mask]) & t_mask  # (B, M)
+    per_row = close_s.sum(1)  # (B,) chunks of each row
+    offset, G = (per_row.cumsum(0) - per_row)[:, None], int(per_row.sum())  # (B, 1)
+    seg = torch.where(s_mask, close_s.long().cumsum(1) - close_s.long() + offset, G)  # (B, N)
+    return seg, torch.where(t_mask, close_t.long().cumsum(1) - close_t.long() + offset, G), G
 
 
 @functools.lru_cache(maxsize=None)

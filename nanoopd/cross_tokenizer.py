@@ -119,14 +119,14 @@ def retokenize(ids, src, dst) -> list[int]:
     out, run = [], []
 
     def flush():
-        for part in re.split(rb"([\x80-\xff])", b"".join(run)):
+        for part in re.split(rb"([\x80-\xff])", src.enc.decode_bytes(run)):
             if part:
                 out.extend([dst.enc.encode_single_token(part)] if part[0] >= 0x80 else
                            dst.enc.encode_ordinary(part.decode("ascii")))
         run.clear()
     for i in ids:
         if i not in names:
-            run.append(src.enc.decode_single_token_bytes(i))
+            run.append(i)
             continue
         flush()
         if names[i] not in dst.special_ids:
