@@ -299,7 +299,7 @@ MUTANTS: dict[str, tuple[Mutant, ...]] = {
         Mutant("a group closed where either side ends",
                "        if ea == eb:\n            groups.append((i0, i, j0, j))",
                "        if True:\n            groups.append((i0, i, j0, j))",
-               "align", "not where either ends"),
+               "align", "close a group each time both end at the same byte, no sooner"),
         Mutant("the chunk log-ratio's sign swapped: L_T - L_S",
                "    r = L_s - L_t  # (G,)",
                "    r = L_t - L_s  # (G,)",
