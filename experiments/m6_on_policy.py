@@ -37,19 +37,19 @@ from experiments.common import (OPD_RUN_FIELDS, OPSD_FIELDS, ExperimentConfig, f
                                 parse, run_experiment, start_accs)
 from experiments.jobs import run_cells
 from experiments.m6_report import report
-from nanoopd.config import ConfigError
+from nanoopd.config import ConfigError, sub_config
 from nanoopd.device import pick_device
 from nanoopd.evaluate import continuation_acc, evaluate
 from nanoopd.flops import opd_step_flops, pass_flops
 from nanoopd.objectives import SPECS
 from nanoopd.opd import train_opd
 from nanoopd.report import mean
-from nanoopd.rlvr import train_rlvr
+from nanoopd.rlvr import RLVRConfig, train_rlvr
 from nanoopd.rollout import generate
 from nanoopd.script import cli
 from nanoopd.tasks import encode_example, sample_problems
 from nanoopd.tokenizer import get_tokenizer
-from train_math import load_role, opd_config, rlvr_config, test_problems
+from train_math import load_role, opd_config, test_problems
 
 # (label, objective or "rlvr", its options, lmbda: the student's share of each batch)
 ARMS = (
@@ -158,7 +158,7 @@ def m6_cell(pcfg: M6Config, cell: dict) -> dict:
     log = lambda msg: print(msg, flush=True)
     t0 = time.time()
     if loss == "rlvr":
-        rcfg = replace(rlvr_config(pcfg, seed), rlvr_steps=steps, rlvr_flops=cell["budget"], rlvr_eval_every=evals)
+        rcfg = sub_config(RLVRConfig, pcfg, seed=seed, rlvr_steps=steps, rlvr_flops=cell["budget"], rlvr_eval_every=evals)
         records = train_rlvr(model.train().requires_grad_(True), tok, rcfg, log=log, name=name,
                              jsonl_path=cell["prefix"] + ".jsonl", eval_problems=test_problems(pcfg))
         spent, curve = 0.0, [[0, cell["start_acc_train"], 0.0, 0.0]]

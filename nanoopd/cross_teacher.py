@@ -107,8 +107,8 @@ def batch_groups(s_ids, s_mask, t_ids, t_mask, s_len, t_len) -> tuple[torch.Tens
     s_mask (B, N) and t_ids, t_mask (B, M), real tokens first; s_len, t_len: piece_lengths. Returns
     the chunk of every position, seg (B, N) and t_seg (B, M), numbered row after row (padding:
     the spare id G), and G, the number of chunks. Rows that spell different texts raise ValueError."""
-    es = torch.where(s_mask, s_len[s_ids], 0).cumsum(1)  # (B, N) the byte where each student piece ends
-    et = torch.where(t_mask, t_len[t_ids], 0).cumsum(1)  # (B, M)
+    es = torch.where(s_mask, s_len[s_ids], 0).cumsum(1, dtype=torch.int32)  # (B, N) the byte where each student piece ends
+    et = torch.where(t_mask, t_len[t_ids], 0).cumsum(1, dtype=torch.int32)  # (B, M) (int32 cumsums: older MPS has no int64)
     if not torch.equal(es[:, -1], et[:, -1]):
         b = int((es[:, -1] != et[:, -1]).nonzero()[0])
         raise ValueError(f"row {b}: the student's tokens spell {int(es[b, -1])} bytes and the teacher's {int(et[b, -1])}: "
@@ -116,10 +116,11 @@ def batch_groups(s_ids, s_mask, t_ids, t_mask, s_len, t_len) -> tuple[torch.Tens
     row = torch.arange(s_ids.shape[0], device=s_ids.device)[:, None] * (int(es.max()) + 1)  # (B, 1) keeps rows apart
     close_s = torch.isin(es + row, (et + row)[t_mask]) & s_mask  # (B, N) a chunk ends with this piece
     close_t = torch.isin(et + row, (es + row)[s_mask]) & t_mask  # (B, M)
-    per_row = close_s.sum(1)  # (B,) chunks of each row
-    offset, G = (per_row.cumsum(0) - per_row)[:, None], int(per_row.sum())  # (B, 1)
-    seg = torch.where(s_mask, close_s.long().cumsum(1) - close_s.long() + offset, G)  # (B, N)
-    return seg, torch.where(t_mask, close_t.long().cumsum(1) - close_t.long() + offset, G), G
+    count = lambda close: close.int().cumsum(1, dtype=torch.int32) - close.int()  # chunks closed before each piece
+    per_row = close_s.sum(1, dtype=torch.int32)  # (B,) chunks of each row
+    offset, G = (per_row.cumsum(0, dtype=torch.int32) - per_row)[:, None], int(per_row.sum())  # (B, 1)
+    seg = torch.where(s_mask, count(close_s) + offset, G).long()  # (B, N)
+    return seg, torch.where(t_mask, count(close_t) + offset, G).long(), G
 
 
 @functools.lru_cache(maxsize=None)

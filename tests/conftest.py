@@ -35,3 +35,20 @@ def tiny_pairs(root) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         save_checkpoint(str(folder / "teacher.pt"), tiny(10 + i, 48), 0)
         save_checkpoint(str(folder / "student.pt"), tiny(20 + i, 16), 0)
+
+
+def run_on_tiny_pairs(tmp_path_factory, name: str, main, flags: list) -> tuple:
+    """An experiment's main on three tiny pairs in a fresh folder: (that folder, its <name>.json)."""
+    import json
+    root = tmp_path_factory.mktemp(name)
+    tiny_pairs(root)
+    main(["--out_dir", str(root)] + flags)
+    return root, json.loads((root / name / f"{name}.json").read_text())
+
+
+def rerun_reads_back(module, root, flags: list, runs: int, capsys, monkeypatch) -> None:
+    """Started again with the same flags, an experiment (its module) reads every run back and
+    trains no teacher again."""
+    monkeypatch.setattr(module, "train_teacher", lambda *a: pytest.fail("a finished teacher was trained again"))
+    module.main(["--out_dir", str(root)] + flags)
+    assert f"{runs} of {runs} runs finished earlier, read back" in capsys.readouterr().out

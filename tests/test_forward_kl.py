@@ -33,6 +33,10 @@ FLAGS = {
     "topk_forward_kl": ("F", False, True),
     "topk_tail": ("K", False, True),
     "topk_bregman": ("K", False, True),
+    "xt_chunk": ("K", True, True, True),  # a teacher of another tokenizer (cross=True); one tokenizer: sampled_token
+    "xt_full": ("K", False, True, True),
+    "xt_uld": (None, False, True, True),
+    "xt_gold": (None, False, True, True),
 }
 
 
@@ -141,9 +145,10 @@ def test_sft_on_teacher_samples_follows_the_forward_kl_in_expectation():
 
 def test_every_objective_has_the_flags_of_the_table():
     assert set(FLAGS) == set(OBJECTIVES), "classify a new objective in FLAGS"
-    for name, (claim, on_policy, uses_teacher) in FLAGS.items():
+    for name, (claim, on_policy, uses_teacher, *cross) in FLAGS.items():
         spec = SPECS[name]
-        assert (spec.claim, spec.on_policy, spec.uses_teacher) == (claim, on_policy, uses_teacher), name
+        assert (spec.claim, spec.on_policy, spec.uses_teacher, spec.cross) == (claim, on_policy, uses_teacher,
+                                                                               bool(cross)), name
 
 
 @pytest.mark.parametrize("name", sorted(name for name, flags in FLAGS.items() if flags[2]))  # sft: its targets
@@ -159,7 +164,7 @@ def test_on_policy_means_the_loss_reads_the_sampled_tokens(name):
 
 
 def test_register_refuses_flags_that_are_not_booleans():
-    for flags in ({"on_policy": "yes"}, {"uses_teacher": 1}):
-        with pytest.raises(ValueError, match="on_policy and uses_teacher must be True or False"):
+    for flags in ({"on_policy": "yes"}, {"uses_teacher": 1}, {"cross": "digits"}):
+        with pytest.raises(ValueError, match="on_policy, uses_teacher and cross must be True or False"):
             register("x", **flags)
     assert "x" not in OBJECTIVES

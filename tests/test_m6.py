@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from conftest import tiny_pairs
+from conftest import run_on_tiny_pairs
 
 FLAGS = ["--pairs", "3", "--seeds", "1", "--opd_steps", "2", "--opd_batch", "4", "--max_new_tokens", "8",
          "--digits", "2", "--eval_n", "4", "--final_eval_n", "8", "--probe_n", "12", "--m6_evals", "2",
@@ -17,10 +17,7 @@ FLAGS = ["--pairs", "3", "--seeds", "1", "--opd_steps", "2", "--opd_batch", "4",
 @pytest.fixture(scope="module")
 def m6_run(tmp_path_factory):
     from experiments import m6_on_policy
-    root = tmp_path_factory.mktemp("m6")
-    tiny_pairs(root)
-    m6_on_policy.main(["--out_dir", str(root)] + FLAGS)
-    return root, json.loads((root / "m6" / "m6.json").read_text())
+    return run_on_tiny_pairs(tmp_path_factory, "m6", m6_on_policy.main, FLAGS)
 
 
 def test_every_arm_runs_once_per_pair_to_the_common_budget(m6_run):

@@ -2,11 +2,9 @@
 are trained once (reading 'digits', recorded in their checkpoints) and reused, every run is reported
 with its verdicts, a restart reads the runs back, and a teacher trained otherwise is refused by name."""
 
-import json
-
 import pytest
 
-from conftest import tiny_pairs
+from conftest import rerun_reads_back, run_on_tiny_pairs
 from nanoopd.checkpoint import read_checkpoint
 
 FLAGS = ["--pairs", "3", "--seeds", "1", "--opd_steps", "2", "--opd_batch", "4", "--max_new_tokens", "8",
@@ -17,10 +15,7 @@ FLAGS = ["--pairs", "3", "--seeds", "1", "--opd_steps", "2", "--opd_batch", "4",
 @pytest.fixture(scope="module")
 def m7_run(tmp_path_factory):
     from experiments import m7_cross_tokenizer as m7
-    root = tmp_path_factory.mktemp("m7")
-    tiny_pairs(root)
-    m7.main(["--out_dir", str(root)] + FLAGS)
-    return root, json.loads((root / "m7" / "m7.json").read_text())
+    return run_on_tiny_pairs(tmp_path_factory, "m7", m7.main, FLAGS)
 
 
 def test_every_run_is_reported_with_its_verdicts(m7_run):
@@ -41,9 +36,7 @@ def test_every_run_is_reported_with_its_verdicts(m7_run):
 def test_a_restarted_m7_reuses_its_teachers_and_reads_its_runs_back(m7_run, capsys, monkeypatch):
     from experiments import m7_cross_tokenizer as m7
     root, _ = m7_run
-    monkeypatch.setattr(m7, "train_teacher", lambda *a: pytest.fail("a finished teacher was trained again"))
-    m7.main(["--out_dir", str(root)] + FLAGS)
-    assert "21 of 21 runs finished earlier, read back" in capsys.readouterr().out
+    rerun_reads_back(m7, root, FLAGS, 21, capsys, monkeypatch)
 
 
 def test_a_teacher_trained_otherwise_is_refused_by_name(m7_run, capsys):
