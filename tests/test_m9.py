@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import rerun_reads_back, tiny_pairs
+from conftest import rerun, tiny_pairs
 from nanoopd.checkpoint import read_checkpoint
 from nanoopd.tasks import encode_example, sample_problems
 from nanoopd.tokenizer import get_tokenizer
@@ -77,7 +77,7 @@ def test_the_overlap_mass_is_read_back_from_every_runs_log(m9_run):
 def test_a_restarted_m9_reuses_its_teachers_and_reads_its_runs_back(m9_run, capsys, monkeypatch):
     from experiments import m9_which_teacher as m9
     root, _ = m9_run
-    rerun_reads_back(m9, root, FLAGS, 24, capsys, monkeypatch)
+    assert "24 of 24 runs finished earlier, read back" in rerun(m9, root, FLAGS, capsys, monkeypatch)
 
 
 def test_a_teacher_from_another_task_or_a_bad_setting_is_refused(m9_run, capsys):
