@@ -144,3 +144,25 @@ def test_train_math_runs_the_whole_pipeline_with_a_teacher_of_another_tokenizer(
     assert load_checkpoint(str(tmp_path / "teacher.pt"))[0].config.tokenizer == "digits"
     assert load_checkpoint(str(tmp_path / "student.pt"))[0].config.tokenizer == "bytes"
     assert summary["opd_xt_chunk"]["first_kl"] >= 0 and "teacher_acc_greedy" in summary
+
+
+def test_the_batch_alignment_is_align_row_by_row():
+    """cross_teacher.batch_groups (the OPD step's, the whole batch at once) gives every row the groups
+    of cross_tokenizer.align, on texts with digit runs of every length and special tokens."""
+    import random
+
+    from nanoopd.cross_teacher import batch_groups, piece_lengths
+    from nanoopd.cross_tokenizer import align
+    rng = random.Random(0)
+    texts = ["".join(rng.choice("0123456789+-=\nA: ") for _ in range(rng.randint(1, 30))) for _ in range(40)]
+    rows = [S.encode(t) + [S.eos_id] * rng.randint(0, 1) for t in texts]
+    t_rows = [retokenize(r, S, T) for r in rows]
+    pad = lambda rs: torch.tensor([r + [0] * (max(map(len, rs)) - len(r)) for r in rs])  # noqa: E731
+    mask = lambda rs: torch.tensor([[True] * len(r) + [False] * (max(map(len, rs)) - len(r)) for r in rs])  # noqa: E731
+    seg, t_seg, G = batch_groups(pad(rows), mask(rows), pad(t_rows), mask(t_rows), piece_lengths(S), piece_lengths(T))
+    g = 0
+    for b, (r, tr) in enumerate(zip(rows, t_rows)):
+        for i0, i1, j0, j1 in align(spelled(S, r), spelled(T, tr)):
+            assert seg[b, i0:i1].tolist() == [g] * (i1 - i0) and t_seg[b, j0:j1].tolist() == [g] * (j1 - j0)
+            g += 1
+    assert g == G and (seg[~mask(rows)] == G).all() and (t_seg[~mask(t_rows)] == G).all()
