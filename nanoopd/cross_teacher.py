@@ -68,14 +68,18 @@ class CrossTokenizerTeacher:
         t2 = time.perf_counter()
         t_lp = t_logp.gather(-1, t_ro.response.unsqueeze(-1)).squeeze(-1) * t_ro.response_mask  # (B, M)
         # the alignment, the whole batch at once
-        mask, t_mask, M = ro.response_mask, t_ro.response_mask, t_ro.response.shape[1]
+        mask, t_mask = ro.response_mask, t_ro.response_mask
         seg, t_seg, G = batch_groups(ro.response, mask, t_ro.response, t_mask, piece_lengths(self.s).to(device),
                                      piece_lengths(self.t).to(device))  # (B, N), (B, M)
-        n_s, n_t = torch.bincount(seg.flatten(), minlength=G + 1), torch.bincount(t_seg.flatten(), minlength=G + 1)
-        pos, t_pos = torch.arange(N, device=device).expand(B, N), torch.arange(M, device=device).expand(B, M)
-        first_i = torch.full((G + 1,), N, device=device).scatter_reduce(0, seg.flatten(), pos.flatten(), "amin")
-        first_j = torch.full((G + 1,), M, device=device).scatter_reduce(0, t_seg.flatten(), t_pos.flatten(), "amin")
-        start, at = mask & (pos == first_i[seg]), torch.where(mask, first_j[seg], 0)  # (B, N) each
+        count = lambda ids: torch.zeros(G + 1, device=device).index_add(0, ids.flatten(), torch.ones_like(ids.flatten(),
+                                                                                                      dtype=torch.float))
+        n_s, n_t = count(seg), count(t_seg)  # (G + 1,) the student's and the teacher's tokens of each chunk (portable ops:
+        # no bincount, isin or scatter_reduce, which older MPS stacks lack)
+        opens = lambda ids: torch.cat([torch.ones_like(ids[:, :1], dtype=torch.bool), ids[:, 1:] != ids[:, :-1]], 1)
+        start, t_start = mask & opens(seg), t_mask & opens(t_seg)  # (B, N), (B, M): a chunk's first token
+        first = lambda ids, first_of: torch.zeros(G + 1, dtype=torch.long, device=device).index_put_(
+            (ids[first_of],), first_of.nonzero()[:, 1])  # (G + 1,) each chunk's first position
+        first_i, at = first(seg, start), torch.where(mask, first(t_seg, t_start)[seg], 0)  # (G + 1,), (B, N)
         L_t = torch.zeros(G + 1, device=device).index_add(0, t_seg.flatten(), t_lp.flatten())  # (G + 1,) L_T(c)
         prefix = {}  # inside a teacher token: projected given the bytes read so far ("3", "34", ...)
         for b, i, i0 in torch.stack([*(mask & ~start).nonzero().T, first_i[seg[mask & ~start]]], 1).tolist():
@@ -113,9 +117,8 @@ def batch_groups(s_ids, s_mask, t_ids, t_mask, s_len, t_len) -> tuple[torch.Tens
         b = int((es[:, -1] != et[:, -1]).nonzero()[0])
         raise ValueError(f"row {b}: the student's tokens spell {int(es[b, -1])} bytes and the teacher's {int(et[b, -1])}: "
                          f"they read different texts, and no alignment exists")
-    row = torch.arange(s_ids.shape[0], device=s_ids.device)[:, None] * (int(es.max()) + 1)  # (B, 1) keeps rows apart
-    close_s = torch.isin(es + row, (et + row)[t_mask]) & s_mask  # (B, N) a chunk ends with this piece
-    close_t = torch.isin(et + row, (es + row)[s_mask]) & t_mask  # (B, M)
+    both = (es[:, :, None] == et[:, None, :]) & s_mask[:, :, None] & t_mask[:, None, :]  # (B, N, M) end at one byte
+    close_s, close_t = both.any(2), both.any(1)  # (B, N), (B, M): a chunk ends with this piece
     count = lambda close: close.int().cumsum(1, dtype=torch.int32) - close.int()  # chunks closed before each piece
     per_row = close_s.sum(1, dtype=torch.int32)  # (B,) chunks of each row
     offset, G = (per_row.cumsum(0, dtype=torch.int32) - per_row)[:, None], int(per_row.sum())  # (B, 1)
