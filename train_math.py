@@ -54,7 +54,7 @@ from nanoopd.script import cli, finish, start
 from nanoopd.self_distill import PI_KINDS, PrivilegedTeacher, mixture_kinds, pi_example, pi_scores, rule_visible, self_teacher
 from nanoopd.sft import train_sft
 from nanoopd.special_tokens import HiddenTokens, TrackedTokens, token_ids
-from nanoopd.tasks import encode_example, sample_problems, weighted_ops
+from nanoopd.tasks import OPS, encode_example, sample_problems, weighted_ops
 from nanoopd.tokenizer import TOKENIZERS, get_tokenizer
 
 STAGES = ("teacher", "student", "eval", "opd", "pibase", "rlvr")
@@ -79,7 +79,7 @@ class TrainConfig(OPDConfig, RLVRConfig):
     dist_timeout: float = 300        # torchrun: seconds a process waits for the others in a collective before every process stops
     # --- task
     digits: int = 3                  # operands have 1..digits digits
-    ops: str = "+-"                  # operators drawn uniformly from this subset of '+-*'
+    ops: str = "+-"                  # operators drawn uniformly from this subset of '+-*~' (~: the digits reversed, a second task)
     max_new_tokens: int = 64         # response budget when sampling (a 3-digit trace is about 40)
     # --- teacher
     t_layer: int = 4                 # teacher depth
@@ -130,8 +130,8 @@ class TrainConfig(OPDConfig, RLVRConfig):
                 raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.s_digits <= self.digits:
             raise ConfigError("s_digits", f"must lie in 0..digits ({self.digits}; 0 = digits), got {self.s_digits}")
-        if not self.ops or any(o not in "+-*" for o in self.ops):
-            raise ConfigError("ops", f"must be a non-empty subset of '+-*', got {self.ops!r}")
+        if not self.ops or any(o not in OPS for o in self.ops):
+            raise ConfigError("ops", f"must be a non-empty subset of {OPS!r}, got {self.ops!r}")
         try:
             pool_ops = weighted_ops(self.s_ops)
         except ValueError:

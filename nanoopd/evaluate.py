@@ -50,13 +50,13 @@ def evaluate(model, tok: Tokenizer, problems: list[Problem], temperature: float 
     return (acc, texts) if return_texts else acc
 
 
-def accuracy_by_op(problems: list[Problem], texts: list[str]) -> dict[str, float]:
-    """The accuracy of the responses `texts` to `problems`, split by the problems' operator
-    (evaluate(..., return_texts=True) gives the texts)."""
+def accuracy_by_op(problems: list[Problem], texts: list[str], by: str = "op") -> dict[str, float]:
+    """The accuracy of the responses `texts` to `problems`, split by the problems' operator (or,
+    by="task", their task family, tasks.TASKS); evaluate(..., return_texts=True) gives the texts."""
     split = {}
     for p, text in zip(problems, texts):
-        split.setdefault(p.op, []).append(verify(text, p))
-    return {op: accuracy(r) for op, r in sorted(split.items())}
+        split.setdefault(getattr(p, by), []).append(verify(text, p))
+    return {key: accuracy(r) for key, r in sorted(split.items())}
 
 
 def without_eos(ids: list[int], eos_id: int) -> list[int]:

@@ -14,6 +14,18 @@ the answer:
 Subtraction (a >= b) writes a borrowed column as `13-8-1=4`; multiplication takes a one-digit
 multiplier, `7*6+4=46`. The difficulty knob is the number of digits and the set of operators.
 
+A second task family, unlike arithmetic but in the same format (so that one verifier, one
+tokenizer and one pipeline serve both, and a mixture of the two is a mix of operators): `a~`, the
+digits of `a` reversed, written one more digit a line. No column is computed; the skill is to copy
+by position. TASKS names the families by their operators.
+
+    3470~=              prompt
+    0                   the last digit
+    07                  ... and the one before it
+    074
+    0743
+    A:0743              the answer, read as the integer 743
+
 Train and test splits are a pure function of the problem (a CRC32 of its text), so no problem can
 ever be in both, whatever the seeds. `encode_example` turns a problem into token ids:
 `<|bos|> prompt` and `response <|eos|>`. `verify` reads the last `A:<int>` and returns 1 or 0; it never
@@ -27,7 +39,9 @@ from dataclasses import dataclass
 
 from nanoopd.tokenizer import Tokenizer
 
-OPS = "+-*"
+OPS = "+-*~"
+UNARY = "~"  # operators of one operand: the prompt has no b (it is 0)
+TASKS = {"math": "+-*", "rev": "~"}  # task family -> its operators
 TEST_FRACTION_PER_MILLE = 100  # 10 % of all problems belong to the held-out split
 
 
@@ -39,11 +53,18 @@ class Problem:
 
     @property
     def answer(self) -> int:
+        if self.op == "~":
+            return int(str(self.a)[::-1])
         return {"+": self.a + self.b, "-": self.a - self.b, "*": self.a * self.b}[self.op]
 
     @property
     def text(self) -> str:
-        return f"{self.a}{self.op}{self.b}"
+        return f"{self.a}{self.op}" if self.op in UNARY else f"{self.a}{self.op}{self.b}"
+
+    @property
+    def task(self) -> str:
+        """The task family of its operator (TASKS)."""
+        return next(name for name, ops in TASKS.items() if self.op in ops)
 
 
 def split_of(problem: Problem) -> str:
@@ -85,7 +106,7 @@ def sample_problems(n: int, split: str, seed: int, digits: int = 3, ops: str = "
     while len(out) < n:
         op = rng.choice(ops)
         a = _random_number(rng, digits)
-        b = rng.randint(0, 9) if op == "*" else _random_number(rng, digits)
+        b = 0 if op in UNARY else rng.randint(0, 9) if op == "*" else _random_number(rng, digits)
         if op == "-" and b > a:
             a, b = b, a
         p = Problem(a, op, b)
@@ -101,6 +122,9 @@ def prompt_text(problem: Problem, prefix: str = "") -> str:
 
 def trace_text(problem: Problem) -> str:
     """The gold step-by-step response (without <|eos|>)."""
+    if problem.op == "~":
+        digits = str(problem.a)[::-1]
+        return "\n".join([digits[:k] for k in range(1, len(digits) + 1)] + [f"A:{digits}"])
     da = [int(c) for c in reversed(str(problem.a))]
     db = [int(c) for c in reversed(str(problem.b))]
     lines = []

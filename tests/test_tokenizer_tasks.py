@@ -108,3 +108,19 @@ def test_weighted_ops_expands_counts_and_rejects_what_is_not_a_mix():
     for bad in ("9+", "+0-", "+-0"):
         with pytest.raises(ValueError, match="count >= 1"):
             weighted_ops(bad)
+
+
+def test_the_reversal_task_traces_verifies_and_splits_like_arithmetic():
+    """The second task family, '~': the digits of a reversed, one more a line; the verifier reads
+    the integer (leading zeros and all); the splits are disjoint; each operator has one task."""
+    from nanoopd.tasks import OPS, TASKS, Problem, split_of, trace_text, verify
+    p = Problem(3470, "~", 0)
+    assert (p.text, p.answer, p.task) == ("3470~", 743, "rev")
+    assert trace_text(p) == "0\n07\n074\n0743\nA:0743" and verify(trace_text(p), p) == 1
+    assert verify("A:743", p) == 1 and verify("A:3470", p) == 0 and verify("0743", p) == 0
+    assert sorted("".join(TASKS.values())) == sorted(OPS) and Problem(1, "-", 0).task == "math"
+    train = sample_problems(2000, "train", 3, digits=3, ops="+~")
+    test = sample_problems(300, "test", 3, digits=3, ops="+~")
+    assert {q.op for q in train} == {"+", "~"} and all(q.b == 0 for q in train if q.op == "~")
+    assert not set(train) & set(test) and all(split_of(q) == "test" for q in test)
+    assert all(verify(trace_text(q), q) for q in train[:300])
