@@ -33,7 +33,7 @@ from nanoopd import distributed
 from nanoopd.config import ConfigError
 from nanoopd.cross_teacher import check_teacher
 from nanoopd.device import PhaseClock, autocast
-from nanoopd.evaluate import evaluate, without_eos
+from nanoopd.evaluate import accuracy_by_op, evaluate, without_eos
 from nanoopd.flops import FlopCount, check_budget, opd_step_flops
 from nanoopd.loop import (JsonlLog, adamw, can_resume, loss_scale, lr_at, resume_run_state, save_run_state,
                           set_lr, update)
@@ -77,15 +77,11 @@ class OPDConfig:
         check_sampling_args(self.temperature, self.top_k, self.top_p, self.max_new_tokens)
         if self.temperature == 0:
             raise ConfigError("temperature", "must be > 0: OPD trains on the student's samples")
-        for name in ("opd_steps", "opd_batch", "diag_k"):
-            if getattr(self, name) < 1:
-                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
-        for name in ("opd_eval_every", "opd_warmup"):
-            if getattr(self, name) < 0:
-                raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
-        for name in ("opd_lr", "grad_clip"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(name, f"must be > 0, got {getattr(self, name)}")
+        for names, bad, need in ((("opd_steps", "opd_batch", "diag_k"), lambda v: v < 1, ">= 1"),
+                                 (("opd_eval_every", "opd_warmup"), lambda v: v < 0, ">= 0"),
+                                 (("opd_lr", "grad_clip"), lambda v: not v > 0, "> 0")):
+            for name in (n for n in names if bad(getattr(self, n))):
+                raise ConfigError(name, f"must be {need}, got {getattr(self, name)}")
         if not 0.0 <= self.lmbda <= 1.0:
             raise ConfigError("lmbda", f"must lie in [0, 1] (the student's share of each batch), got {self.lmbda}")
         if self.teacher_rows not in TEACHER_ROWS:
@@ -185,7 +181,8 @@ def train_opd(student: GPT, teacher: GPT, tok: Tokenizer, cfg: OPDConfig, run_pr
     Writes <run_prefix>.jsonl (one record per step), <run_prefix>.pt and <run_prefix>.json (the
     summary, also returned). Held-out greedy accuracy is measured on `eval_problems` at the start
     (unless `start_acc` is given: the same student was already evaluated), every cfg.opd_eval_every
-    steps, and at the end: summary["evals"] holds [step, accuracy, FLOPs charged, FLOPs given]. With
+    steps, and at the end: summary["evals"] holds [step, accuracy, FLOPs charged, FLOPs given] and
+    summary["evals_by_task"] [step, {task: accuracy}] (tasks.TASKS; not at the start if given). With
     cfg.opd_flops > 0 the run ends after the step whose FLOPs reach that budget. A non-finite loss
     or gradient writes the summary with its `error` and re-raises the FloatingPointError.
 
@@ -229,7 +226,11 @@ def train_opd(student: GPT, teacher: GPT, tok: Tokenizer, cfg: OPDConfig, run_pr
         os.makedirs(os.path.dirname(os.path.abspath(run_prefix)), exist_ok=True)
     ckpt_path = run_prefix + ".pt"
     run_settings = {**asdict(cfg), **(settings or {})}  # what a resume must match
-    held_out = lambda: distributed.from_main(lambda: evaluate(student, tok, eval_problems, 0.0, cfg.max_new_tokens))
+    def held_out(step: int) -> float:  # the accuracy; by task family in summary["evals_by_task"]
+        acc, texts = distributed.from_main(lambda: evaluate(student, tok, eval_problems, 0, cfg.max_new_tokens,
+                                                            return_texts=True))
+        summary.setdefault("evals_by_task", []).append([step, accuracy_by_op(eval_problems, texts, by="task")])
+        return acc
     records, first, elapsed = [], 0, 0.0
     if can_resume(resume, ckpt_path):
         first, state = resume_run_state(ckpt_path, student, optimizer, generator, "opd", run_settings)
@@ -237,22 +238,20 @@ def train_opd(student: GPT, teacher: GPT, tok: Tokenizer, cfg: OPDConfig, run_pr
         count = FlopCount(sum(r["flops"] for r in records), sum(r["flops_given"] for r in records))
         log(f"opd {name}: resuming from '{ckpt_path}' at step {first}/{cfg.opd_steps}")
     else:
-        if start_acc is None:
-            start_acc = held_out()
-        summary = {"name": name, "config": asdict(cfg), "start_acc": start_acc, "evals": [[0, start_acc, 0.0, 0.0]],
-                   "error": None, "last_good_checkpoint": None}
+        summary = {"name": name, "config": asdict(cfg), "error": None, "last_good_checkpoint": None}
+        start_acc = held_out(0) if start_acc is None else start_acc
+        summary.update(start_acc=start_acc, evals=[[0, start_acc, 0.0, 0.0]])
         count = FlopCount()
     log(f"opd {name}: {cfg.opd_steps} steps of {cfg.loss} {cfg.options or ''} | lr {cfg.opd_lr} | "
         f"batch {cfg.opd_batch}{f' over {world} processes' if world > 1 else ''} | T={cfg.temperature} "
         f"top_p={cfg.top_p} top_k={cfg.top_k} | held-out greedy accuracy at start {summary['start_acc']:.1%} "
         f"(n={len(eval_problems)})")
     if cfg.temperature != 1.0 or cfg.top_p < 1.0 or 0 < cfg.top_k < student.config.vocab_size:
-        log(f"opd {name}: note: rollouts are sampled at T={cfg.temperature} top_p={cfg.top_p} top_k={cfg.top_k}, not "
-            f"from pi itself: sampled-token OPD and g_gamma then estimate the gradient under that sampling "
-            f"distribution, not grad KL(pi || q); every objective sees that sampler's prefixes")
+        log(f"opd {name}: note: rollouts are sampled at T={cfg.temperature} top_p={cfg.top_p} top_k={cfg.top_k}, not from "
+            f"pi: sampled-token OPD and g_gamma follow the gradient under that sampler, not grad KL(pi || q)")
     if cfg.lmbda < 1 and SPECS[cfg.loss].on_policy:
-        log(f"opd {name}: note: {cfg.loss} assumes y ~ pi; on the teacher's rows (1 - lmbda = {1 - cfg.lmbda:g} of "
-            f"each batch) it estimates another gradient; the full-distribution objectives are exact there")
+        log(f"opd {name}: note: {cfg.loss} assumes y ~ pi; on the teacher's rows ({1 - cfg.lmbda:g} of each batch) it "
+            f"estimates another gradient; the full-distribution objectives are exact there")
     ddp_student = distributed.wrap(student, device, compile)  # the student itself in one process, uncompiled
     t_start = time.time()
 
@@ -276,7 +275,7 @@ def train_opd(student: GPT, teacher: GPT, tok: Tokenizer, cfg: OPDConfig, run_pr
             last = step == cfg.opd_steps - 1 or 0 < cfg.opd_flops <= count.charged
             evaluate_now = last or (cfg.opd_eval_every and (step + 1) % cfg.opd_eval_every == 0)
             if evaluate_now:
-                rec["eval_acc"] = held_out()
+                rec["eval_acc"] = held_out(step + 1)
                 summary["evals"].append([step + 1, rec["eval_acc"], count.charged, count.given])
             records.append(rec)
             jsonl.write(rec)

@@ -65,3 +65,18 @@ def test_an_opd_step_runs_through_the_router():
     rec = opd_step(student, math, opt, TOK, problems, OPDConfig(loss="full_reverse_kl", opd_batch=8, max_new_tokens=8),
                    torch.Generator().manual_seed(0), 0, teacher_score=RoutedTeachers({"math": math, "rev": rev}))
     assert torch.isfinite(torch.tensor(rec["loss"])) and rec["grad_norm"] > 0
+
+
+def test_train_opd_reports_the_held_out_accuracy_of_every_task(tmp_path):
+    """With held-out problems of both families, summary["evals_by_task"] has each task's accuracy at
+    every evaluation, and their mean weighted by the problems is the overall accuracy."""
+    from nanoopd.opd import train_opd
+    evals = sample_problems(12, "test", 0, 2, "+-~")
+    student, teacher = tiny(3, 16).train(), tiny(1)
+    s = train_opd(student, teacher, TOK, OPDConfig(opd_steps=2, opd_batch=4, max_new_tokens=8, opd_eval_every=1,
+                                                   ops="+~"), str(tmp_path / "run"), evals, log=lambda m: None,
+                  teacher_score=RoutedTeachers({"math": teacher, "rev": tiny(2)}))
+    assert [e[0] for e in s["evals_by_task"]] == [0, 1, 2] and all(set(e[1]) == {"math", "rev"} for e in s["evals_by_task"])
+    n = {t: sum(p.task == t for p in evals) for t in ("math", "rev")}
+    for (step, by_task), (_, acc, _, _) in zip(s["evals_by_task"], s["evals"]):
+        assert sum(by_task[t] * n[t] for t in n) / len(evals) == pytest.approx(acc)
