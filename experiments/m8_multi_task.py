@@ -133,6 +133,8 @@ def models(cfg: M8Config, pcfgs: list[M8Config], log) -> None:
             for label in labels:
                 if label in ("generalist", "rev"):
                     check_trained(path(p, label), TEACHER_FIELDS, teacher_config(p, label))
+                if label == "forgot":
+                    check_trained(path(p, label), TASK_FIELDS + ("forget_steps", "s_lr"), p)
                 if not role_finished(path(p, label), getattr(p, steps[label])):
                     todo.append((p, label))
         if todo:
