@@ -12,7 +12,8 @@ one run per pair and OPD seed:
               S1, OPD on both tasks' prompts with the teachers routed (S0 on arithmetic, S1 frozen
               on reversal), against SFT on those two models' own greedy answers to the same prompts
 Each run's held-out accuracy is measured on each task (final_eval_n problems each); models are
-trained once per pair and reused (<pair dir>/m8/: generalist/ and rev/teacher.pt, student.pt, forgot.pt).
+trained once per pair and reused (<pair dir>/m8/: generalist/ and rev/teacher.pt, student.pt, and S1 as
+forgot_<forget_steps>.pt: each level of forgetting keeps its own S1 and runs).
 
   python experiments/m8_multi_task.py                      # one pair, two seeds: a first look
   python experiments/m8_multi_task.py --pairs 3 --jobs 2   # 3 pairs x 2 seeds, two runs at a time
@@ -117,7 +118,7 @@ def train_model(pcfg: M8Config, label: str) -> dict:
         problems = sample_problems(pcfg.forget_steps * pcfg.batch_size, "train", pcfg.seed + 8, pcfg.digits, "~")
         B, fcfg = pcfg.batch_size, replace(pcfg, out_dir=folder(pcfg), resume=True)
         log(f"S1: the pair's student, {pcfg.forget_steps} SFT steps on reversal at lr {pcfg.s_lr}")
-        sft(fcfg, model, "forgot", lambda s: [encode_example(tok, p) for p in problems[s * B:(s + 1) * B]],
+        sft(fcfg, model, f"forgot_{pcfg.forget_steps}", lambda s: [encode_example(tok, p) for p in problems[s * B:(s + 1) * B]],
             pcfg.forget_steps, pcfg.s_lr, log)
     return {"pair": pcfg.seed, "label": label, "seconds": round(time.time() - t0, 1)}
 
@@ -125,17 +126,15 @@ def train_model(pcfg: M8Config, label: str) -> dict:
 def models(cfg: M8Config, pcfgs: list[M8Config], log) -> None:
     """Every model M8 needs, cfg.jobs at a time: the teachers and S1, then the multi-task students."""
     steps = {"generalist": "t_steps", "rev": "t_steps", "student": "s_steps", "forgot": "forget_steps"}
-    path = lambda p, label: os.path.join(folder(p, label) if label in ("generalist", "rev") else folder(p),
-                                         "teacher.pt" if label in ("generalist", "rev") else f"{label}.pt")
     for labels in (("generalist", "rev", "forgot"), ("student",)):
         todo = []
         for p in pcfgs:
             for label in labels:
                 if label in ("generalist", "rev"):
-                    check_trained(path(p, label), TEACHER_FIELDS, teacher_config(p, label))
+                    check_trained(model_path(p, label), TEACHER_FIELDS, teacher_config(p, label))
                 if label == "forgot":
-                    check_trained(path(p, label), TASK_FIELDS + ("forget_steps", "s_lr"), p)
-                if not role_finished(path(p, label), getattr(p, steps[label])):
+                    check_trained(model_path(p, label), TASK_FIELDS + ("forget_steps", "s_lr"), p)
+                if not role_finished(model_path(p, label), getattr(p, steps[label])):
                     todo.append((p, label))
         if todo:
             log(f"m8: training {len(todo)} model(s): " + ", ".join(f"{label} of pair {p.seed}" for p, label in todo))
@@ -160,11 +159,16 @@ def task_accs(pcfg: M8Config, model, tok) -> dict:
     return {"acc_math": by["math"], "acc_rev": by["rev"], "final_acc": (by["math"] + by["rev"]) / 2}
 
 
+def model_path(pcfg: M8Config, name: str) -> str:
+    """Where each model of a pair lives (S1, "forgot", by its level of forgetting)."""
+    return {"generalist": folder(pcfg, "generalist", "teacher.pt"), "rev": folder(pcfg, "rev", "teacher.pt"),
+            "student": folder(pcfg, "student.pt"), "forgot": folder(pcfg, f"forgot_{pcfg.forget_steps}.pt"),
+            "pair_teacher": os.path.join(pcfg.out_dir, "teacher.pt"),
+            "pair_student": os.path.join(pcfg.out_dir, "student.pt")}[name]
+
+
 def load(pcfg: M8Config, name: str, device):
-    paths = {"generalist": folder(pcfg, "generalist", "teacher.pt"), "rev": folder(pcfg, "rev", "teacher.pt"),
-             "student": folder(pcfg, "student.pt"), "forgot": folder(pcfg, "forgot.pt"),
-             "pair_teacher": os.path.join(pcfg.out_dir, "teacher.pt"), "pair_student": os.path.join(pcfg.out_dir, "student.pt")}
-    return load_checkpoint(paths[name], device)[0]
+    return load_checkpoint(model_path(pcfg, name), device)[0]
 
 
 def run_cell(pcfg: M8Config, cell: dict) -> dict:
@@ -216,15 +220,18 @@ def m8(cfg: M8Config, tok, device, log) -> dict:
     models(cfg, pcfgs, log)
     calls, stages = [], []
     for p in pcfgs:
-        accs = {name: task_accs(p, load(p, name, device), tok) for name in ("student", "pair_student", "forgot", "generalist",
-                                                                             "rev", "pair_teacher")}
+        needs = {"objectives": ("student", "generalist"), "routing": ("student", "generalist", "rev", "pair_teacher"),
+                 "forgetting": ("pair_student", "forgot")}
+        accs = {name: task_accs(p, load(p, name, device), tok) for name in dict.fromkeys(n for part in parts
+                                                                                         for n in needs[part])}
         stages += [{"part": "stages", "label": name, "pair": p.seed, **a} for name, a in accs.items()]
         for seed in cfg.seed_list():
             for part, label in (("objectives", "st_generalist"), ("objectives", "renorm_generalist"),
                                 ("routing", "st_routed"), ("forgetting", "recover_opd"), ("forgetting", "recover_sft")):
                 if part in parts or (label == "st_generalist" and "routing" in parts):
                     start = accs["forgot" if part == "forgetting" else "student"]
-                    calls.append((p, {"prefix": folder(p, f"{label}_s{seed}"), "seed": seed, "label": label,
+                    level = f"_f{cfg.forget_steps}" if part == "forgetting" else ""
+                    calls.append((p, {"prefix": folder(p, f"{label}{level}_s{seed}"), "seed": seed, "label": label,
                                       "part": part, "start": {f"start_{k}": v for k, v in start.items()}}))
     log(f"m8: {len(calls)} runs ({', '.join(parts)})")
     rows = run_cells(cfg, run_cell, calls, log)

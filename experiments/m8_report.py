@@ -41,7 +41,7 @@ def report(cfg, rows: list[dict], stages: list[dict], seconds: float, log) -> di
         checks["opd_above_sft"] = verdict(math, "recover_opd", "recover_sft")
         rev = at(runs, "recover_opd", "acc_rev") + at(runs, "forgot", "acc_rev")
         checks["opd_keeps_reversal"] = equivalence(rev, "recover_opd", "forgot", EQUAL)
-    lines = [f"M8: two tasks (arithmetic '+-', reversal '~'), mix {cfg.mt_ops} | {cfg.pairs} pair(s) x seeds {cfg.seeds} | "
+    lines = [f"M8: two tasks (arithmetic '+-', reversal '~'), mix {cfg.mt_ops}, forgetting {cfg.forget_steps} SFT steps | {cfg.pairs} pair(s) x seeds {cfg.seeds} | "
              f"{cfg.opd_steps} OPD steps x {cfg.opd_batch} rollouts, lr {cfg.opd_lr} | held-out n={cfg.final_eval_n} per task | "
              f"wall {seconds / 60:.1f} min",
              f"{'model or run':34s} | {'arithmetic':8s} | {'reversal':8s} | {'mean of both: mean [95% CI] (per pair)':40s} | degraded"]
@@ -62,7 +62,7 @@ def report(cfg, rows: list[dict], stages: list[dict], seconds: float, log) -> di
     out = os.path.join(cfg.out_dir, "m8")
     os.makedirs(out, exist_ok=True)
     write_results(out, "m8", runs, table, {"verdicts": checks, "seconds": round(seconds, 1)}, CSV)
-    figure(runs, os.path.join(out, "m8.png"), log)
+    figure(runs, os.path.join(out, f"m8_f{cfg.forget_steps}.png"), log)
     return {"m8_verdicts": {k: v["verdict"] for k, v in checks.items()}}
 
 

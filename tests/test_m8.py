@@ -46,7 +46,7 @@ def test_every_run_of_every_part_is_reported_on_both_tasks_with_its_verdicts(m8_
                                     "sft_forgets", "opd_recovers", "opd_above_sft", "opd_keeps_reversal"}
     for label, ops in (("generalist", "+-~~"), ("rev", "~")):
         assert read_checkpoint(str(root / "pair2337" / "m8" / label / "teacher.pt"))["extra"]["train"]["ops"] == ops
-    assert (root / "m8" / "m8.txt").read_text().count("%") > 20
+    assert (root / "m8" / "m8.txt").read_text().count("%") > 20 and (root / "pair3337" / "m8" / "forgot_2.pt").exists()
 
 
 def test_a_restarted_m8_reads_its_runs_back(m8_run, capsys, monkeypatch):
