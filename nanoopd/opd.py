@@ -248,7 +248,7 @@ def train_opd(student: GPT, teacher: GPT, tok: Tokenizer, cfg: OPDConfig, run_pr
         f"(n={len(eval_problems)})")
     if cfg.temperature != 1.0 or cfg.top_p < 1.0 or 0 < cfg.top_k < student.config.vocab_size:
         log(f"opd {name}: note: rollouts are sampled at T={cfg.temperature} top_p={cfg.top_p} top_k={cfg.top_k}, not from "
-            f"pi: sampled-token OPD and g_gamma follow the gradient under that sampler, not grad KL(pi || q)")
+            f"pi itself: sampled-token OPD and g_gamma follow the gradient under that sampler, not grad KL(pi || q)")
     if cfg.lmbda < 1 and SPECS[cfg.loss].on_policy:
         log(f"opd {name}: note: {cfg.loss} assumes y ~ pi; on the teacher's rows ({1 - cfg.lmbda:g} of each batch) it "
             f"estimates another gradient; the full-distribution objectives are exact there")

@@ -15,6 +15,7 @@ count charges the scoring at the size of the `teacher` handed to train_opd.
 import torch
 
 from nanoopd.rollout import Rollout, response_logits
+from nanoopd.tasks import TASKS
 
 
 def rows_of(ro: Rollout, index: torch.Tensor) -> Rollout:
@@ -30,6 +31,9 @@ class RoutedTeachers:
     def __init__(self, teachers: dict):
         if not teachers:
             raise ValueError("routing needs at least one teacher: give {task: teacher} for every task in the mixture")
+        unknown = sorted(set(teachers) - set(TASKS))
+        if unknown:
+            raise ValueError(f"unknown task(s) {', '.join(unknown)} to route; the tasks are {', '.join(TASKS)}")
         vocab = {t.config.vocab_size for t in teachers.values()}
         if len(vocab) > 1:
             raise ValueError(f"the routed teachers read vocabularies of {sorted(vocab)} tokens: they must share the "

@@ -53,6 +53,8 @@ def test_a_task_without_a_teacher_is_refused_by_name():
         RoutedTeachers({"math": tiny(1)})(None, ro, problems)
     with pytest.raises(ValueError, match="at least one teacher"):
         RoutedTeachers({})
+    with pytest.raises(ValueError, match="unknown task.s. words to route; the tasks are math, rev"):
+        RoutedTeachers({"math": tiny(1), "words": tiny(2)})
     other = GPT(GPTConfig(vocab_size=get_tokenizer("digits").n_vocab, tokenizer="digits", n_layer=1, n_head=2, n_embd=16))
     with pytest.raises(ValueError, match="share the student's tokenizer"):
         RoutedTeachers({"math": tiny(1), "rev": other})
